@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad config key, a malformed data line, a missing or
+corrupt checkpoint, a model that is not trained yet) is a ``MarkError``. Command-line
+entry points print its message as one line and exit with code 2, no traceback.
+"""
+
+
+class MarkError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(MarkError):
+    """A config file, key, type or value is wrong."""
+
+
+class DataError(MarkError):
+    """A data file is missing or malformed (the message names the file and line)."""
+
+
+class CheckpointError(MarkError):
+    """A checkpoint is missing, corrupt, truncated or belongs to another model."""
+
+
+class NotTrainedError(MarkError):
+    """A model was asked for that has not been trained; the message names the command."""
