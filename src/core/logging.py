@@ -37,7 +37,7 @@ def setup_logging(component: str, log_dir: str | Path | None = None, main_proces
         root.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
-    console = logging.StreamHandler(sys.stderr)
+    console = _TqdmConsoleHandler()
     console.setFormatter(formatter)
     root.addHandler(console)
     if log_dir is not None and main_process:
@@ -47,6 +47,21 @@ def setup_logging(component: str, log_dir: str | Path | None = None, main_proces
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     return get_logger(component)
+
+
+class _TqdmConsoleHandler(logging.StreamHandler):
+    """Writes log lines above any active progress bar instead of through it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # never let logging break training
+            self.handleError(record)
 
 
 class MetricsLogger:

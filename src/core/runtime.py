@@ -1,0 +1,80 @@
+"""Devices, seeding, mixed precision and RNG state: set up once, the same for every component."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from src.core.errors import ConfigError
+from src.core.logging import get_logger
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ``ConfigError``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("system.device: 'cuda' was asked for but no CUDA device is available (use cpu or auto)")
+    return torch.device(device)
+
+
+def resolve_mixed_precision(flag: bool | str, device: torch.device) -> str:
+    """Map ``training.mixed_precision`` to Accelerate's ``no`` / ``bf16`` / ``fp16``.
+
+    ``true`` means bf16 on a GPU that supports it and fp16 (with a grad scaler) on older
+    GPUs. On CPU ``true`` is a logged no-op: CPU autocast rarely speeds training up.
+    An explicit ``"bf16"`` is honoured on CPU too.
+    """
+    log = get_logger("runtime")
+    if flag in (False, "no"):
+        return "no"
+    if device.type == "cuda":
+        if flag == "fp16":
+            return "fp16"
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        if flag == "bf16":
+            raise ConfigError("training.mixed_precision: this GPU does not support bf16 (use fp16 or true)")
+        return "fp16"
+    if flag == "bf16":
+        return "bf16"
+    log.info("mixed_precision is on but has no benefit on CPU: training in fp32")
+    return "no"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """All RNG states as plain lists and numbers: loadable with ``weights_only=True`` and
+    sendable between processes."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

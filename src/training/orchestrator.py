@@ -1,0 +1,124 @@
+"""MARK's one command line: ``python -m src.training.orchestrator train --target=<target>``.
+
+Each target is a component entry point (``main(argv) -> summary``) called in-process;
+the orchestrator only turns its own options into the entry point's arguments.
+Also installed as the ``mark`` console command (``mark train --target=mamba``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from src.core.cli import run_cli
+from src.core.errors import MarkError
+
+# target -> (module with main(argv), what it trains)
+TARGETS: dict[str, tuple[str, str]] = {
+    "mamba": ("src.scripts.train_mamba", "Mamba long-document language model"),
+    "transformer": ("src.scripts.train_transfer", "BERT-style 3-label document classifier"),
+    "rag": ("src.scripts.train_rag_indexer", "FAISS index of sentence-transformers embeddings (+ --evaluate)"),
+    "rl": ("src.scripts.train_rl", "PPO retrieval policy"),
+    "rlhf": ("src.training.rlhf_pipeline", "SFT -> reward model -> PPO -> evaluation -> export on the Mamba model"),
+    "full-pipeline": ("src.pipelines.full_pipeline", "every stage in order, then export"),
+}
+
+EPILOG = """targets:
+{targets}
+
+examples:
+  python -m src.training.orchestrator train --target=mamba --device=cuda
+  python -m src.training.orchestrator train --target=transformer --config=my_config.yaml
+  python -m src.training.orchestrator train --target=rl --resume
+  python -m src.training.orchestrator train --target=rag --evaluate
+  python -m src.training.orchestrator train --target=mamba training.num_epochs=1 paths.checkpoint_dir=/tmp/m
+  python -m src.training.orchestrator train --target=full-pipeline --device=cuda
+  accelerate launch --num_processes 2 -m src.training.orchestrator train --target=mamba
+  python -m src.training.orchestrator report
+
+options a target knows beyond these (e.g. full-pipeline's --stages) are passed through to it.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    targets = "\n".join(f"  {name:<14} {desc}" for name, (_, desc) in TARGETS.items())
+    parser = argparse.ArgumentParser(
+        prog="mark",
+        description="MARK training orchestrator: train, evaluate and report every component.",
+        epilog=EPILOG.format(targets=targets),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report}")
+    train = sub.add_parser(
+        "train",
+        help="train a target",
+        epilog=EPILOG.format(targets=targets),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
+    train.add_argument("--config", help="path to a custom config file (default: the target's config in configs/)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device to use")
+    train.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+    train.add_argument("--evaluate", action="store_true", help="run evaluation (RAG)")
+    report = sub.add_parser("report", help="plot logs/*/metrics.jsonl and write a summary report")
+    report.add_argument("--logs-dir", default="logs")
+    report.add_argument("--output-dir", default="reports")
+    return parser
+
+
+def target_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The entry point's arguments for the orchestrator's options."""
+    argv: list[str] = []
+    if args.config:
+        argv += ["--config", args.config]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.resume:
+        argv.append("--resume")
+    if args.evaluate:
+        argv.append("--evaluate")
+    return argv + extra
+
+
+def load_target(target: str):
+    """The entry-point module of ``target``; an unknown or unbuilt target is a ``MarkError``."""
+    if target not in TARGETS:
+        raise MarkError(f"unknown target '{target}'; valid targets: {', '.join(TARGETS)}")
+    module_name = TARGETS[target][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise MarkError(f"target '{target}' is not built yet ({module_name} does not exist)") from None
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> object:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "report":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        module = load_report_module()
+        return module.main(["--logs-dir", args.logs_dir, "--output-dir", args.output_dir])
+    module = load_target(args.target)
+    return module.main(target_argv(args, extra))
+
+
+def load_report_module():
+    try:
+        return importlib.import_module("src.training.report")
+    except ModuleNotFoundError as err:
+        if err.name and "src.training.report".startswith(err.name):
+            raise MarkError("the report command is not built yet (src.training.report does not exist)") from None
+        raise
+
+
+def cli() -> int:
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
