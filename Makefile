@@ -20,7 +20,7 @@ data: install
 	$(PY) -m src.data.prepare
 
 demo: install
-	$(PY) -m src.pipelines.full_pipeline --device cpu --config-profile demo
+	$(PY) -m src.pipelines.full_pipeline --device cpu --config-dir configs/demo
 
 test: install
 	$(PY) -m pytest -m "not slow" -q
