@@ -1,0 +1,86 @@
+"""The typed config of the RAG indexer (``configs/rag_indexer.yaml``).
+
+Sections: ``model`` (embedding model, chunking), ``index`` (FAISS index type and its
+parameters), ``retrieval`` (dense / BM25 / hybrid search), ``training`` (embedding batch
+size), ``data``, ``paths``, ``system``. Unknown keys and bad values are one-line
+``ConfigError``s (see :func:`src.core.config.load_config`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from src.core.config import BaseConfig, ExistingFile, PathsConfig, StrictModel, SystemConfig
+
+SearchMode = Literal["dense", "bm25", "hybrid"]
+
+
+class RagModelConfig(StrictModel):
+    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    embedding_dim: int = Field(384, gt=0, description="must equal the embedding model's output size")
+    chunk_size: int = Field(200, gt=0, description="word-pieces of the embedding model's tokenizer per chunk")
+    chunk_overlap: int = Field(32, ge=0, description="word-pieces shared by consecutive chunks")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "RagModelConfig":
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})")
+        return self
+
+
+class RagIndexConfig(StrictModel):
+    type: Literal["flat", "ivf", "hnsw"] = Field("flat", description="flat: exact inner product; ivf / hnsw: approximate")
+    ivf_nlist: int = Field(100, gt=0, description="IVF cells (needs at least this many chunks to train)")
+    ivf_nprobe: int = Field(10, gt=0, description="IVF cells visited per query")
+    hnsw_m: int = Field(32, gt=1, description="HNSW neighbours per node")
+    hnsw_ef_construction: int = Field(200, gt=0)
+    hnsw_ef_search: int = Field(64, gt=0)
+
+
+class RagRetrievalConfig(StrictModel):
+    mode: SearchMode = "dense"
+    top_k: int = Field(5, gt=0)
+    candidates: int = Field(50, gt=0, description="documents taken from each ranking before hybrid fusion")
+    rrf_k: int = Field(60, gt=0, description="reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank)")
+    bm25_k1: float = Field(1.5, gt=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+    eval_modes: list[SearchMode] = Field(default_factory=lambda: ["dense", "bm25", "hybrid"], min_length=1)
+    eval_top_k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+
+    @model_validator(mode="after")
+    def _positive_cutoffs(self) -> "RagRetrievalConfig":
+        if any(k <= 0 for k in self.eval_top_k):
+            raise ValueError(f"eval_top_k values must be positive (got {self.eval_top_k})")
+        return self
+
+
+class RagTrainingConfig(StrictModel):
+    batch_size: int = Field(32, gt=0, description="chunks per embedding batch")
+    show_progress: bool = True
+
+
+class RagDataConfig(StrictModel):
+    documents_file: ExistingFile = Path("data/documents.jsonl")
+    eval_file: Optional[Path] = Field(
+        Path("data/rag_eval.jsonl"),
+        description="spec JSONL {query, relevant_docs} or a BEIR folder (queries.jsonl, qrels/<split>.tsv)",
+    )
+    beir_split: str = "test"
+
+
+class RagPathsConfig(PathsConfig):
+    checkpoint_dir: Path = Path("checkpoints/rag")
+    log_dir: Path = Path("logs/rag")
+
+
+class RagConfig(BaseConfig):
+    model: RagModelConfig = RagModelConfig()
+    index: RagIndexConfig = RagIndexConfig()
+    retrieval: RagRetrievalConfig = RagRetrievalConfig()
+    training: RagTrainingConfig = RagTrainingConfig()
+    data: RagDataConfig
+    paths: RagPathsConfig = RagPathsConfig()
+    system: SystemConfig = SystemConfig()

@@ -1,0 +1,153 @@
+"""Retrieval quality: recall@k, precision@k, hit rate@k, MRR and nDCG@k.
+
+Definitions (per query, then averaged over queries; ``rel(d)`` is the relevance grade,
+1 for every listed document in MARK's JSONL, the qrels score in BEIR):
+
+* ``recall@k``    = relevant documents in the top k / relevant documents
+* ``precision@k`` = relevant documents in the top k / k
+* ``hit_rate@k``  = 1 if any relevant document is in the top k, else 0
+* ``mrr@k``       = 1 / rank of the first relevant document in the top k (0 if none);
+  ``mrr`` is ``mrr@max(k)``
+* ``ndcg@k``      = DCG@k / ideal DCG@k, with DCG@k = sum over ranks i <= k of
+  rel(d_i) / log2(i + 1) (linear gain, as ``pytrec_eval`` / BEIR)
+
+Eval data: MARK's JSONL (``{query, relevant_docs}``) or a BEIR folder
+(``queries.jsonl`` + ``qrels/<split>.tsv``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from src.core.errors import DataError
+from src.core.logging import get_logger
+from src.data.readers import read_rag_eval
+from src.rag.beir import read_beir_qrels, read_beir_queries
+
+log = get_logger("rag")
+METRIC_NAMES = ("recall", "precision", "hit_rate", "mrr", "ndcg")
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """A query and its relevant documents with their grades (``{doc_id: grade > 0}``)."""
+
+    query_id: str
+    query: str
+    relevance: dict[str, int]
+
+
+def read_eval_queries(path: str | Path, split: str = "test") -> list[EvalQuery]:
+    """Eval queries from MARK's JSONL file or a BEIR folder (``split`` picks the qrels file).
+
+    BEIR qrels with grade 0 (judged not relevant) are dropped, and so are queries left
+    with no relevant document, as BEIR does.
+    """
+    path = Path(path)
+    if path.is_dir():
+        queries = read_beir_queries(path / "queries.jsonl")
+        qrels = read_beir_qrels(path / "qrels" / f"{split}.tsv")
+        missing = [qid for qid in qrels if qid not in queries]
+        if missing:
+            raise DataError(f"{path}: qrels/{split}.tsv names queries not in queries.jsonl: {', '.join(missing[:5])}")
+        out = []
+        for qid, judged in qrels.items():
+            relevance = {doc_id: grade for doc_id, grade in judged.items() if grade > 0}
+            if relevance:
+                out.append(EvalQuery(qid, queries[qid], relevance))
+        if not out:
+            raise DataError(f"{path}: qrels/{split}.tsv has no relevant (score > 0) pairs")
+        return out
+    if not path.is_file():
+        raise DataError(f"{path}: eval file not found (a JSONL file {{query, relevant_docs}} or a BEIR folder)")
+    return [
+        EvalQuery(str(i), ex.query, {doc_id: 1 for doc_id in ex.relevant_docs})
+        for i, ex in enumerate(read_rag_eval(path))
+    ]
+
+
+def retrieval_metrics(ranked_doc_ids: Sequence[str], relevance: dict[str, int], top_k_values: Sequence[int]) -> dict[str, float]:
+    """The metrics of one query's ranking (best first) against ``{doc_id: grade}``."""
+    relevant = {d for d, g in relevance.items() if g > 0}
+    if not relevant:
+        raise ValueError("a query needs at least one relevant document")
+    ideal = sorted((g for g in relevance.values() if g > 0), reverse=True)
+    first_hit = next((i for i, d in enumerate(ranked_doc_ids, start=1) if d in relevant), None)
+    metrics: dict[str, float] = {}
+    for k in top_k_values:
+        top = list(ranked_doc_ids[:k])
+        hits = sum(1 for d in top if d in relevant)
+        dcg = sum(relevance.get(d, 0) / math.log2(i + 1) for i, d in enumerate(top, start=1))
+        idcg = sum(g / math.log2(i + 1) for i, g in enumerate(ideal[:k], start=1))
+        metrics[f"recall@{k}"] = hits / len(relevant)
+        metrics[f"precision@{k}"] = hits / k
+        metrics[f"hit_rate@{k}"] = float(hits > 0)
+        metrics[f"mrr@{k}"] = 1.0 / first_hit if first_hit is not None and first_hit <= k else 0.0
+        metrics[f"ndcg@{k}"] = dcg / idcg
+    metrics["mrr"] = metrics[f"mrr@{max(top_k_values)}"]
+    return metrics
+
+
+def evaluate_rag_pipeline(
+    indexer: Any,
+    eval_file: str | Path,
+    top_k_values: Sequence[int] = (1, 3, 5),
+    mode: str | None = None,
+    split: str = "test",
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Retrieve for every eval query and average the metrics.
+
+    ``indexer`` is a :class:`~src.rag.retriever.Retriever` (or a
+    :class:`~src.rag.indexer.RagIndex`, which gets the default retriever); ``mode`` is
+    ``dense`` | ``bm25`` | ``hybrid`` (default: the retriever's). Returns
+    ``{"recall@k", "precision@k", "hit_rate@k", "mrr@k", "ndcg@k" for each k, "mrr",
+    "num_queries"}``.
+    """
+    from src.rag.indexer import RagIndex
+    from src.rag.retriever import Retriever
+
+    retriever = Retriever(indexer) if isinstance(indexer, RagIndex) else indexer
+    top_k_values = sorted({int(k) for k in top_k_values})
+    if not top_k_values or top_k_values[0] <= 0:
+        raise ValueError(f"top_k_values must be positive integers (got {top_k_values})")
+    queries = read_eval_queries(eval_file, split)
+
+    indexed = getattr(getattr(retriever, "index", None), "documents", None)
+    if indexed is not None:
+        unknown = {d for q in queries for d in q.relevance if d not in indexed}
+        if unknown:
+            log.warning("%s: %d relevant document id(s) are not in the index, e.g. %s", eval_file, len(unknown), sorted(unknown)[0])
+
+    texts, depth = [q.query for q in queries], max(top_k_values)
+    if hasattr(retriever, "search_batch"):
+        rankings = retriever.search_batch(texts, top_k=depth, mode=mode)
+    else:  # any object with search(query, top_k, mode) -> results with .doc_id
+        rankings = [retriever.search(text, top_k=depth, mode=mode) for text in texts]
+    totals: dict[str, float] = {}
+    for query, results in tqdm(list(zip(queries, rankings)), desc="evaluating", unit="query", disable=not show_progress):
+        per_query = retrieval_metrics([r.doc_id for r in results], query.relevance, top_k_values)
+        for name, value in per_query.items():
+            totals[name] = totals.get(name, 0.0) + value
+    metrics = {name: value / len(queries) for name, value in totals.items()}
+    metrics["num_queries"] = len(queries)
+    return metrics
+
+
+def format_metrics_table(metrics_by_mode: dict[str, dict[str, float]], top_k_values: Sequence[int]) -> str:
+    """A plain-text table: one row per mode, columns recall/precision/hit rate/nDCG at each k, and MRR."""
+    top_k_values = sorted(set(top_k_values))
+    columns = [f"{name}@{k}" for name in ("recall", "precision", "hit_rate", "ndcg") for k in top_k_values] + ["mrr"]
+    widths = [max(len(c), 6) for c in columns]
+    mode_width = max([4] + [len(m) for m in metrics_by_mode])
+    header = "mode".ljust(mode_width) + "  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    lines = [header, "-" * len(header)]
+    for mode, metrics in metrics_by_mode.items():
+        cells = [f"{metrics[c]:.4f}".rjust(w) for c, w in zip(columns, widths)]
+        lines.append(mode.ljust(mode_width) + "  " + "  ".join(cells))
+    return "\n".join(lines)
