@@ -551,18 +551,16 @@ def build_rag_eval(modules: Sequence[ModuleDoc], document_ids: set[str]) -> list
             modules_per_sentence.setdefault(sentence.lower(), set()).add(module.name)
             if module.name not in document_ids or len(sentence.split()) < 5:
                 continue
-            names = [entry.name] + (entry.qualname.split(".")[:-1])
-            if any(_mentions(sentence, name) for name in names):
+            query = _query_from_summary(entry, sentence)
+            # The entry's name and its class's name (e.g. "Queue" and "get") must not appear.
+            if any(_mentions(query, name) for name in entry.qualname.split(".")):
                 continue
-            candidates.append((entry, sentence))
+            candidates.append((entry, sentence, query))
 
     per_module: dict[str, list[dict]] = {}
     seen_queries: set[str] = set()
-    for entry, sentence in _by_hash(candidates, key=lambda c: c[0].full_name):
-        if len(modules_per_sentence[sentence.lower()]) > 1:
-            continue
-        query = _query_from_summary(entry, sentence)
-        if query.lower() in seen_queries:
+    for entry, sentence, query in _by_hash(candidates, key=lambda c: c[0].full_name):
+        if len(modules_per_sentence[sentence.lower()]) > 1 or query.lower() in seen_queries:
             continue
         chosen = per_module.setdefault(entry.module, [])
         if len(chosen) < MAX_RAG_QUERIES_PER_MODULE:
