@@ -350,7 +350,7 @@ _ROLE = re.compile(r":[\w:]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
 _LITERAL = re.compile(r"``(.+?)``")
 _BACKTICKS = re.compile(r"`([^`]+)`")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
-_SIGNATURE_LINE = re.compile(r"^[\w.\[\]]+\(.*\)\s*(->.*)?$|->")
+_SIGNATURE_LINE = re.compile(r"^[\w.\[\]]+\(.*\)\s*(->.*)?$|->|=>")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 
 
@@ -370,9 +370,13 @@ def summarize(doc: str, max_chars: int = MAX_SUMMARY_CHARS) -> str:
     deprecation note, a too-short or too-long first sentence).
     """
     for paragraph in re.split(r"\n\s*\n", doc):
-        first_line = paragraph.strip().splitlines()[0] if paragraph.strip() else ""
-        if not first_line or _SIGNATURE_LINE.search(first_line):
+        lines = paragraph.strip().splitlines()
+        if not lines or _SIGNATURE_LINE.search(lines[0]):
             continue
+        usage_line = lines[0][:1].islower() and lines[0].rstrip()[-1:] not in ".!?:,;"
+        if usage_line and len(lines) > 1 and lines[1].strip()[:1].isupper():
+            lines = lines[1:]  # a command's usage line, such as pdb's "unalias name"
+            paragraph = "\n".join(lines)
         sentences = _SENTENCE_END.split(_plain(paragraph))
         summary = sentences[0]
         for sentence in sentences[1:]:
@@ -580,9 +584,9 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
     """SFT pairs ("What does json.dumps do?" -> its summary) and preference triples.
 
     The preference prompts are the SFT prompts. ``chosen`` is the right summary;
-    ``rejected`` is, for about 75%, the summary of an entry of the same kind from another
-    module (plausible but wrong), for about 15% the right summary cut short, and for the
-    rest a generic non-answer. Splits are ~90/10 by hashed name.
+    ``rejected`` is, for about 80%, the summary of an entry of the same kind from another
+    module (plausible but wrong), for about 10% the right summary cut short, and for about
+    10% a generic non-answer. Splits are 90/10 by hashed name.
     """
     entries = []
     seen_prompts: set[str] = set()
