@@ -307,6 +307,8 @@ def read_stdlib_docs(modules: dict[str, str]) -> tuple[list[ModuleDoc], list[str
 
 def _print_stdlib_docs() -> None:
     """Child-process side of ``collect_stdlib_docs``: the docs as JSON on stdout."""
+    if "torch" in sys.modules:  # it replaces inspect.getfile: the docs read would change
+        raise RuntimeError("src.data.prepare's imports must not import torch")
     docs, missing = read_stdlib_docs(MODULE_CATEGORIES)
     payload = {"modules": [dataclasses.asdict(doc) for doc in docs], "missing": missing}
     sys.stdout.write(json.dumps(payload, ensure_ascii=True))
