@@ -43,7 +43,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    return _atomic_write(Path(path), lambda h: h.write(text), mode="w")
+    return _atomic_write(Path(path), lambda h: h.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
