@@ -1,0 +1,158 @@
+"""RagIndex: build, add without re-embedding, delete, save/load, and one-line errors on mismatch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from src.core.errors import CheckpointError, ConfigError, DataError, NotTrainedError
+from src.rag.config import RagIndexConfig
+from src.rag.indexer import INDEX_FILE, METADATA_FILE, RagIndex
+from src.rag.retriever import Retriever
+
+
+@pytest.fixture
+def count_encoded(encoder, monkeypatch):
+    """Counts the texts the encoder embeds from here on."""
+    seen: list[str] = []
+    real_encode = encoder.encode
+
+    def counting(texts, *args, **kwargs):
+        seen.extend(texts)
+        return real_encode(texts, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", counting)
+    return seen
+
+
+def test_build_stores_normalised_vectors_and_metadata(tiny_index, encoder, tiny_docs):
+    assert tiny_index.num_chunks == 5 and tiny_index.faiss_index.ntotal == 5
+    vectors = tiny_index.chunk_vectors(range(5))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[3], encoder.encode([tiny_docs[3]["text"]])[0], atol=1e-5)
+    assert tiny_index.chunks[3]["doc_id"] == "bread" and tiny_index.chunks[3]["text"] == tiny_docs[3]["text"]
+    assert tiny_index.documents["bread"]["metadata"] == {"topic": "food"}
+
+
+def test_add_embeds_only_new_documents(tiny_index, count_encoded):
+    before = tiny_index.corpus_checksum
+    added = tiny_index.add_documents([{"id": "moon", "text": "The moon orbits the earth and causes the tides."}])
+    assert added == 1 and count_encoded == ["The moon orbits the earth and causes the tides."]
+    assert tiny_index.num_chunks == 6 and tiny_index.corpus_checksum != before
+    assert Retriever(tiny_index).search("What causes ocean tides?", top_k=1)[0].doc_id == "moon"
+    with pytest.raises(DataError, match="already in the index"):
+        tiny_index.add_documents([{"id": "cats", "text": "again"}])
+
+
+def test_delete_rebuilds_from_stored_vectors(tiny_index, count_encoded):
+    kept_vectors = tiny_index.chunk_vectors([0, 2, 3, 4])
+    removed = tiny_index.delete_documents(["dogs"])
+    assert removed == 1 and count_encoded == []  # nothing re-embedded
+    assert tiny_index.num_chunks == 4 and tiny_index.faiss_index.ntotal == 4
+    assert [c["doc_id"] for c in tiny_index.chunks] == ["cats", "python", "bread", "volcano"]
+    np.testing.assert_array_equal(tiny_index.chunk_vectors(range(4)), kept_vectors)
+    assert "dogs" not in {r.doc_id for r in Retriever(tiny_index).search("A dog barks", top_k=5)}
+    with pytest.raises(DataError, match="not in the index: dogs"):
+        tiny_index.delete_documents(["dogs"])
+
+
+def test_sync_re_embeds_only_changed_and_new(tiny_index, count_encoded, tiny_docs):
+    docs = [dict(d) for d in tiny_docs if d["id"] != "python"]
+    docs[0] = {**docs[0], "text": "Cats are independent pets that purr."}
+    docs.append({"id": "moon", "text": "The moon orbits the earth."})
+    changes = tiny_index.sync_documents(docs)
+    assert changes == {"added": 1, "updated": 1, "deleted": 1, "unchanged": 3}
+    assert sorted(count_encoded) == sorted(["Cats are independent pets that purr.", "The moon orbits the earth."])
+    assert set(tiny_index.documents) == {"cats", "dogs", "bread", "volcano", "moon"}
+    assert tiny_index.sync_documents(docs) == {"added": 0, "updated": 0, "deleted": 0, "unchanged": 5}
+
+
+def test_save_load_roundtrip(tiny_index, encoder, tmp_path):
+    paths = tiny_index.save(tmp_path)
+    assert paths["faiss_index"].name == INDEX_FILE and paths["metadata"].name == METADATA_FILE
+    meta = json.loads(paths["metadata"].read_text())
+    assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["embedding_dim"] == 384 and meta["normalized"] is True and meta["index"] == {"type": "flat"}
+    assert meta["corpus_checksum"] == tiny_index.corpus_checksum and meta["num_chunks"] == 5
+    assert meta["chunks"][1] == {**tiny_index.chunks[1]}
+
+    loaded = RagIndex.load(tmp_path, encoder=encoder)
+    np.testing.assert_array_equal(loaded.chunk_vectors(range(5)), tiny_index.chunk_vectors(range(5)))
+    assert loaded.chunks == tiny_index.chunks and loaded.documents == tiny_index.documents
+    assert (loaded.chunk_size, loaded.chunk_overlap) == (64, 8)
+    query = "Which pets are domesticated animals?"
+    before = [(r.doc_id, round(r.score, 5)) for r in Retriever(tiny_index).search(query, top_k=5)]
+    assert [(r.doc_id, round(r.score, 5)) for r in Retriever(loaded).search(query, top_k=5)] == before
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_approximate_indexes_build_delete_and_reload(index_type, encoder, tmp_path):
+    docs = [{"id": f"d{i}", "text": f"Document number {i} talks about topic {i % 7} and item {i * 13}."} for i in range(40)]
+    config = RagIndexConfig(type=index_type, ivf_nlist=4, ivf_nprobe=4, hnsw_m=8)
+    index = RagIndex(encoder, config, chunk_size=32, chunk_overlap=4)
+    index.add_documents(docs[:30])
+    index.add_documents(docs[30:])  # IVF: added to the cells trained on the first 30
+    assert index.num_chunks == 40
+    query = docs[17]["text"]
+    assert Retriever(index).search(query, top_k=1)[0].doc_id == "d17"
+    index.delete_documents(["d17", "d3"])
+    assert index.faiss_index.ntotal == 38 and "d17" not in {r.doc_id for r in Retriever(index).search(query, top_k=5)}
+    index.save(tmp_path)
+    loaded = RagIndex.load(tmp_path, encoder=encoder)
+    assert type(loaded.faiss_index) is type(index.faiss_index)
+    np.testing.assert_array_equal(loaded.chunk_vectors(range(38)), index.chunk_vectors(range(38)))
+
+
+def test_ivf_needs_enough_chunks_to_train(encoder, tiny_docs):
+    index = RagIndex(encoder, RagIndexConfig(type="ivf", ivf_nlist=100), chunk_size=32, chunk_overlap=4)
+    with pytest.raises(ConfigError, match="need at least 100 chunks"):
+        index.add_documents(tiny_docs)
+
+
+def _one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_load_refuses_mismatches_with_one_line_errors(tiny_index, encoder, tmp_path, tiny_docs):
+    with pytest.raises(NotTrainedError, match="train_rag_indexer"):
+        RagIndex.load(tmp_path / "nothing", encoder=encoder)
+
+    tiny_index.save(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="built with embedding model 'sentence-transformers/all-MiniLM-L6-v2', not 'bert-base-uncased'") as err:
+        RagIndex.load(tmp_path / "a", embedding_model="bert-base-uncased", encoder=encoder)
+    _one_line(err)
+    with pytest.raises(CheckpointError, match="dimension 384, not 768") as err:
+        RagIndex.load(tmp_path / "a", embedding_dim=768, encoder=encoder)
+    _one_line(err)
+    # The alias of the same weights is accepted.
+    RagIndex.load(tmp_path / "a", embedding_model="minilm-local", embedding_dim=384, encoder=encoder)
+
+    # metadata.json of another build next to this faiss.index
+    other = RagIndex(encoder, RagIndexConfig(), chunk_size=64, chunk_overlap=8)
+    other.add_documents(tiny_docs[:2])
+    other.save(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / METADATA_FILE, tmp_path / "a" / METADATA_FILE)
+    with pytest.raises(CheckpointError, match="does not match") as err:
+        RagIndex.load(tmp_path / "a", encoder=encoder)
+    _one_line(err)
+
+    # metadata edited by hand: checksum kept, one chunk dropped
+    tiny_index.save(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / METADATA_FILE).read_text())
+    meta["chunks"].pop()
+    (tmp_path / "c" / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="metadata says 4 chunks .* the index holds 5") as err:
+        RagIndex.load(tmp_path / "c", encoder=encoder)
+    _one_line(err)
+
+    (tmp_path / "c" / METADATA_FILE).write_text("{ not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        RagIndex.load(tmp_path / "c", encoder=encoder)
+    (tmp_path / "b" / INDEX_FILE).unlink()
+    with pytest.raises(CheckpointError, match="faiss.index: missing"):
+        RagIndex.load(tmp_path / "b", encoder=encoder)
