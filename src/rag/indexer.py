@@ -391,20 +391,24 @@ class RagIndex:
                 f"{checkpoint_dir}: embedding model '{built_model}' now outputs dimension {encoder.dim}, the index has {built_dim}"
             )
 
-        index_meta = dict(meta.get("index") or {})
-        chunking = meta.get("chunking") or {}
-        rag_index = cls(
-            encoder,
-            RagIndexConfig(**index_meta),
-            chunk_size=int(chunking.get("chunk_size", 200)),
-            chunk_overlap=int(chunking.get("chunk_overlap", 0)),
-            batch_size=batch_size,
-            show_progress=show_progress,
-        )
+        try:
+            index_config = RagIndexConfig(**(meta.get("index") or {}))
+            chunking = meta.get("chunking") or {}
+            rag_index = cls(
+                encoder,
+                index_config,
+                chunk_size=int(chunking["chunk_size"]),
+                chunk_overlap=int(chunking["chunk_overlap"]),
+                batch_size=batch_size,
+                show_progress=show_progress,
+            )
+            rag_index.chunks = chunks
+            rag_index.documents = documents
+            rag_index._rebuild_doc_chunk_ids()
+        except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+            reason = str(err).strip().splitlines()[0][:160]
+            raise CheckpointError(f"{metadata_path}: malformed metadata ({type(err).__name__}: {reason})") from None
         if isinstance(faiss_index, faiss.IndexIVF):
             faiss_index.make_direct_map()  # lets vectors be read back for deletes and exact doc scores
         rag_index.faiss_index = faiss_index
-        rag_index.chunks = chunks
-        rag_index.documents = documents
-        rag_index._rebuild_doc_chunk_ids()
         return rag_index

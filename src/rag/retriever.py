@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import threading
+
 import numpy as np
 import yaml
 
@@ -56,7 +58,9 @@ class SearchResult:
 
 
 @dataclass
-class _DocScore:
+class DocScore:
+    """A document's score in one ranking and the chunk that gave it."""
+
     doc_id: str
     score: float
     chunk_id: int
@@ -70,6 +74,7 @@ class Retriever:
         self.config = config or RagRetrievalConfig()
         self._bm25 = None
         self._bm25_version = -1
+        self._bm25_lock = threading.Lock()  # a server may search from several threads
 
     # ----------------------------------------------------------------- queries
     def embed_queries(self, queries: list[str]) -> np.ndarray:
@@ -77,7 +82,7 @@ class Retriever:
         return self.index.encoder.encode(list(queries), batch_size=self.index.batch_size)
 
     # ----------------------------------------------------------------- dense
-    def dense_ranking(self, query_vector: np.ndarray, depth: int) -> list[_DocScore]:
+    def dense_ranking(self, query_vector: np.ndarray, depth: int) -> list[DocScore]:
         """Top ``depth`` documents by best-chunk cosine (fewer if the index has fewer)."""
         num_docs = sum(1 for ids in self.index.doc_chunk_ids.values() if ids)
         depth = min(depth, num_docs)
@@ -88,42 +93,44 @@ class Retriever:
         k = max(4 * depth, 32)
         while True:
             scores, ids = self.index.search_vectors(query_vector, k)
-            best: dict[str, _DocScore] = {}
+            best: dict[str, DocScore] = {}
             for score, chunk_id in zip(scores[0], ids[0]):
                 if chunk_id < 0:
                     continue
                 doc_id = self.index.chunks[chunk_id]["doc_id"]
                 if doc_id not in best:  # FAISS returns chunks best first
-                    best[doc_id] = _DocScore(doc_id, float(score), int(chunk_id))
+                    best[doc_id] = DocScore(doc_id, float(score), int(chunk_id))
             if len(best) >= depth or k >= self.index.num_chunks:
                 return list(best.values())[:depth]
             k *= 2
 
-    def dense_scores(self, query_vector: np.ndarray, doc_ids: list[str]) -> dict[str, _DocScore]:
+    def dense_scores(self, query_vector: np.ndarray, doc_ids: list[str]) -> dict[str, DocScore]:
         """Exact best-chunk cosine of the query with each of ``doc_ids`` (from stored vectors)."""
         query_vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
-        out: dict[str, _DocScore] = {}
+        out: dict[str, DocScore] = {}
         for doc_id in doc_ids:
             chunk_ids = self.index.doc_chunk_ids.get(doc_id) or []
             if not chunk_ids:
                 continue
             sims = self.index.chunk_vectors(chunk_ids) @ query_vector
             best = int(np.argmax(sims))
-            out[doc_id] = _DocScore(doc_id, float(sims[best]), chunk_ids[best])
+            out[doc_id] = DocScore(doc_id, float(sims[best]), chunk_ids[best])
         return out
 
     # ----------------------------------------------------------------- BM25
     def _bm25_index(self):
+        """The BM25 index of the chunk texts, rebuilt when the index has changed."""
         import bm25s
 
-        if self._bm25 is None or self._bm25_version != self.index.version:
-            texts = [chunk["text"] for chunk in self.index.chunks]
-            tokens = bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
-            bm25 = bm25s.BM25(k1=self.config.bm25_k1, b=self.config.bm25_b)
-            if texts:
-                bm25.index(tokens, show_progress=False)
-            self._bm25, self._bm25_version = bm25, self.index.version
-        return self._bm25
+        with self._bm25_lock:
+            if self._bm25 is None or self._bm25_version != self.index.version:
+                texts = [chunk["text"] for chunk in self.index.chunks]
+                bm25 = bm25s.BM25(k1=self.config.bm25_k1, b=self.config.bm25_b)
+                if texts:
+                    tokens = bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+                    bm25.index(tokens, show_progress=False)
+                self._bm25, self._bm25_version = bm25, self.index.version
+            return self._bm25
 
     def bm25_chunk_scores(self, query: str) -> np.ndarray:
         """BM25 score of ``query`` for every chunk, ``(num_chunks,)`` float32."""
@@ -135,21 +142,31 @@ class Retriever:
             return np.zeros(self.index.num_chunks, dtype=np.float32)
         return np.asarray(bm25.get_scores(query_tokens), dtype=np.float32)
 
-    def bm25_doc_scores(self, chunk_scores: np.ndarray) -> dict[str, _DocScore]:
+    def bm25_doc_scores(self, chunk_scores: np.ndarray) -> dict[str, DocScore]:
         """Best-chunk BM25 score of every document (from :meth:`bm25_chunk_scores`)."""
-        out: dict[str, _DocScore] = {}
+        out: dict[str, DocScore] = {}
         for doc_id, chunk_ids in self.index.doc_chunk_ids.items():
             if chunk_ids:
                 best = chunk_ids[int(np.argmax(chunk_scores[chunk_ids]))]
-                out[doc_id] = _DocScore(doc_id, float(chunk_scores[best]), best)
+                out[doc_id] = DocScore(doc_id, float(chunk_scores[best]), best)
         return out
 
     @staticmethod
-    def bm25_ranking(doc_scores: dict[str, _DocScore], depth: int) -> list[_DocScore]:
+    def bm25_ranking(doc_scores: dict[str, DocScore], depth: int) -> list[DocScore]:
         """Top ``depth`` documents by BM25; documents scoring 0 (no query term) are left out."""
         hits = [s for s in doc_scores.values() if s.score > 0]
         hits.sort(key=lambda s: -s.score)
         return hits[:depth]
+
+    def score_documents(
+        self, query: str, doc_ids: list[str], query_vector: np.ndarray | None = None
+    ) -> dict[str, tuple[float, float]]:
+        """``{doc_id: (dense_score, bm25_score)}`` of ``query`` for the given documents (best chunk each)."""
+        if query_vector is None:
+            query_vector = self.embed_queries([query])[0]
+        dense = self.dense_scores(query_vector, doc_ids)
+        sparse = self.bm25_doc_scores(self.bm25_chunk_scores(query))
+        return {d: (dense[d].score, sparse[d].score) for d in doc_ids if d in dense}
 
     # ----------------------------------------------------------------- search
     def search(

@@ -150,6 +150,13 @@ def test_load_refuses_mismatches_with_one_line_errors(tiny_index, encoder, tmp_p
         RagIndex.load(tmp_path / "c", encoder=encoder)
     _one_line(err)
 
+    meta["chunks"].append(dict(meta["chunks"][-1]))
+    meta["index"] = {"type": "bogus"}
+    (tmp_path / "c" / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="malformed metadata") as err:
+        RagIndex.load(tmp_path / "c", encoder=encoder)
+    _one_line(err)
+
     (tmp_path / "c" / METADATA_FILE).write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         RagIndex.load(tmp_path / "c", encoder=encoder)

@@ -98,3 +98,15 @@ def test_load_rag_index_uses_the_saved_retrieval_config(tiny_index, tmp_path, sa
     results = retriever.search("Which pets are domesticated animals?")
     assert {r.doc_id for r in results} == {"cats", "dogs"}
     assert all(r.dense_score is not None and r.bm25_score is not None for r in results)
+
+
+def test_score_documents_gives_dense_and_bm25_per_document(tiny_index):
+    retriever = Retriever(tiny_index)
+    query = "A dog barks and fetches sticks"
+    scores = retriever.score_documents(query, ["dogs", "cats", "unknown"])
+    assert set(scores) == {"dogs", "cats"}
+    q = retriever.embed_queries([query])[0]
+    dense_dogs = float(tiny_index.chunk_vectors(tiny_index.doc_chunk_ids["dogs"])[0] @ q)
+    assert scores["dogs"][0] == pytest.approx(dense_dogs, abs=1e-5)
+    assert scores["dogs"][1] > 0 and scores["cats"][1] == 0.0
+    assert scores["dogs"][1] == pytest.approx(retriever.search(query, top_k=1, mode="bm25")[0].score)
