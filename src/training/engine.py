@@ -61,6 +61,8 @@ class TrainTask:
     ``compute_metrics``, which returns the validation metrics (``{"val_loss": ...}``).
     ``extra_state`` is saved into every checkpoint and ``best_model.pt`` (tokenizer, label
     names, model config...); ``check_resume(extra_state_of_checkpoint)`` may refuse a checkpoint.
+    ``example_lengths`` (one per training example, e.g. its token count), when given, makes
+    batches of examples of similar length, so padded batches waste less compute.
     """
 
     name: str
@@ -77,6 +79,7 @@ class TrainTask:
     check_resume: Callable[[dict[str, Any]], None] | None = None
     count_tokens: Callable[[Batch], int] | None = None
     kind: str | None = None  # checkpoint "kind"; defaults to name
+    example_lengths: list[int] | None = None
 
 
 @dataclass
@@ -98,7 +101,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
     A *global* batch of ``batch_size * world_size`` indices is cut from the epoch's
     permutation and split across processes, so N processes with batch B see exactly the
     data one process with batch N*B sees. ``start_batch`` skips already-consumed batches.
+    With ``lengths``, the permutation is cut into groups of ``LENGTH_GROUP_BATCHES`` global
+    batches, each group is sorted by length and cut into batches, and the batches are
+    shuffled: similar lengths share a batch (less padding), still a function of (seed, epoch).
     """
+
+    LENGTH_GROUP_BATCHES = 50
 
     def __init__(
         self,
@@ -110,6 +118,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         start_batch: int = 0,
+        lengths: list[int] | None = None,
     ) -> None:
         self.num_examples = num_examples
         self.batch_size = batch_size
@@ -119,6 +128,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.start_batch = start_batch
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"{len(lengths)} lengths for {num_examples} examples")
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return max(0, self.num_global_batches() - self.start_batch)
@@ -130,7 +142,19 @@ class ResumableBatchSampler(Sampler[list[int]]):
         if not self.shuffle:
             return list(range(self.num_examples))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        if self.lengths is None:
+            return order
+        global_size = self.batch_size * self.world_size
+        group = global_size * self.LENGTH_GROUP_BATCHES
+        batches = []
+        for start in range(0, len(order), group):
+            chunk = sorted(order[start : start + group], key=lambda i: -self.lengths[i])
+            batches += [chunk[b : b + global_size] for b in range(0, len(chunk), global_size)]
+        # A short last batch stays last, so every other batch keeps its global size.
+        tail = [batches.pop()] if len(batches[-1]) < global_size else []
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [i for b in shuffled for i in batches[b]] + [i for b in tail for i in b]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()
@@ -236,7 +260,7 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
 
     accum = tcfg.gradient_accumulation_steps
     sampler_for = lambda epoch, start=0: ResumableBatchSampler(  # noqa: E731
-        len(task.train_dataset), tcfg.batch_size, scfg.seed, epoch, True, rank, world, start
+        len(task.train_dataset), tcfg.batch_size, scfg.seed, epoch, True, rank, world, start, task.example_lengths
     )
     batches_per_epoch = sampler_for(0).num_global_batches()
     if batches_per_epoch == 0:
