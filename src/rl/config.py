@@ -1,0 +1,100 @@
+"""The typed config of RL training (``configs/rl_train.yaml``).
+
+Sections: ``model`` (the PPO policy network), ``training`` (PPO hyperparameters, timesteps,
+checkpoint frequency), ``env`` (which environment: MARK's retrieval-policy environment or
+any registered Gymnasium id, and the retrieval environment's options), ``data`` (the RAG
+index and the eval queries the retrieval environment is built from), ``paths``, ``system``.
+``rlhf`` belongs to the RLHF pipeline, which shares this file; RL training ignores it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from src.core.config import BaseConfig, PathsConfig, StrictModel, SystemConfig
+
+RETRIEVAL_ENV_ID = "mark-retrieval"
+Schedule = Literal["constant", "linear"]
+
+
+class RLModelConfig(StrictModel):
+    policy_model: Literal["ppo"] = "ppo"
+    hidden_dim: int = Field(256, gt=0, description="units of each hidden layer of the policy and value MLPs")
+    n_layers: int = Field(2, gt=0, description="hidden layers of each MLP")
+    activation: Literal["tanh", "relu"] = "tanh"
+
+
+class RLTrainingConfig(StrictModel):
+    """PPO's settings (stable-baselines3 names). A rollout is ``n_steps * n_envs`` timesteps;
+    training stops at the first rollout boundary at or past ``total_timesteps``."""
+
+    total_timesteps: int = Field(10000, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    lr_schedule: Schedule = Field("constant", description="linear: decays to 0 over total_timesteps (Zoo's lin_)")
+    n_envs: int = Field(4, gt=0, description="parallel environments (vectorised in-process)")
+    n_steps: int = Field(128, gt=0, description="steps per environment per rollout")
+    batch_size: int = Field(64, gt=1, description="minibatch size of each gradient step")
+    n_epochs: int = Field(10, gt=0, description="passes over each rollout")
+    gamma: float = Field(0.99, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_schedule: Schedule = "constant"
+    ent_coef: float = Field(0.0, ge=0)
+    vf_coef: float = Field(0.5, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    normalize_observations: bool = Field(True, description="running mean/std normalisation of observations")
+    save_freq: int = Field(2000, gt=0, description="timesteps between checkpoint_step_N.pt (at rollout boundaries)")
+    save_total_limit: int = Field(2, ge=1, description="step checkpoints kept")
+    eval_episodes: int = Field(20, gt=0, description="evaluation episodes of a Gymnasium env (the retrieval env uses every held-out query)")
+    show_progress: bool = True
+
+
+class RLEnvConfig(StrictModel):
+    id: str = Field(RETRIEVAL_ENV_ID, description=f"'{RETRIEVAL_ENV_ID}' or any registered Gymnasium id, e.g. CartPole-v1")
+    modes: list[Literal["dense", "bm25", "hybrid"]] = Field(default_factory=lambda: ["dense", "bm25", "hybrid"], min_length=1)
+    k_choices: list[int] = Field(default_factory=lambda: [1, 3, 5, 10], min_length=1, description="how many documents an action may retrieve")
+    cost_per_extra_doc: float = Field(0.02, ge=0, description="reward cost of each retrieved document beyond the first")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="queries held out of training for evaluation")
+    query_embedding_dims: Optional[int] = Field(
+        16, ge=0,
+        description="observe the query embedding's coordinates on this many principal components of the training "
+        "queries' embeddings (0: no embedding, null: the full embedding) beside the retrieval signals",
+    )
+    cache_tables: bool = Field(True, description="cache the per-query results of every action beside the RL checkpoints")
+
+    @model_validator(mode="after")
+    def _valid_choices(self) -> "RLEnvConfig":
+        if any(k <= 0 for k in self.k_choices):
+            raise ValueError(f"k_choices must be positive (got {self.k_choices})")
+        if len(set(self.k_choices)) != len(self.k_choices) or len(set(self.modes)) != len(self.modes):
+            raise ValueError("modes and k_choices must not repeat a value")
+        return self
+
+
+class RLDataConfig(StrictModel):
+    rag_index_dir: Path = Field(Path("checkpoints/rag"), description="the index of `train_rag_indexer` (retrieval env only)")
+    eval_file: Path = Field(Path("data/rag_eval.jsonl"), description="queries with relevant docs: JSONL or a BEIR folder")
+    beir_split: str = "test"
+
+
+class RLPathsConfig(PathsConfig):
+    checkpoint_dir: Path = Path("checkpoints/rl")
+    log_dir: Path = Path("logs/rl")
+
+
+class RLConfig(BaseConfig):
+    model: RLModelConfig = RLModelConfig()
+    training: RLTrainingConfig = RLTrainingConfig()
+    env: RLEnvConfig = RLEnvConfig()
+    data: RLDataConfig = RLDataConfig()
+    paths: RLPathsConfig = RLPathsConfig()
+    system: SystemConfig = SystemConfig()
+    # The RLHF pipeline's section of the same file (configs/rl_train.yaml); not read here.
+    rlhf: Optional[dict[str, Any]] = None
+
+    @property
+    def is_retrieval_env(self) -> bool:
+        return self.env.id == RETRIEVAL_ENV_ID
