@@ -342,9 +342,9 @@ def write_pipeline_report(configs: dict[str, Any], report_dir: Path) -> Path | N
     from src.training.report import ComponentLogs, build_report
 
     components = [
-        ComponentLogs(name=TRAIN_STAGES[stage].model, log_dir=Path(cfg.paths.log_dir), eval_dirs=[Path(cfg.paths.checkpoint_dir)])
-        for stage, cfg in configs.items()
-        if stage in TRAIN_STAGES
+        ComponentLogs(name=stage.model, log_dir=Path(configs[name].paths.log_dir), eval_dirs=[Path(configs[name].paths.checkpoint_dir)])
+        for name, stage in TRAIN_STAGES.items()
+        if name in configs
     ]
     if not components:
         return None

@@ -76,7 +76,8 @@ TRAIN_STAGES: dict[str, TrainStage] = {
         ),
         TrainStage(
             "train_rlhf", "rlhf", "rlhf.yaml", "src.training.rlhf_pipeline", "src.rlhf.config:RLHFConfig",
-            key_metrics=(("win_rate", "win rate vs SFT"), ("reward_gain", "reward gain"), ("ppo_mean_score", "PPO score")),
+            key_metrics=(("evaluation/ppo_win_rate_vs_sft", "win rate vs SFT"), ("evaluation/reward_ppo_mean", "reward PPO"),
+                         ("evaluation/reward_sft_mean", "SFT")),
         ),
     )
 }
@@ -103,12 +104,27 @@ def load_stage_config(stage: TrainStage, config_dir: str | Path, device: str | N
     return load_config(path, stage.load_schema(), overrides), path
 
 
-def format_key_metric(stage: TrainStage | None, metrics: dict[str, Any]) -> str:
-    """The summary table's "key metric" cell: the first two of the stage's key metrics present."""
-    if stage is None:
-        return ", ".join(f"{k} {_fmt(v)}" for k, v in list(metrics.items())[:2])
-    shown = [f"{label} {_fmt(metrics[key])}" for key, label in stage.key_metrics if key in metrics]
+def format_key_metric(stage: TrainStage, metrics: dict[str, Any]) -> str:
+    """The summary table's "key metric" cell: the first two of the stage's key metrics present
+    (``a/b`` names ``metrics["a"]["b"]``, for components that report metrics per sub-stage)."""
+    shown = []
+    for key, label in stage.key_metrics:
+        value = lookup_metric(metrics, key)
+        if value is not None:
+            shown.append(f"{label} {_fmt(value)}")
     return ", ".join(shown[:2])
+
+
+def lookup_metric(metrics: dict[str, Any], key: str) -> Any:
+    """``metrics[key]``, else the nested value ``key`` names with ``/`` (``None`` if absent)."""
+    if key in metrics:
+        return metrics[key]
+    node: Any = metrics
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _fmt(value: Any) -> str:

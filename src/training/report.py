@@ -90,6 +90,14 @@ def latest_run(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return run
 
 
+def _first_time(path: Path) -> float:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return float(json.loads(handle.readline()).get("time", 0.0))
+        except (ValueError, AttributeError):
+            return 0.0
+
+
 def find_eval_reports(component: ComponentLogs) -> dict[str, Path]:
     """``{file name: path}`` of the evaluation reports of ``component`` (newest of each name)."""
     found: dict[str, Path] = {}
@@ -309,6 +317,8 @@ def last_records_table(records: Sequence[dict[str, Any]], skip_kinds: Iterable[s
 def component_section(component: ComponentLogs, output_dir: Path) -> tuple[str, dict[str, Any]]:
     """The Markdown section of one component and a row of the overview table."""
     metric_files = sorted(component.log_dir.rglob(METRICS_FILE)) if component.log_dir.is_dir() else []
+    # Sub-stages (RLHF's sft, reward, ppo) in the order they ran.
+    metric_files.sort(key=lambda p: (p.parent != component.log_dir, _first_time(p)))
     parts = [f"## {component.name}", ""]
     overview: dict[str, Any] = {"component": component.name}
     reports = find_eval_reports(component)
