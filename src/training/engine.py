@@ -187,13 +187,21 @@ def build_accelerator(device: str, mixed_precision: bool | str):
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
+    """AdamW; biases and norm weights (1-D parameters) get no weight decay.
+
+    Uses torch's fused AdamW kernel where the parameters allow it (CPU and CUDA): on CPU its
+    step is several times faster than the default per-tensor loop, for the same update.
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype the fused kernel lacks
+        return torch.optim.AdamW(groups, lr=learning_rate)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
