@@ -1,0 +1,84 @@
+"""The files the RLHF stages hand to each other, written and read in one place.
+
+``sft_model.pt`` and ``ppo_policy.pt`` are Mamba language-model checkpoints (kind ``mamba``:
+weights, architecture, tokenizer), so ``load_mamba`` reads them like the base model; the RLHF
+facts ride along under ``"rlhf"``: the stage, the hash of its :class:`StageConfig` (settings
++ sha256 of its inputs), its metrics. A stage's output is reused (``--resume``, skip flags)
+by reading that entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from src.core.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from src.core.config import config_hash, config_to_dict
+from src.core.errors import CheckpointError
+from src.models.mamba.model import MambaLM
+from src.models.mamba.tokenizer import MambaTokenizer
+from src.rlhf.config import StageConfig
+
+
+def lm_extra(model: MambaLM, tokenizer: MambaTokenizer) -> dict[str, Any]:
+    """What ``load_mamba`` needs beside the weights: the architecture and the tokenizer."""
+    return {
+        "model_args": model.args.to_dict(),
+        "tokenizer_json": tokenizer.to_str(),
+        "tokenizer_sha256": tokenizer.fingerprint(),
+    }
+
+
+def stage_record(stage: StageConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ``"rlhf"`` entry of a stage's output: which stage, with which settings and inputs."""
+    return {
+        "stage": stage.stage,
+        "stage_hash": config_hash(stage),
+        "inputs": dict(stage.inputs),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))},
+    }
+
+
+def save_lm(
+    path: Path, model: MambaLM, tokenizer: MambaTokenizer, stage: StageConfig, metrics: dict[str, Any], **more: Any
+) -> Path:
+    """Write a Mamba LM checkpoint (kind ``mamba``) with the stage's record; ``more`` adds
+    entries (e.g. the PPO value head)."""
+    state = {
+        "kind": "mamba",
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": lm_extra(model, tokenizer),
+        "config": config_to_dict(stage),
+        "rlhf": stage_record(stage, metrics),
+        **more,
+    }
+    return save_checkpoint(state, path)
+
+
+def require_output(path: Path, stage: str, flag: str) -> Path:
+    """``path`` if it exists; else a one-line ``CheckpointError`` saying which stage makes it."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: the {stage} output is missing; run the pipeline without {flag} to create it")
+    return Path(path)
+
+
+def finished_output(path: Path, stage: StageConfig, kind: str) -> dict[str, Any] | None:
+    """The ``"rlhf"`` record of ``path`` if it was made by exactly this stage config and these
+    inputs (so it can be reused), else ``None``."""
+    if not Path(path).is_file():
+        return None
+    try:
+        record = load_checkpoint(path, kind=kind).get("rlhf") or {}
+    except CheckpointError:
+        return None
+    return record if record.get("stage_hash") == config_hash(stage) else None
+
+
+def output_metrics(path: Path, kind: str) -> dict[str, Any]:
+    """The metrics a stage stored in its output file."""
+    return dict((load_checkpoint(path, kind=kind).get("rlhf") or {}).get("metrics") or {})
+
+
+def file_record(path: Path) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a file: where a stage's input came from."""
+    return {"path": str(path), "sha256": file_sha256(path)}

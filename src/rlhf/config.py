@@ -1,0 +1,197 @@
+"""Typed configs of the RLHF pipeline (``configs/rlhf.yaml``, or the ``rlhf:`` section of
+``configs/rl_train.yaml``).
+
+Like TRL, every stage is a trainer function with its own typed config, and the shapes match:
+
+    ============  ==========================  ===================================
+    stage         trainer                     its config (``training.<stage>``)
+    ============  ==========================  ===================================
+    SFT           ``rlhf.sft.train_sft``      :class:`SFTConfig` (engine keys + SFT keys)
+    reward model  ``rlhf.reward_model.train_reward_model``  :class:`RewardConfig` (engine keys + RM keys)
+    PPO           ``rlhf.ppo.train_ppo``      :class:`PPOConfig`
+    evaluation    ``rlhf.evaluation.evaluate_rlhf``  :class:`EvaluationConfig` (``evaluation``)
+    ============  ==========================  ===================================
+
+Each trainer receives a :class:`StageConfig`: its own settings as ``training``, plus ``paths``
+(the stage's working folder and log folder), ``system``, the file it writes and the sha256 of
+what it starts from. That is exactly the shape the shared engine's ``fit`` reads, so SFT and
+the reward model pass it straight to ``fit``.
+
+The whole file (:class:`RLHFConfig`) has the five sections every MARK config has (``model``,
+``training``, ``data``, ``paths``, ``system``) plus ``evaluation``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from src.core.config import ExistingFile, PathsConfig, StrictModel, SystemConfig, TrainingConfig
+
+
+class RLHFModelConfig(StrictModel):
+    """The base model and how a prompt and a response become one token sequence."""
+
+    base_model: Literal["mamba"] = Field("mamba", description="the language model RLHF starts from")
+    base_checkpoint: Path = Field(
+        Path("checkpoints/mamba/best_model.pt"), description="trained base model (file, or a folder with best_model.pt)"
+    )
+    prompt_template: str = Field(
+        "{prompt}\n", description="text the model reads before the response; must contain {prompt}"
+    )
+    max_prompt_tokens: int = Field(64, ge=2, description="prompts are cut to this many tokens (<|bos|> included)")
+    max_response_tokens: int = Field(64, ge=1, description="SFT/RM responses are cut to this many tokens (+ <|eos|>)")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_prompt(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("must contain {prompt}")
+        return value
+
+
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning: the engine's keys (``src.core.config.TrainingConfig``) with
+    fine-tuning defaults, plus which examples to use."""
+
+    batch_size: int = Field(16, gt=0)
+    num_epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_train_examples: Optional[int] = Field(None, gt=0, description="use only the first N training pairs")
+    max_val_examples: Optional[int] = Field(None, gt=0, description="use only the first N validation pairs")
+
+
+class RewardConfig(TrainingConfig):
+    """Reward model (Bradley-Terry on preference pairs): the engine's keys plus RM keys."""
+
+    batch_size: int = Field(16, gt=0, description="preference pairs per batch (2x sequences)")
+    num_epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    init_from: Literal["sft", "base"] = Field(
+        "sft", description="backbone the scalar head sits on: the SFT model (InstructGPT) or the base model"
+    )
+    max_train_examples: Optional[int] = Field(None, gt=0, description="use only the first N training pairs")
+    max_val_examples: Optional[int] = Field(None, gt=0, description="use only the first N validation pairs")
+    normalization_examples: int = Field(
+        256, gt=0, description="training pairs scored after training to centre and scale the reward"
+    )
+
+
+class KLControlConfig(StrictModel):
+    """The KL penalty coefficient beta: fixed, or adapted towards ``target`` (Ziegler et al. 2019)."""
+
+    adaptive: bool = Field(True, description="adapt beta so that the KL to the reference tracks the target")
+    init_coef: float = Field(0.1, ge=0, description="beta at the start (the fixed value when adaptive is false)")
+    target: float = Field(6.0, gt=0, description="target KL(policy || reference), nats per response")
+    horizon: int = Field(10000, gt=0, description="adaptive: responses over which beta moves by up to ~20% of the error")
+
+
+class PPOConfig(StrictModel):
+    """PPO on the language model (Ziegler et al. 2019; Stiennon et al. 2020; TRL's PPOTrainer)."""
+
+    num_steps: int = Field(100, gt=0, description="PPO iterations: sample a batch of responses, then update")
+    rollout_batch_size: int = Field(16, gt=0, description="prompts (responses) sampled per iteration")
+    mini_batch_size: int = Field(8, gt=0, description="responses per gradient step")
+    ppo_epochs: int = Field(4, gt=0, description="passes over each batch of responses")
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clipping epsilon")
+    clip_range_value: float = Field(0.2, gt=0, description="value-function clipping around the old values")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, gt=0, le=1, description="discount over response tokens")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_advantages: bool = True
+    max_new_tokens: int = Field(32, gt=0, description="tokens sampled per response at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use the same temperature)")
+    missing_eos_penalty: Optional[float] = Field(
+        1.0, ge=0, description="subtracted from the score of a response cut off before <|eos|> (null: none)"
+    )
+    score_clip: Optional[float] = Field(5.0, gt=0, description="clip normalized scores to [-x, x] (null: no clip)")
+    kl: KLControlConfig = KLControlConfig()
+    save_steps: int = Field(10, ge=0, description="resumable checkpoint every N iterations (0: only at the end)")
+    log_steps: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _mini_batch_fits(self) -> "PPOConfig":
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must not exceed rollout_batch_size ({self.rollout_batch_size})"
+            )
+        return self
+
+
+class EvaluationConfig(StrictModel):
+    """Held-out comparison of the PPO policy with the SFT model."""
+
+    num_prompts: Optional[int] = Field(None, gt=0, description="held-out prompts to sample (null: all of data.sft_val_file)")
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0, description="both models sample at this temperature")
+    batch_size: int = Field(32, gt=0, description="responses generated / scored together")
+    samples_in_report: int = Field(5, ge=0, description="example responses written into the Markdown report")
+
+
+class RLHFTrainingConfig(StrictModel):
+    """One typed config per trained stage."""
+
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads for torch during the pipeline (0: leave torch's default); "
+        "1 is fastest for small models on a busy CPU"
+    )
+
+
+class RLHFDataConfig(StrictModel):
+    # Check the default paths too: a config that leaves them out still needs the files.
+    model_config = ConfigDict(**StrictModel.model_config, validate_default=True)
+
+    sft_train_file: ExistingFile = Path("data/sft_train.jsonl")
+    sft_val_file: ExistingFile = Path("data/sft_val.jsonl")
+    preferences_train_file: ExistingFile = Path("data/preferences_train.jsonl")
+    preferences_val_file: ExistingFile = Path("data/preferences_val.jsonl")
+
+
+class RLHFPathsConfig(PathsConfig):
+    checkpoint_dir: Path = Field(Path("checkpoints/rlhf"), description="--output-dir: every stage's output file")
+    log_dir: Path = Field(Path("logs/rlhf"), description="logs/rlhf/<stage>/train.log and metrics.jsonl")
+
+
+class RLHFConfig(StrictModel):
+    """``configs/rlhf.yaml`` (or the ``rlhf:`` section of ``configs/rl_train.yaml``)."""
+
+    model: RLHFModelConfig = RLHFModelConfig()
+    training: RLHFTrainingConfig = RLHFTrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    data: RLHFDataConfig = RLHFDataConfig()
+    paths: RLHFPathsConfig = RLHFPathsConfig()
+    system: SystemConfig = SystemConfig()
+
+
+StageName = Literal["sft", "reward", "ppo", "evaluation", "export"]
+
+
+class StageConfig(StrictModel):
+    """What one stage runs with; ``fit`` reads ``training``, ``paths`` and ``system`` from it.
+
+    ``training``: the stage's own typed config; ``paths.checkpoint_dir``: its working folder
+    (resumable checkpoints); ``paths.log_dir``: ``logs/rlhf/<stage>``; ``output_file``: the file
+    it delivers (``sft_model.pt`` ...); ``inputs``: sha256 of every file it starts from, so a
+    finished output or a checkpoint is only reused for the same inputs.
+    """
+
+    stage: StageName
+    training: SerializeAsAny[Union[SFTConfig, RewardConfig, PPOConfig, EvaluationConfig, StrictModel]]
+    model: RLHFModelConfig
+    paths: PathsConfig
+    system: SystemConfig
+    output_file: Path
+    inputs: dict[str, str] = Field(default_factory=dict)

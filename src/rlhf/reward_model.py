@@ -1,0 +1,222 @@
+"""Stage 2, the reward model: a scalar head on the Mamba backbone, trained with the
+Bradley-Terry pairwise loss ``-log sigmoid(r(chosen) - r(rejected))`` on ``{prompt, chosen,
+rejected}`` pairs (Stiennon et al. 2020; TRL's RewardTrainer).
+
+The score of a sequence is the head applied to the backbone's final hidden state at its last
+token (``<|eos|>`` for a finished response): a Mamba reads left to right, so that state has
+seen the prompt and the whole response. Trained through the shared engine; the best model by
+held-out pairwise accuracy becomes ``reward_model.pt``, with the mean and spread of its
+training scores so that PPO sees a centred, unit-scale reward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.core.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from src.core.config import config_to_dict
+from src.core.errors import CheckpointError
+from src.core.logging import get_logger
+from src.core.runtime import seed_everything
+from src.data.readers import PreferenceExample
+from src.models.mamba.model import MambaArgs, MambaLM
+from src.models.mamba.tokenizer import MambaTokenizer
+from src.rlhf.checkpoints import lm_extra, stage_record
+from src.rlhf.config import RewardConfig, StageConfig
+from src.rlhf.data import PreferenceDataset, PromptFormat, collate_preferences, pad_right
+from src.training.engine import TrainTask, fit
+
+KIND = "rlhf_reward"
+log = get_logger(KIND)
+
+
+class RewardModel(nn.Module):
+    """A Mamba LM's backbone with a linear scalar head on the last token's hidden state.
+
+    ``score_mean`` / ``score_std`` (buffers, saved with the weights) turn raw scores into
+    normalized ones: :meth:`normalized` is ``(score - mean) / std``.
+    """
+
+    def __init__(self, lm: MambaLM) -> None:
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.args.d_model, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (lm.args.d_model + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("score_mean", torch.zeros(()))
+        self.register_buffer("score_std", torch.ones(()))
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw scores (B,) of right-padded sequences ``input_ids`` (B, T) of ``lengths`` (B,)."""
+        hidden = self.lm(input_ids, compute_logits=False).hidden_states
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores - self.score_mean) / self.score_std
+
+    @torch.no_grad()
+    def score_sequences(self, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+        """Raw scores of token-id sequences (each ``<|bos|> prompt response [<|eos|>]``), on CPU."""
+        device = self.head.weight.device
+        was_training = self.training
+        self.eval()
+        scores = []
+        for start in range(0, len(sequences), batch_size):
+            ids, lengths = pad_right(sequences[start : start + batch_size], pad_id)
+            scores.append(self(ids.to(device), lengths.to(device)).cpu())
+        self.train(was_training)
+        return torch.cat(scores)
+
+
+def pairwise_loss(model: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bradley-Terry loss of a preference batch (chosen rows first, then rejected rows)."""
+    scores = model(batch["input_ids"], batch["lengths"])
+    chosen, rejected = scores.chunk(2)
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def _eval_step(model: RewardModel, batch: dict[str, torch.Tensor]) -> dict[str, list]:
+    chosen, rejected = model(batch["input_ids"], batch["lengths"]).chunk(2)
+    return {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+
+
+def pairwise_metrics(outputs: dict[str, list]) -> dict[str, float]:
+    """``val_accuracy`` (share of pairs scored chosen > rejected; ties count half),
+    ``val_loss`` (Bradley-Terry) and the mean score margin."""
+    chosen, rejected = torch.tensor(outputs["chosen"]), torch.tensor(outputs["rejected"])
+    margin = chosen - rejected
+    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    return {
+        "val_accuracy": float(accuracy),
+        "val_loss": float(-F.logsigmoid(margin).mean()),
+        "val_margin": float(margin.mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate_pairs(model: RewardModel, dataset: PreferenceDataset, pad_id: int, batch_size: int = 32) -> dict[str, float]:
+    """:func:`pairwise_metrics` of ``model`` on ``dataset``."""
+    device = model.head.weight.device
+    was_training = model.training
+    model.eval()
+    outputs: dict[str, list] = {"chosen": [], "rejected": []}
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_preferences([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_id)
+        for key, values in _eval_step(model, {k: v.to(device) for k, v in batch.items()}).items():
+            outputs[key].extend(values)
+    model.train(was_training)
+    return pairwise_metrics(outputs)
+
+
+def train_reward_model(
+    backbone: MambaLM,
+    tokenizer: MambaTokenizer,
+    train_examples: Sequence[PreferenceExample],
+    val_examples: Sequence[PreferenceExample],
+    stage: StageConfig,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train a :class:`RewardModel` on ``backbone`` (the SFT or base LM) with the pairwise loss.
+
+    ``stage.training`` is a :class:`RewardConfig`. Writes the engine's checkpoints under
+    ``stage.paths.checkpoint_dir`` and the model with the best held-out pairwise accuracy to
+    ``stage.output_file`` (``reward_model.pt``). Returns ``{"metrics": ..., "outputs": ...}``.
+    """
+    cfg: RewardConfig = stage.training
+    seed_everything(stage.system.seed)
+    model = RewardModel(backbone)
+    fmt = PromptFormat(tokenizer, stage.model.prompt_template, stage.model.max_prompt_tokens, stage.model.max_response_tokens)
+    train_set = PreferenceDataset(train_examples[: cfg.max_train_examples], fmt)
+    val_set = PreferenceDataset(val_examples[: cfg.max_val_examples], fmt)
+    pad_id = tokenizer.pad_id
+    log.info("reward model: %d train / %d val preference pairs, backbone from %s", len(train_set), len(val_set), cfg.init_from)
+
+    def check_resume(extra: dict) -> None:
+        if extra.get("inputs") != stage.inputs:
+            raise CheckpointError(
+                f"{stage.paths.checkpoint_dir}: its reward-model checkpoint started from other inputs; run without --resume"
+            )
+
+    task = TrainTask(
+        name=KIND,
+        kind=KIND,
+        model=model,
+        train_dataset=train_set,
+        val_dataset=val_set,
+        collate_fn=lambda items: collate_preferences(items, pad_id),
+        loss_fn=pairwise_loss,
+        eval_step=_eval_step,
+        compute_metrics=pairwise_metrics,
+        metric_for_best="val_accuracy",
+        greater_is_better=True,
+        extra_state={**lm_extra(backbone, tokenizer), "inputs": dict(stage.inputs)},
+        check_resume=check_resume,
+        example_lengths=train_set.lengths(),
+    )
+    result = fit(task, stage, resume=resume)
+    if result.best_model_path is None:
+        raise CheckpointError(f"{stage.paths.checkpoint_dir}: reward-model training produced no best_model.pt")
+    best = load_checkpoint(result.best_model_path, kind=KIND)
+    load_state_dict_checked(model, best["model"], result.best_model_path)
+
+    # Centre on the human-preferred (chosen) responses and scale by the spread of all scores
+    # (Stiennon et al. normalise so that reference summaries score 0): beta then means the same
+    # thing whatever scale the head ended up with.
+    pairs = [train_set[i] for i in range(min(len(train_set), cfg.normalization_examples))]
+    chosen = model.score_sequences([p + c for p, c, _ in pairs], pad_id)
+    rejected = model.score_sequences([p + r for p, _, r in pairs], pad_id)
+    model.score_mean.fill_(float(chosen.mean()))
+    model.score_std.fill_(float(torch.cat([chosen, rejected]).std().clamp_min(1e-6)))
+
+    metrics = {
+        "val_accuracy": float(best["metrics"]["val_accuracy"]),
+        "val_loss": float(best["metrics"]["val_loss"]),
+        "val_margin": float(best["metrics"]["val_margin"]),
+        "train_accuracy_sample": float((chosen > rejected).float().mean()),
+        "score_mean": float(model.score_mean),
+        "score_std": float(model.score_std),
+        "best_step": int(best["step"]),
+        "global_step": result.global_step,
+        "train_examples": len(train_set),
+        "val_examples": len(val_set),
+    }
+    save_reward_model(stage.output_file, model, tokenizer, stage, metrics)
+    log.info("reward model: held-out pairwise accuracy %.3f: saved %s", metrics["val_accuracy"], stage.output_file)
+    return {
+        "metrics": metrics,
+        "outputs": {"reward_model": str(stage.output_file), "checkpoint_dir": str(stage.paths.checkpoint_dir)},
+    }
+
+
+def save_reward_model(
+    path: Path, model: RewardModel, tokenizer: MambaTokenizer, stage: StageConfig, metrics: dict[str, Any]
+) -> Path:
+    """Write ``reward_model.pt`` (kind ``rlhf_reward``): weights, architecture, tokenizer, record."""
+    return save_checkpoint(
+        {
+            "kind": KIND,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "extra": lm_extra(model.lm, tokenizer),
+            "config": config_to_dict(stage),
+            "rlhf": stage_record(stage, metrics),
+        },
+        path,
+    )
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, MambaTokenizer]:
+    """``(reward model, tokenizer)`` from ``reward_model.pt``, in eval mode on ``device``."""
+    state = load_checkpoint(path, map_location="cpu", kind=KIND)
+    extra = state.get("extra") or {}
+    if "model_args" not in extra or "tokenizer_json" not in extra:
+        raise CheckpointError(f"{path}: not a complete reward-model checkpoint (architecture or tokenizer missing)")
+    model = RewardModel(MambaLM(MambaArgs.from_dict(extra["model_args"])))
+    load_state_dict_checked(model, state["model"], path)
+    tokenizer = MambaTokenizer.from_str(extra["tokenizer_json"], str(path))
+    return model.to(device).eval(), tokenizer
