@@ -16,6 +16,7 @@ On the retrieval env the episodes are the held-out queries, each once; otherwise
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,17 +63,13 @@ def run_episodes(make_env: Callable[[], gym.Env], choose: Chooser, episodes: int
 def baseline_choosers(env: gym.Env, seed: int) -> dict[str, Chooser]:
     """``random``, one ``fixed <action>`` per action of a (small) Discrete space, and
     ``oracle`` where the environment offers ``best_action()``."""
-    space = env.action_space
-    rng = np.random.default_rng(seed)
-    choosers: dict[str, Chooser] = {}
-    if isinstance(space, gym.spaces.Discrete):
-        choosers["random"] = lambda env, obs: int(rng.integers(space.n))
-        if space.n <= MAX_FIXED_ACTIONS:
-            label = getattr(env.unwrapped, "action_label", lambda a: f"action={a}")
-            for action in range(int(space.n)):
-                choosers[f"fixed {label(action)}"] = lambda env, obs, action=action: action
-    else:
-        choosers["random"] = lambda env, obs: rng.uniform(space.low, space.high).astype(space.dtype)
+    space = copy.deepcopy(env.action_space)
+    space.seed(seed)
+    choosers: dict[str, Chooser] = {"random": lambda env, obs: space.sample()}
+    if isinstance(space, gym.spaces.Discrete) and space.n <= MAX_FIXED_ACTIONS:
+        label = getattr(env.unwrapped, "action_label", lambda a: f"action={a}")
+        for action in range(int(space.n)):
+            choosers[f"fixed {label(action)}"] = lambda env, obs, action=action: action
     if hasattr(env.unwrapped, "best_action"):
         choosers["oracle"] = lambda env, obs: env.unwrapped.best_action()
     return choosers

@@ -125,12 +125,12 @@ def load_rl_policy(path: str | Path = "checkpoints/rl/final_model.pt", device: s
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") not in (POLICY_KIND, "rl"):
         raise CheckpointError(f"{path}: checkpoint is for '{state.get('kind')}', expected an RL policy")
-    try:
-        export = state if state["kind"] == POLICY_KIND else state["export"]
-        policy = RLPolicy(export["architecture"], export.get("obs_normalization"), export.get("env_info"))
+    try:  # step checkpoints carry the same policy entries as final_model.pt, plus training state
+        policy = RLPolicy(state["architecture"], state.get("obs_normalization"), state.get("env_info"))
+        weights = state["policy"]
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: malformed RL policy checkpoint (missing {err})") from None
-    load_state_dict_checked(policy, export["policy"], path)
+    load_state_dict_checked(policy, weights, path)
     policy.timesteps = int(state.get("timesteps", 0))
     return policy.to(device).eval()
 

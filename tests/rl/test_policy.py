@@ -12,7 +12,7 @@ from src.core.config import validate_config
 from src.core.errors import CheckpointError
 from src.rl.config import RLConfig
 from src.rl.policy import RLPolicy, load_rl_policy, retrieval_actions
-from src.rl.training import build_env_setup, build_ppo, build_vec_env, policy_state
+from src.rl.training import build_env_setup, build_ppo, build_vec_env, policy_state, single_torch_thread
 
 
 def _model(tmp_path, env_id, normalize, **model):
@@ -26,7 +26,8 @@ def _model(tmp_path, env_id, normalize, **model):
     setup = build_env_setup(cfg)
     venv = build_vec_env(setup, cfg)
     model = build_ppo(cfg, venv)
-    model.learn(256)  # a few updates, so weights and observation statistics are not at their initial values
+    with single_torch_thread():
+        model.learn(256)  # a few updates, so weights and observation statistics are not at their initial values
     return cfg, setup, venv, model
 
 
