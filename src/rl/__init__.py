@@ -1,0 +1,18 @@
+"""RL: a PPO policy (stable-baselines3) that learns MARK's retrieval strategy.
+
+* ``config.py``: the typed config of ``configs/rl_train.yaml``.
+* ``retrieval_env.py``: :class:`RetrievalPolicyEnv` (Gymnasium) and the precomputed
+  table of every retrieval action's outcome per query.
+* ``training.py``: environments, PPO, MARK-format checkpoints and exact resume.
+* ``evaluation.py``: the trained policy next to random, fixed and oracle strategies.
+* ``policy.py``: ``final_model.pt`` for inference without SB3 (:func:`load_rl_policy`,
+  :func:`choose_retrieval_action`).
+
+The entry point is ``python -m src.scripts.train_rl``.
+"""
+
+from src.rl.config import RLConfig
+from src.rl.policy import RLPolicy, choose_retrieval_action, load_rl_policy
+from src.rl.retrieval_env import RetrievalAction, RetrievalPolicyEnv
+
+__all__ = ["RLConfig", "RLPolicy", "RetrievalAction", "RetrievalPolicyEnv", "choose_retrieval_action", "load_rl_policy"]

@@ -129,6 +129,7 @@ def plot_strategy_comparison(results: dict[str, dict[str, float]], path: str | P
     for ax, (key, panel_title) in zip(axes[0], panels):
         values = [results[n][key] for n in names]
         ax.bar(range(len(names)), values, color=colors)
+        ax.axhline(results["trained"][key], color="tab:green", linestyle="--", linewidth=1)  # compare every bar with it
         ax.set_xticks(range(len(names)), [n.removeprefix("fixed ") for n in names], rotation=70, fontsize=8)
         ax.set_title(panel_title)
         ax.grid(axis="y", alpha=0.3)
