@@ -1,0 +1,303 @@
+"""Training throughput and peak memory of MARK's Mamba vs. transformers' Mamba-2 and a GPT-2.
+
+    python bench/mamba_throughput.py [--lengths 512 2048 8192] [--batch-tokens 4096] [--steps 2]
+        [--models mark hf_mamba2 hf_mamba2_chunk256 gpt2] [--threads N] [--device cpu]
+        [--config configs/mamba_train.yaml] [--output bench/results/mamba_throughput.json]
+
+Every model has the width, depth and vocabulary of the seed config's ``model`` section
+(d_model 256, 4 layers, 8 heads, 5000 tokens):
+
+* ``mark``: MARK's :class:`MambaLM` (own chunked SSD scan, chunk ``model.chunk_size``), loss
+  through ``labels=`` (the training path);
+* ``hf_mamba2``: ``transformers.Mamba2ForCausalLM`` of the *same* ``Mamba2Config`` (same
+  chunk size) on its pure-PyTorch path (``mamba_ssm`` is not installed); MARK's weights load
+  into it unchanged;
+* ``hf_mamba2_chunk256``: the same with transformers' default ``chunk_size`` of 256;
+* ``gpt2``: ``GPT2LMHeadModel`` with ``n_embd`` = d_model, ``n_layer`` = n_layers, ``n_head`` = n_heads,
+  SDPA attention (its MLP makes it about twice the parameters).
+
+A training step is forward + cross-entropy + backward + AdamW step in float32 on random
+token ids (throughput only; nothing is learned). Each (model, length) point runs in its own
+subprocess: one warm-up step, then ``--steps`` timed steps; tokens/s = batch tokens / median
+step wall time. The CPU-time column divides by the process's CPU time instead, which is
+what the speed would be on an otherwise idle machine when other processes share the cores.
+Peak memory is the subprocess's peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (GPU),
+next to its RSS just before the first step. The batch is ``max(1, batch_tokens // L)``
+sequences. Prints a table, writes the JSON and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = ("mark", "hf_mamba2", "hf_mamba2_chunk256", "gpt2")
+LABELS = {
+    "mark": "MARK Mamba-2",
+    "hf_mamba2": "transformers Mamba2 (same chunk)",
+    "hf_mamba2_chunk256": "transformers Mamba2 (chunk 256)",
+    "gpt2": "GPT-2 (same width/depth)",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step: batch = max(1, this // L)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per point (after one warm-up step)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default="configs/mamba_train.yaml", help="seed config whose model section is used")
+    parser.add_argument("--output", default="bench/results/mamba_throughput.json")
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "LENGTH", "BATCH"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def seed_model_args(config_path: str):
+    """``MambaArgs`` of the config's model section (vocab_size taken as the tokenizer size)."""
+    import yaml
+
+    from src.models.mamba.config import MambaModelConfig
+    from src.models.mamba.model import MambaArgs
+
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    m = MambaModelConfig.model_validate(raw.get("model", {}))
+    return MambaArgs(
+        vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, state_size=m.state_size,
+        expand=m.expand, n_groups=m.n_groups, conv_kernel=m.conv_kernel, chunk_size=m.chunk_size,
+        tie_embeddings=m.tie_embeddings,
+    )
+
+
+def build_model(name: str, args, length: int):
+    """(model, step_loss(ids) -> loss) for one of MODELS."""
+    import torch
+    from dataclasses import replace
+
+    from src.models.mamba.model import MambaLM, to_hf_config
+
+    if name == "mark":
+        model = MambaLM(args)
+        return model, lambda ids: model(ids[:, :-1], labels=ids[:, 1:]).loss
+    if name.startswith("hf_mamba2"):
+        from transformers import Mamba2ForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the "falling back to the PyTorch path" notice
+        hf_args = replace(args, chunk_size=256) if name == "hf_mamba2_chunk256" else args
+        model = Mamba2ForCausalLM(to_hf_config(hf_args))
+        return model, lambda ids: model(ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=args.vocab_size, n_positions=length, n_embd=args.d_model, n_layer=args.n_layers,
+            n_head=args.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+        )
+        model = GPT2LMHeadModel(config)
+        return model, lambda ids: model(ids[:, :-1], labels=ids[:, :-1]).loss
+    raise ValueError(name)
+
+
+def run_worker(opts) -> dict:
+    """Time one (model, length) point in this process; returns its measurements."""
+    import torch
+
+    name, length, batch = opts.worker[0], int(opts.worker[1]), int(opts.worker[2])
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    torch.manual_seed(0)
+    args = seed_model_args(opts.config)
+    model, step_loss = build_model(name, args, length)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, args.vocab_size, (batch, length + 1), device=device)
+
+    def step() -> None:
+        loss = step_loss(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up
+    wall, cpu = [], []
+    for _ in range(opts.steps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    tokens = batch * length
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "model": name,
+        "length": length,
+        "batch": batch,
+        "tokens_per_step": tokens,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "step_seconds": [round(t, 4) for t in wall],
+        "tokens_per_s": tokens / statistics.median(wall),
+        "cpu_tokens_per_s": tokens / statistics.median(cpu) * (torch.get_num_threads() if device.type == "cpu" else 1),
+        "peak_memory_mib": round(peak, 1),
+        "memory_before_mib": round(rss_before, 1) if device.type == "cpu" else 0.0,
+        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure(opts, name: str, length: int) -> dict:
+    batch = max(1, opts.batch_tokens // length)
+    cmd = [sys.executable, __file__, "--worker", name, str(length), str(batch), "--steps", str(opts.steps),
+           "--threads", str(opts.threads), "--device", opts.device, "--config", opts.config]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"model": name, "length": length, "batch": batch, "error": tail[:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_info(opts) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": opts.device,
+    }
+    if opts.device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def summarize(results: list[dict], lengths: list[int]) -> dict:
+    by = {(r["model"], r["length"]): r for r in results if "error" not in r}
+    summary: dict = {"speedup_vs_hf_mamba2": {}, "speedup_vs_hf_mamba2_chunk256": {}, "speedup_vs_gpt2": {}}
+    for length in lengths:
+        mark = by.get(("mark", length))
+        for other in ("hf_mamba2", "hf_mamba2_chunk256", "gpt2"):
+            ref = by.get((other, length))
+            if mark and ref:
+                summary[f"speedup_vs_{other}"][str(length)] = round(mark["tokens_per_s"] / ref["tokens_per_s"], 3)
+    first, last = by.get(("mark", lengths[0])), by.get(("mark", lengths[-1]))
+    if first and last:
+        summary["mark_tokens_per_s_ratio_longest_to_shortest"] = round(last["tokens_per_s"] / first["tokens_per_s"], 3)
+        summary["mark_cpu_tokens_per_s_ratio_longest_to_shortest"] = round(
+            last["cpu_tokens_per_s"] / first["cpu_tokens_per_s"], 3
+        )
+    return summary
+
+
+def print_table(results: list[dict]) -> None:
+    head = f"{'model':<34} {'L':>5} {'batch':>5} {'tokens/s':>9} {'cpu tok/s':>9} {'peak MiB':>9} {'before MiB':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        label = LABELS.get(r["model"], r["model"])
+        if "error" in r:
+            print(f"{label:<34} {r['length']:>5} {r['batch']:>5}  error: {r['error']}")
+            continue
+        print(
+            f"{label:<34} {r['length']:>5} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {r['cpu_tokens_per_s']:>9.0f} "
+            f"{r['peak_memory_mib']:>9.0f} {r['memory_before_mib']:>10.0f}"
+        )
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in MODELS:
+        rows = sorted((r for r in results if r["model"] == name and "error" not in r), key=lambda r: r["length"])
+        if not rows:
+            continue
+        xs = [r["length"] for r in rows]
+        ax_speed.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=LABELS[name])
+        ax_mem.plot(xs, [r["peak_memory_mib"] for r in rows], marker="o", label=LABELS[name])
+    for ax, title, ylabel in ((ax_speed, "training throughput", "tokens / s"), (ax_mem, "peak memory", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax_speed.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    opts = parse_args(argv)
+    if opts.worker:
+        print(json.dumps(run_worker(opts)))
+        return {}
+    started = time.time()
+    load_before = os.getloadavg()
+    results = []
+    for length in opts.lengths:
+        for name in opts.models:
+            result = measure(opts, name, length)
+            results.append(result)
+            shown = f"{result['tokens_per_s']:.0f} tok/s" if "error" not in result else f"error: {result['error']}"
+            print(f"  {name} L={length}: {shown}", file=sys.stderr, flush=True)
+    report = {
+        "machine": machine_info(opts),
+        "settings": {
+            "lengths": opts.lengths, "batch_tokens": opts.batch_tokens, "steps": opts.steps,
+            "threads": opts.threads or "default", "config": opts.config, "precision": "float32",
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "wall_seconds": round(time.time() - started, 1),
+        },
+        "results": results,
+        "summary": summarize(results, opts.lengths),
+    }
+    print_table(results)
+    print(json.dumps(report["summary"], indent=2))
+    output = Path(opts.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, output.with_suffix(".png"))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
