@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all bench data report serve clean
+.PHONY: install demo test test-slow test-all test-rl-cartpole bench data report serve clean
 
 # torch is installed first, pinned by constraints.txt, so that no dependency pulls a CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -27,6 +27,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow -q
+
+# The published-result check: PPO on CartPole-v1 with RL Zoo's tuned hyperparameters (~2 min).
+test-rl-cartpole: install
+	$(PY) -m pytest tests/rl/test_cartpole_slow.py -m slow -q -s
 
 test-all: install
 	$(PY) -m pytest -q
