@@ -1,0 +1,275 @@
+"""Load test of the API server: N concurrent clients on loopback for a bounded time.
+
+Starts ``python -m src.api.main`` on a free 127.0.0.1 port over the given checkpoints (or
+export), waits until its models are loaded, then runs ``--clients`` concurrent clients.
+Each client sends one request at a time, cycling through the endpoints (client ``i``
+starts at endpoint ``i``, so every endpoint is under load at once), until ``--duration``
+seconds have passed or ``--max-requests`` have been sent. Reports per endpoint: requests,
+errors (any non-2xx status or transport error), throughput, p50/p99/max latency.
+Goal: 0 errors at 64 clients.
+
+    python bench/api_load.py --checkpoints-dir checkpoints [--clients 64] [--duration 30]
+        [--max-requests 5000] [--endpoints health rag-search generate classify query chat embeddings]
+    python bench/api_load.py --url http://127.0.0.1:8000 ...     # a server already running here
+
+Writes ``bench/results/api_load.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.core.checkpoint import atomic_write_json  # noqa: E402
+
+QUERIES = [
+    "How do I serialize a Python object to a JSON string?",
+    "Which function compresses data with bzip2?",
+    "How can I start a new thread?",
+    "Parse a URL into its components",
+    "Read and write CSV files",
+    "How do I match a regular expression at the start of a string?",
+    "Create a temporary directory",
+    "Send an email message over SMTP",
+    "Compute the SHA-256 digest of some bytes",
+    "How do I run a subprocess and capture its output?",
+    "Decode base64 data",
+    "Schedule a coroutine on the event loop",
+]
+PROMPTS = ["Return the", "The json module", "Open a file and", "class Queue", "def read(", "This function"]
+TEXTS = [
+    "Open a socket connection to the server, send the HTTP request and read the response headers.",
+    "Split the string into tokens and return a list of the words without the separators.",
+    "Acquire the lock before touching the shared counter so that two threads never race.",
+]
+# endpoint name -> (method, path, model the endpoint needs)
+ENDPOINTS = {
+    "health": ("GET", "/health", None),
+    "rag-search": ("POST", "/rag-search", "rag"),
+    "generate": ("POST", "/generate", "mamba"),
+    "classify": ("POST", "/classify", "transformer"),
+    "query": ("POST", "/query", "mamba+rag"),
+    "chat": ("POST", "/v1/chat/completions", "mamba"),
+    "embeddings": ("POST", "/v1/embeddings", "rag"),
+}
+
+
+def request_body(endpoint: str, n: int, max_new_tokens: int) -> dict | None:
+    """The ``n``-th request body of ``endpoint`` (varied, deterministic)."""
+    query, prompt, text = QUERIES[n % len(QUERIES)], PROMPTS[n % len(PROMPTS)], TEXTS[n % len(TEXTS)]
+    if endpoint == "rag-search":
+        return {"query": query, "top_k": 5}
+    if endpoint == "generate":
+        return {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.8, "top_p": 0.95, "seed": n}
+    if endpoint == "classify":
+        return {"texts": [text, query]} if n % 2 else {"text": text}
+    if endpoint == "query":
+        return {"query": query, "top_k": 3, "max_new_tokens": max_new_tokens}
+    if endpoint == "chat":
+        return {"model": "mamba", "messages": [{"role": "user", "content": query}], "max_tokens": max_new_tokens, "temperature": 0.7}
+    if endpoint == "embeddings":
+        return {"model": "minilm", "input": [query, text]}
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "src.api.main", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if args.export_dir:
+        command += ["--export-dir", str(args.export_dir)]
+    else:
+        command += ["--checkpoints-dir", str(args.checkpoints_dir)]
+    if args.torch_threads:
+        command += ["--torch-threads", str(args.torch_threads)]
+    env = {**os.environ}
+    env.pop("MARK_API_KEY", None)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300.0) -> dict:
+    """/health once every trained model is loaded (not 'available' any more)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the server exited with code {process.returncode}")
+        try:
+            health = httpx.get(f"{url}/health", timeout=5).json()
+            if all(state != "available" for state in health["models"].values()):
+                return health
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server at {url} was not ready after {timeout:.0f}s")
+
+
+async def run_load(url: str, endpoints: list[str], clients: int, duration: float, max_requests: int, max_new_tokens: int, timeout: float) -> tuple[dict, float]:
+    """Run the clients; returns ({endpoint: [(latency_s, ok, status_or_error)]}, wall seconds)."""
+    records: dict[str, list[tuple[float, bool, str]]] = {e: [] for e in endpoints}
+    sent = 0
+    start = time.perf_counter()
+    stop_at = start + duration
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+
+        async def one_client(index: int) -> None:
+            nonlocal sent
+            turn = index
+            while time.perf_counter() < stop_at and sent < max_requests:
+                endpoint = endpoints[turn % len(endpoints)]
+                method, path, _ = ENDPOINTS[endpoint]
+                body = request_body(endpoint, sent, max_new_tokens)
+                sent += 1
+                turn += 1
+                began = time.perf_counter()
+                try:
+                    response = await client.request(method, path, json=body)
+                    ok, status = response.is_success, str(response.status_code)
+                    if not ok:
+                        status += f" {response.text[:200]}"
+                except httpx.HTTPError as err:
+                    ok, status = False, f"{type(err).__name__}: {err}"[:200]
+                records[endpoint].append((time.perf_counter() - began, ok, status))
+
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    return records, time.perf_counter() - start
+
+
+def summarise(records: dict, wall: float) -> dict:
+    rows = {}
+    everything = []
+    for endpoint, items in records.items():
+        everything += items
+        rows[endpoint] = _stats(items, wall)
+    rows["all"] = _stats(everything, wall)
+    return rows
+
+
+def _stats(items: list, wall: float) -> dict:
+    latencies = np.array([lat for lat, _, _ in items]) * 1000 if items else np.zeros(0)
+    errors = [status for _, ok, status in items if not ok]
+    return {
+        "requests": len(items),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:3],
+        "throughput_rps": round(len(items) / wall, 2) if wall else 0.0,
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1) if len(latencies) else None,
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1) if len(latencies) else None,
+        "max_ms": round(float(latencies.max()), 1) if len(latencies) else None,
+    }
+
+
+def format_table(rows: dict) -> str:
+    header = f"{'endpoint':<12} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}"
+    lines = [header, "-" * len(header)]
+    for name, r in rows.items():
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"{name:<12} {r['requests']:>8} {r['errors']:>6} {r['throughput_rps']:>8.2f} {fmt(r['p50_ms']):>9} {fmt(r['p99_ms']):>9} {fmt(r['max_ms']):>9}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoints-dir", type=Path, default=Path("checkpoints"))
+    source.add_argument("--export-dir", type=Path, default=None)
+    source.add_argument("--url", default=None, help="a server already running on this machine (127.0.0.1 / localhost only)")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (bounded)")
+    parser.add_argument("--max-requests", type=int, default=5000, help="stop after this many requests in all")
+    parser.add_argument("--endpoints", nargs="+", choices=list(ENDPOINTS), default=list(ENDPOINTS))
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    parser.add_argument("--torch-threads", type=int, default=0, help="passed to the server (0: its default)")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "api_load.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.clients < 1 or args.duration <= 0 or args.max_requests < 1:
+        raise SystemExit("--clients, --duration and --max-requests must be positive")
+    process = None
+    if args.url:
+        host = urlparse(args.url).hostname
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit(f"--url must be on loopback (127.0.0.1), not {host}")
+        url = args.url.rstrip("/")
+    else:
+        process, url = start_server(args, args.output.with_suffix(".server.log"))
+    try:
+        startup = time.perf_counter()
+        health = wait_ready(url, process)
+        print(f"server ready at {url} in {time.perf_counter() - startup:.1f}s; models: {health['models']}")
+        trained = {name for name, state in health["models"].items() if state == "loaded"}
+        endpoints, skipped = [], []
+        for endpoint in args.endpoints:
+            needs = ENDPOINTS[endpoint][2]
+            (endpoints if needs is None or set(needs.split("+")) <= trained else skipped).append(endpoint)
+        if skipped:
+            print(f"skipped (model not trained): {', '.join(skipped)}")
+        records, wall = asyncio.run(
+            run_load(url, endpoints, args.clients, args.duration, args.max_requests, args.max_new_tokens, args.timeout)
+        )
+        rows = summarise(records, wall)
+        models = httpx.get(f"{url}/models", timeout=30).json()
+    finally:
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    print(f"\n{args.clients} clients, {wall:.1f}s, {rows['all']['requests']} requests, max {args.max_new_tokens} new tokens per generation\n")
+    print(format_table(rows))
+    for name, row in rows.items():
+        if row["errors"] and name != "all":
+            print(f"{name} errors: {row['error_examples']}")
+    print(f"generation batching: {models.get('generation')}")
+    result = {
+        "config": {
+            "clients": args.clients, "duration_s": args.duration, "max_requests": args.max_requests,
+            "max_new_tokens": args.max_new_tokens, "endpoints": endpoints, "skipped": skipped,
+            "source": args.url or str(args.export_dir or args.checkpoints_dir),
+        },
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "wall_s": round(wall, 2),
+        "endpoints": rows,
+        "generation_batching": models.get("generation"),
+        "models": [{k: m.get(k) for k in ("name", "status", "source", "trained_at", "details")} for m in models.get("models", [])],
+        "goal": {"zero_errors": rows["all"]["errors"] == 0},
+    }
+    atomic_write_json(args.output, result)
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

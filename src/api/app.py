@@ -1,0 +1,219 @@
+"""The FastAPI application: routes, the API-key and request-size guard, and JSON errors.
+
+``create_app(settings)`` builds it; :mod:`src.api.main` runs it under uvicorn. Every error
+is JSON (``{"error": {"message", "type", "param", "code"}}``, the OpenAI shape) with a
+4xx status for anything the client can fix, 503 for a model that is not trained (the
+message names the command that trains it) or a full queue, and 500 only for a bug.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from src.api.generation import ServerBusyError
+from src.api.registry import LANGUAGE_MODELS, SERVED_MODELS
+from src.api.service import ModelService, PromptTooLongError, ServerSettings
+from src.core.errors import CheckpointError, MarkError, NotTrainedError
+from src.core.logging import get_logger
+
+log = get_logger("api")
+
+# Paths anyone may call when an API key is set (liveness probes); they reveal no model data.
+OPEN_PATHS = frozenset({"/health"})
+
+
+class APIError(Exception):
+    """An error answered as ``status`` with the JSON error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
+
+
+def error_body(status: int, message: str, type: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, type: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, type, param), status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------ guard
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while the body is read (an HTTP exception, so FastAPI's body parser passes it on)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over the limit of {max_bytes} bytes")
+
+
+class RequestGuard:
+    """ASGI middleware run before routing and body parsing: the API key (``Authorization:
+    Bearer <key>`` or ``X-API-Key: <key>``; 401 without it) and the request-size limit (413)."""
+
+    def __init__(self, app, api_key: str | None, max_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send, status: int, message: str, type: str, headers: dict | None = None) -> None:
+        body = json.dumps(error_body(status, message, type)).encode()
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        supplied = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if supplied is None and auth[:7].lower() == b"bearer ":
+            supplied = auth[7:].strip()
+        return supplied is not None and hmac.compare_digest(supplied, self.api_key)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path") not in OPEN_PATHS and not self._authorized(headers):
+            return await self._reject(
+                send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                "authentication_error", {"WWW-Authenticate": "Bearer"},
+            )
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(send, 413, f"request body over the limit of {self.max_bytes} bytes", "request_too_large")
+
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(send, 413, f"request body over the limit of {self.max_bytes} bytes", "request_too_large")
+
+
+# ------------------------------------------------------------------------------ errors
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for item in err.errors():
+        loc = [str(x) for x in item.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts[:5]) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err.status, err.message, err.type, err.param, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        if any(item.get("type") == "json_invalid" for item in err.errors()):
+            return error_response(400, f"the body is not valid JSON: {message}", "invalid_request_error")
+        return error_response(422, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        kind = "request_too_large" if err.status_code == 413 else "invalid_request_error"
+        return error_response(err.status_code, str(err.detail), kind, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(NotTrainedError)
+    async def _not_trained(request: Request, err: NotTrainedError):
+        return error_response(503, str(err), "model_not_trained", headers={"Retry-After": "60"})
+
+    @app.exception_handler(MarkError)
+    async def _mark_error(request: Request, err: MarkError):
+        if isinstance(err, CheckpointError):  # a damaged model file: the server cannot serve it
+            return error_response(503, str(err), "model_unavailable")
+        return error_response(400, str(err), "invalid_request_error")
+
+    @app.exception_handler(ServerBusyError)
+    async def _busy(request: Request, err: ServerBusyError):
+        return error_response(503, str(err), "server_busy", headers={"Retry-After": "1"})
+
+    @app.exception_handler(PromptTooLongError)
+    async def _too_long(request: Request, err: PromptTooLongError):
+        return error_response(400, str(err), "invalid_request_error", "prompt")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(err).__name__}", "internal_error")
+
+
+# ------------------------------------------------------------------------------ app
+def _warm_up(service: ModelService) -> None:
+    """Load every trained model and start its worker, so first requests are not slow."""
+    service.registry.preload(SERVED_MODELS)
+    for name in SERVED_MODELS:
+        if not service.registry.is_loaded(name):
+            continue
+        try:
+            if name in LANGUAGE_MODELS:
+                service.generator(name)
+            elif name == "rag":
+                service.embedder()
+            elif name == "transformer":
+                service.classifier()
+        except MarkError as err:
+            log.warning("%s worker not started: %s", name, err)
+    log.info("models ready: %s", ", ".join(n for n in SERVED_MODELS if service.registry.is_loaded(n)) or "none")
+
+
+def create_app(settings: ServerSettings | None = None, service: ModelService | None = None) -> FastAPI:
+    """The API application over ``settings`` (checkpoints or export dir, key, limits)."""
+    from src.api.routes import mark, openai_compat
+
+    settings = settings or ServerSettings()
+    service = service or ModelService(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.preload:
+            threading.Thread(target=_warm_up, args=(service,), name="preload", daemon=True).start()
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="MARK API",
+        description="MARK's trained models over HTTP: retrieval, generation, classification, grounded answers, "
+        "and OpenAI-compatible completions, chat and embeddings.",
+        version="1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.started = time.time()
+    install_error_handlers(app)
+    app.include_router(mark.router)
+    app.include_router(openai_compat.router)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,101 @@
+"""Serve MARK's trained models over HTTP.
+
+    python -m src.api.main [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+        [--checkpoints-dir checkpoints] [--export-dir DIR] [--device auto|cpu|cuda]
+
+Endpoints: ``GET /health``, ``GET /models``, ``POST /rag-search``, ``POST /generate``,
+``POST /classify``, ``POST /query``, and OpenAI-compatible ``/v1/models``,
+``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``. Interactive docs at
+``/docs``. With ``--api-key`` (or ``MARK_API_KEY``) every request but ``/health`` needs
+``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from src.core.cli import run_cli
+from src.core.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m src.api.main", description="Serve MARK's trained models over HTTP.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("MARK_API_KEY"), help="require this key (default: $MARK_API_KEY; none: open)")
+    parser.add_argument("--checkpoints-dir", type=Path, default=Path("checkpoints"), help="folder holding mamba/, transfer/, rag/, rlhf/")
+    parser.add_argument("--export-dir", type=Path, default=None, help="serve a full-pipeline export instead of the checkpoints")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--torch-threads", type=int, default=0, help="CPU threads per model computation (0: all cores, at most 8)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="generation requests decoded together at most")
+    parser.add_argument("--max-pending", type=int, default=512, help="requests waiting per model before 503 busy")
+    parser.add_argument("--max-prompt-tokens", type=int, default=4096)
+    parser.add_argument("--max-request-bytes", type=int, default=1_000_000)
+    parser.add_argument("--no-preload", action="store_true", help="load each model on its first request instead of at startup")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace):
+    """``ServerSettings`` from parsed arguments; impossible values are a ``ConfigError``."""
+    from src.api.service import ServerSettings
+
+    for name in ("max_batch_size", "max_pending", "max_prompt_tokens", "max_request_bytes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.export_dir is not None and not args.export_dir.is_dir():
+        raise ConfigError(f"--export-dir {args.export_dir}: no such folder")
+    return ServerSettings(
+        checkpoints_dir=args.checkpoints_dir,
+        export_dir=args.export_dir,
+        api_key=args.api_key or None,
+        device=args.device,
+        max_request_bytes=args.max_request_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_batch_size=args.max_batch_size,
+        max_pending=args.max_pending,
+        preload=not args.no_preload,
+    )
+
+
+def set_torch_threads(threads: int) -> int:
+    """Threads for torch's CPU kernels: ``threads``, or the cores (at most 8) when 0.
+
+    The model workers run on their own threads; one inter-op thread avoids a second pool
+    competing with them for the same cores.
+    """
+    import torch
+
+    threads = threads or max(1, min(8, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    return threads
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse the command line and serve until interrupted."""
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import uvicorn
+
+    from src.api.app import create_app
+    from src.core.logging import setup_logging
+
+    setup_logging("api")
+    threads = set_torch_threads(args.torch_threads)
+    source = settings.export_dir or settings.checkpoints_dir
+    print(f"MARK API on http://{args.host}:{args.port} serving {source} ({threads} torch threads)", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return {"metrics": {}, "outputs": {}}
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

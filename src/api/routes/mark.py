@@ -1,0 +1,161 @@
+"""MARK's own endpoints: health, models, retrieval, generation, classification, grounded answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from src.api.generation import GenerationParams, GenerationWorker
+from src.api.registry import SERVED_MODELS
+from src.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    ModelInfo,
+    ModelsResponse,
+    Prediction,
+    QueryRequest,
+    QueryResponse,
+    RagSearchRequest,
+    RagSearchResponse,
+    SearchHit,
+)
+from src.api.service import ModelService
+
+ERRORS = {
+    400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+    422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+}
+router = APIRouter(responses=ERRORS)
+
+
+def service_of(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+def search_hit(result) -> SearchHit:
+    """A retriever ``SearchResult`` as the API's ``SearchHit``."""
+    return SearchHit(
+        doc_id=result.doc_id, score=result.score, rank=result.rank, text=result.text,
+        metadata=result.metadata, dense_score=result.dense_score, bm25_score=result.bm25_score,
+    )
+
+
+def sse(payload) -> str:
+    """One server-sent event carrying JSON (or the literal ``[DONE]``)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def primed(events: AsyncIterator) -> AsyncIterator:
+    """Start ``events`` now, so that errors before the first event (queue full, ...) become
+    an HTTP error status instead of a broken stream; returns an iterator over all events."""
+    first = await events.__anext__()
+
+    async def chain():
+        yield first
+        async for event in events:
+            yield event
+
+    return chain()
+
+
+@router.get("/health", response_model=HealthResponse, tags=["status"])
+async def health(request: Request) -> HealthResponse:
+    """Liveness, and which models are loaded / available / not trained (no key needed)."""
+    registry = service_of(request).registry
+    return HealthResponse(
+        uptime_s=round(time.time() - request.app.state.started, 1),
+        models={name: registry.status(name)["status"] for name in SERVED_MODELS},
+    )
+
+
+@router.get("/models", response_model=ModelsResponse, tags=["status"])
+async def models(request: Request) -> ModelsResponse:
+    """Each model: loaded or not, from which file, trained when, and why not when it is missing."""
+    service = service_of(request)
+    return ModelsResponse(
+        models=[ModelInfo(**service.registry.status(name)) for name in SERVED_MODELS],
+        generation=service.generation_stats(),
+    )
+
+
+@router.post("/rag-search", response_model=RagSearchResponse, tags=["retrieval"])
+async def rag_search(body: RagSearchRequest, request: Request) -> RagSearchResponse:
+    """The ``top_k`` documents of the RAG index best matching ``query``."""
+    start = time.perf_counter()
+    mode, hits = await service_of(request).search(body.query, body.top_k, body.mode)
+    return RagSearchResponse(query=body.query, mode=mode, results=[search_hit(h) for h in hits], took_ms=_ms(start))
+
+
+async def _generation_stream(worker: GenerationWorker, ids: list[int], params: GenerationParams, model: str, start: float):
+    events = await primed(worker.astream(ids, params))
+
+    async def body():
+        async for kind, payload in events:
+            if kind == "text":
+                yield sse({"text": payload})
+            else:
+                yield sse({
+                    "done": True, "model": model, "text": payload.text, "finish_reason": payload.finish_reason,
+                    "prompt_tokens": payload.prompt_tokens, "completion_tokens": payload.completion_tokens,
+                    "took_ms": _ms(start),
+                })
+        yield sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/generate", response_model=GenerateResponse, tags=["generation"])
+async def generate(body: GenerateRequest, request: Request):
+    """Continue ``prompt`` with the Mamba or the RLHF model (``stream: true`` for server-sent events)."""
+    start = time.perf_counter()
+    service = service_of(request)
+    worker = await service.agenerator(body.model)
+    ids = service.prompt_ids(worker, body.prompt)
+    params = GenerationParams(body.max_new_tokens, body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
+    if body.stream:
+        return await _generation_stream(worker, ids, params, body.model, start)
+    result = await worker.agenerate(ids, params)
+    return GenerateResponse(
+        model=body.model, text=result.text, finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, took_ms=_ms(start),
+    )
+
+
+@router.post("/classify", response_model=ClassifyResponse, tags=["classification"])
+async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    """Label one ``text`` or a list of ``texts`` with the fine-tuned classifier."""
+    start = time.perf_counter()
+    classifier = await service_of(request).aclassifier()
+    predictions = await classifier.arun(body.all_texts())
+    return ClassifyResponse(predictions=[Prediction(**p) for p in predictions], took_ms=_ms(start))
+
+
+@router.post("/query", response_model=QueryResponse, tags=["retrieval", "generation"])
+async def query(body: QueryRequest, request: Request) -> QueryResponse:
+    """Retrieve ``top_k`` documents, then answer ``query`` from their text; ``doc_ids`` are the
+    documents whose text the model read."""
+    start = time.perf_counter()
+    params = GenerationParams(body.max_new_tokens, body.temperature, body.top_p, (), body.seed)
+    answer = await service_of(request).answer(body.query, body.top_k, body.model, params, body.mode)
+    return QueryResponse(
+        query=body.query,
+        answer=answer.result.text.strip(),
+        doc_ids=[p.doc_id for p in answer.used],
+        sources=[search_hit(h) for h in answer.hits],
+        model=body.model,
+        finish_reason=answer.result.finish_reason,
+        took_ms=_ms(start),
+    )

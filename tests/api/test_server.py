@@ -1,0 +1,154 @@
+"""The real API server (a ``python -m src.api.main`` subprocess on loopback) over tiny real
+models, spoken to over HTTP: every MARK endpoint, streaming and concurrency."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from src.models.mamba import generate, load_mamba
+
+LABELS = {"text_and_data", "networking_and_web", "system_and_concurrency"}
+
+
+def post(server, path: str, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=120, **kwargs)
+
+
+def indexed_docs(checkpoints: Path) -> list[dict]:
+    path = checkpoints.parent / "data" / "documents.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_checkpoints):
+    return load_mamba(tiny_checkpoints / "mamba", "cpu")
+
+
+def test_health_and_models_say_what_is_loaded_from_where(server, tiny_checkpoints):
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["uptime_s"] >= 0
+    assert health["models"] == {"mamba": "loaded", "rlhf": "not_trained", "transformer": "loaded", "rag": "loaded"}
+
+    models = {m["name"]: m for m in httpx.get(f"{server.url}/models").json()["models"]}
+    assert models["mamba"]["source"] == str(tiny_checkpoints / "mamba" / "best_model.pt")
+    assert models["rag"]["source"] == str(tiny_checkpoints / "rag")
+    for name in ("mamba", "transformer", "rag"):
+        assert models[name]["status"] == "loaded"
+        assert models[name]["trained_at"].endswith("+00:00") and models[name]["loaded_at"]
+    assert models["mamba"]["details"]["parameters"] > 0 and models["mamba"]["details"]["d_model"] == 32
+    assert models["rag"]["details"]["documents"] == len(indexed_docs(tiny_checkpoints))
+    assert set(models["transformer"]["details"]["labels"]) == LABELS
+    assert models["rlhf"]["status"] == "not_trained"
+    assert "python -m src.training.orchestrator train --target=rlhf" in models["rlhf"]["error"]
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_rag_search_finds_the_document_a_passage_comes_from(server, tiny_checkpoints, mode):
+    doc = indexed_docs(tiny_checkpoints)[3]
+    passage = doc["text"][:200]
+    response = post(server, "/rag-search", {"query": passage, "top_k": 3, "mode": mode})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["mode"] == mode and body["query"] == passage
+    results = body["results"]
+    assert len(results) == 3 and [r["rank"] for r in results] == [1, 2, 3]
+    assert results[0]["doc_id"] == doc["id"]
+    assert results[0]["text"] in doc["text"]
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_generate_greedy_equals_in_process_generation(server, tiny_lm):
+    model, tokenizer = tiny_lm
+    expected = generate(model, tokenizer, "import", max_new_tokens=20, temperature=0)
+    body = post(server, "/generate", {"prompt": "import", "max_new_tokens": 20, "temperature": 0}).json()
+    assert body["text"] == expected
+    assert body["model"] == "mamba"
+    assert body["prompt_tokens"] == 1 + len(tokenizer.encode("import"))
+    assert 1 <= body["completion_tokens"] <= 20
+    assert body["finish_reason"] == ("length" if body["completion_tokens"] == 20 else "stop")
+
+
+def test_generate_same_seed_same_text_and_stop_strings(server):
+    request = {"prompt": "The json module", "max_new_tokens": 40, "temperature": 1.0, "top_p": 0.9, "seed": 11}
+    first, second = (post(server, "/generate", request).json() for _ in range(2))
+    assert first["text"] == second["text"]
+    full = post(server, "/generate", {**request, "temperature": 0}).json()["text"]
+    stop = full.strip()[:3] if len(full.strip()) >= 3 else None
+    if stop:  # cut at the first occurrence of a string the greedy text contains
+        cut = post(server, "/generate", {**request, "temperature": 0, "stop": [stop]}).json()
+        assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_generate_streams_server_sent_events(server):
+    request = {"prompt": "Return the", "max_new_tokens": 24, "temperature": 0}
+    whole = post(server, "/generate", request).json()
+    with httpx.stream("POST", f"{server.url}/generate", json={**request, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    done = events[-2]
+    pieces = [e["text"] for e in events[:-2]]
+    assert done["done"] is True and done["finish_reason"] == whole["finish_reason"]
+    assert "".join(pieces) == done["text"] == whole["text"]
+    assert len(pieces) > 1  # really streamed, piece by piece
+
+
+def test_classify_one_text_or_many(server):
+    texts = [
+        "Open a socket to the HTTP server and read the response headers.",
+        "Acquire the lock before two threads touch the shared counter.",
+        "Split the string into words and strip the whitespace.",
+    ]
+    one = post(server, "/classify", {"text": texts[0]}).json()
+    many = post(server, "/classify", {"texts": texts}).json()
+    assert len(one["predictions"]) == 1 and len(many["predictions"]) == 3
+    for prediction in one["predictions"] + many["predictions"]:
+        assert prediction["label"] in LABELS and set(prediction["probabilities"]) == LABELS
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
+    for label in LABELS:  # the same text alone or in a batch: the same probabilities
+        assert one["predictions"][0]["probabilities"][label] == pytest.approx(many["predictions"][0]["probabilities"][label], abs=1e-4)
+
+
+def test_query_answers_from_the_retrieved_documents(server, tiny_checkpoints):
+    doc = indexed_docs(tiny_checkpoints)[5]
+    question = doc["text"][:160]
+    response = post(server, "/query", {"query": question, "top_k": 2, "max_new_tokens": 12})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [s["doc_id"] for s in body["sources"]][0] == doc["id"]
+    assert len(body["sources"]) == 2
+    assert body["doc_ids"] and body["doc_ids"][0] == doc["id"]
+    assert set(body["doc_ids"]) <= {s["doc_id"] for s in body["sources"]}
+    assert isinstance(body["answer"], str) and body["finish_reason"] in ("stop", "length")
+
+
+def test_concurrent_requests_all_succeed_and_generation_is_batched(server):
+    def one(i: int) -> int:
+        if i % 3 == 0:
+            return post(server, "/rag-search", {"query": f"read a file {i}", "top_k": 2}).status_code
+        if i % 3 == 1:
+            return post(server, "/classify", {"text": f"open a socket number {i}"}).status_code
+        return post(server, "/generate", {"prompt": "import", "max_new_tokens": 32, "temperature": 1.0, "seed": i}).status_code
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        statuses = list(pool.map(one, range(48)))
+    assert statuses == [200] * 48
+    stats = httpx.get(f"{server.url}/models").json()["generation"]["mamba"]
+    assert stats["max_batch_rows"] > 1
