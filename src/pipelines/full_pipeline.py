@@ -100,6 +100,8 @@ class StageResult:
     config: str | None = None
     config_hash: str | None = None
     log: str | None = None
+    cpu_seconds: float = 0.0  # CPU time of this process (all threads): a busy machine inflates wall time, not this
+    load_average: float | None = None  # 1-minute load average when the stage ended
 
     def main_output(self) -> str:
         for key in ("checkpoint_dir", "export_dir", "data_dir", "final_model", "best_model", "faiss_index", "rlhf_final_model"):
@@ -177,17 +179,18 @@ def run_pipeline(opts: PipelineOptions, argv: list[str] | None = None) -> dict:
 
     for name in opts.stages:
         log.info("stage %s ...", name)
-        stage_started = time.perf_counter()
+        stage_started, cpu_started = time.perf_counter(), time.process_time()
         result = StageResult(name, "failed")
         try:
             if name == DATA_PREP:
-                result = run_data_prep(opts, state)
+                result = run_data_prep(opts)
             elif name == EXPORT_MODELS:
                 result = run_export(opts, state, configs, export_dir)
             else:
-                result = run_train_stage(TRAIN_STAGES[name], opts, state, configs, results)
+                result = run_train_stage(TRAIN_STAGES[name], opts, state, configs)
         except BaseException as err:
             result.seconds = time.perf_counter() - stage_started
+            _stamp_resources(result, cpu_started)
             interrupted = isinstance(err, KeyboardInterrupt)
             result.status = "interrupted" if interrupted else "failed"
             log_path = _stage_log_path(name, configs.get(name), pipeline_log)
@@ -205,6 +208,7 @@ def run_pipeline(opts: PipelineOptions, argv: list[str] | None = None) -> dict:
             raise StageFailedError(name, reason[:300], log_path, err.exit_code if isinstance(err, MarkError) else 1) from err
         finally:
             _console_logging(pipeline_log)  # a component replaced the log handlers with its own
+        _stamp_resources(result, cpu_started)
         results.append(result)
         log.info("stage %s %s in %.1fs%s", name, result.status, result.seconds, f": {result.key_metric}" if result.key_metric else "")
         _finish_manifest(manifest, manifest_path, results, started, "running")
@@ -227,7 +231,7 @@ def run_pipeline(opts: PipelineOptions, argv: list[str] | None = None) -> dict:
     }
 
 
-def run_data_prep(opts: PipelineOptions, state: PipelineState) -> StageResult:
+def run_data_prep(opts: PipelineOptions) -> StageResult:
     """Write the sample corpus into ``opts.data_dir`` when it is not there (or ``--force``),
     then validate every data file. Files a user put there (no ``manifest.json``) are
     validated, never overwritten."""
@@ -254,8 +258,7 @@ def run_data_prep(opts: PipelineOptions, state: PipelineState) -> StageResult:
     )
 
 
-def run_train_stage(stage: TrainStage, opts: PipelineOptions, state: PipelineState, configs: dict[str, Any],
-                    done: list[StageResult]) -> StageResult:
+def run_train_stage(stage: TrainStage, opts: PipelineOptions, state: PipelineState, configs: dict[str, Any]) -> StageResult:
     """Load the stage's config, skip it when current, else run its component."""
     started = time.perf_counter()
     cfg, config_path = load_stage_config(stage, opts.config_dir, opts.device)
@@ -359,19 +362,21 @@ def write_pipeline_report(configs: dict[str, Any], report_dir: Path) -> Path | N
 
 
 def format_summary(results: Sequence[StageResult]) -> str:
-    """The summary table: stage, status, time, key metric, output."""
-    rows = [("stage", "status", "time", "key metric", "output")]
+    """The summary table: stage, status, wall time, CPU time, key metric, output."""
+    rows = [("stage", "status", "time", "cpu", "key metric", "output")]
     for r in results:
         status = r.status + (f" ({r.note})" if r.note and r.status != "ran" else "")
-        rows.append((r.stage, status, _duration(r.seconds), r.key_metric, r.log if r.status in ("failed", "interrupted") else r.main_output()))
-    rows.append(("total", "", _duration(sum(r.seconds for r in results)), "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        output = r.log if r.status in ("failed", "interrupted") else r.main_output()
+        rows.append((r.stage, status, _duration(r.seconds), _duration(r.cpu_seconds), r.key_metric, output or ""))
+    rows.append(("total", "", _duration(sum(r.seconds for r in results)), _duration(sum(r.cpu_seconds for r in results)), "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
     lines = []
     for i, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row[:4])) + "  " + row[4])
+        lines.append("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip())
         if i == 0 or i == len(rows) - 2:
-            lines.append("-" * (sum(widths) + 8 + max(len(r[4]) for r in rows)))
-    return "\n" + "\n".join(line.rstrip() for line in lines) + "\n"
+            lines.append(rule)
+    return "\n" + "\n".join(lines) + "\n"
 
 
 def format_next_steps(output_dir: Path, manifest_path: Path, report_path: Path | None, export_dir: Path | None,
@@ -408,9 +413,16 @@ def _duration(seconds: float) -> str:
 def _row(result: StageResult) -> dict[str, Any]:
     return {
         "stage": result.stage, "status": result.status, "note": result.note, "seconds": round(result.seconds, 2),
+        "cpu_seconds": round(result.cpu_seconds, 2), "load_average_at_end": result.load_average,
         "key_metric": result.key_metric, "metrics": result.metrics, "outputs": result.outputs,
         "config": result.config, "config_hash": result.config_hash, "log": result.log,
     }
+
+
+def _stamp_resources(result: StageResult, cpu_started: float) -> None:
+    result.cpu_seconds = time.process_time() - cpu_started
+    load = _load_average()
+    result.load_average = load[0] if load else None
 
 
 def _load_average() -> list[float] | None:

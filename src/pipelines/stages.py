@@ -47,9 +47,23 @@ class TrainStage:
         return getattr(importlib.import_module(module_name), class_name)
 
     def run(self, cfg: BaseModel, resume: bool) -> dict[str, Any]:
-        """The component's ``run(cfg, resume, evaluate)``: its ``{"metrics", "outputs"}`` summary."""
+        """The component's ``run(cfg, resume, evaluate)``: its ``{"metrics", "outputs"}`` summary.
+
+        Stages share one process: the torch thread count a component sets (``torch_threads``)
+        is restored afterwards, and its models are freed before the next stage."""
+        import gc
+
+        import torch
+
         module = importlib.import_module(self.entry_module)
-        return module.run(cfg, resume=resume, evaluate=self.evaluate)
+        threads = torch.get_num_threads()
+        try:
+            return module.run(cfg, resume=resume, evaluate=self.evaluate)
+        finally:
+            torch.set_num_threads(threads)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 TRAIN_STAGES: dict[str, TrainStage] = {
