@@ -230,7 +230,7 @@ def plot(results: dict, path: Path) -> None:
     x = np.arange(len(labels))
     axes[1].bar(x - 0.2, p50, 0.4, label="p50")
     axes[1].bar(x + 0.2, p99, 0.4, label="p99")
-    axes[1].set_xticks(x, labels, fontsize=7)
+    axes[1].set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
     axes[1].set_yscale("log")
     axes[1].set_ylabel("ms per query (log)")
     axes[1].set_title("FAISS top-10, random unit vectors, 1 query at a time")
