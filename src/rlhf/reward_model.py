@@ -5,7 +5,7 @@ rejected}`` pairs (Stiennon et al. 2020; TRL's RewardTrainer).
 The score of a sequence is the head applied to the backbone's final hidden state at its last
 token (``<|eos|>`` for a finished response): a Mamba reads left to right, so that state has
 seen the prompt and the whole response. Trained through the shared engine; the best model by
-held-out pairwise accuracy becomes ``reward_model.pt``, with the mean and spread of its
+held-out pairwise loss becomes ``reward_model.pt``, with the mean and spread of its
 training scores so that PPO sees a centred, unit-scale reward.
 """
 
@@ -125,7 +125,7 @@ def train_reward_model(
     """Train a :class:`RewardModel` on ``backbone`` (the SFT or base LM) with the pairwise loss.
 
     ``stage.training`` is a :class:`RewardConfig`. Writes the engine's checkpoints under
-    ``stage.paths.checkpoint_dir`` and the model with the best held-out pairwise accuracy to
+    ``stage.paths.checkpoint_dir`` and the model with the lowest held-out pairwise loss to
     ``stage.output_file`` (``reward_model.pt``). Returns ``{"metrics": ..., "outputs": ...}``.
     """
     cfg: RewardConfig = stage.training
@@ -153,15 +153,16 @@ def train_reward_model(
         loss_fn=pairwise_loss,
         eval_step=_eval_step,
         compute_metrics=pairwise_metrics,
-        metric_for_best="val_accuracy",
-        greater_is_better=True,
+        # Held-out Bradley-Terry loss picks the best checkpoint: on a few hundred pairs it is a
+        # smoother criterion than accuracy (which is reported).
+        metric_for_best="val_loss",
         extra_state={**lm_extra(backbone, tokenizer), "inputs": dict(stage.inputs)},
         check_resume=check_resume,
         example_lengths=train_set.lengths(),
     )
     result = fit(task, stage, resume=resume)
     if result.best_model_path is None:
-        raise CheckpointError(f"{stage.paths.checkpoint_dir}: reward-model training produced no best_model.pt")
+        raise CheckpointError(f"{stage.paths.checkpoint_dir}: reward-model training produced no best_model.pt (no validation ran)")
     best = load_checkpoint(result.best_model_path, kind=KIND)
     load_state_dict_checked(model, best["model"], result.best_model_path)
 
