@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 from src.core.checkpoint import atomic_write_json  # noqa: E402
 
@@ -234,9 +235,16 @@ def main(argv: list[str] | None = None) -> dict:
             (endpoints if needs is None or set(needs.split("+")) <= trained else skipped).append(endpoint)
         if skipped:
             print(f"skipped (model not trained): {', '.join(skipped)}")
+        server_proc = psutil.Process(process.pid) if process is not None else None
+        server_cpu = sum(server_proc.cpu_times()[:2]) if server_proc else None
+        client_cpu, load_before = time.process_time(), os.getloadavg()
         records, wall = asyncio.run(
             run_load(url, endpoints, args.clients, args.duration, args.max_requests, args.max_new_tokens, args.timeout)
         )
+        client_cpu = time.process_time() - client_cpu
+        if server_proc is not None:
+            server_cpu = sum(server_proc.cpu_times()[:2]) - server_cpu
+        load_after = os.getloadavg()
         rows = summarise(records, wall)
         models = httpx.get(f"{url}/models", timeout=30).json()
     finally:
@@ -253,13 +261,21 @@ def main(argv: list[str] | None = None) -> dict:
         if row["errors"] and name != "all":
             print(f"{name} errors: {row['error_examples']}")
     print(f"generation batching: {models.get('generation')}")
+    print(
+        f"CPU seconds during the load: server {server_cpu if server_cpu is None else round(server_cpu, 1)}, "
+        f"client {client_cpu:.1f}; machine load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores"
+    )
     result = {
         "config": {
             "clients": args.clients, "duration_s": args.duration, "max_requests": args.max_requests,
             "max_new_tokens": args.max_new_tokens, "endpoints": endpoints, "skipped": skipped,
             "source": args.url or str(args.export_dir or args.checkpoints_dir),
         },
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "load_average_before": round(load_before[0], 2), "load_average_after": round(load_after[0], 2),
+        },
+        "cpu_seconds": {"server": None if server_cpu is None else round(server_cpu, 2), "client": round(client_cpu, 2)},
         "wall_s": round(wall, 2),
         "endpoints": rows,
         "generation_batching": models.get("generation"),

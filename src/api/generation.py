@@ -26,7 +26,6 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from src.core.logging import get_logger
-from src.models.mamba.generate import sample_next
 from src.models.mamba.model import MambaCache, MambaLM
 from src.models.mamba.tokenizer import MambaTokenizer
 
@@ -71,9 +70,11 @@ class TextStream:
     into a stop string; once a stop string appears, the text is cut before it.
     """
 
-    def __init__(self, tokenizer: MambaTokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: MambaTokenizer, stop: Sequence[str] = (), incremental: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        # Without pieces to hand out and without stop strings, decoding once at the end is enough.
+        self.incremental = incremental
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0  # characters of ``text`` already handed out
@@ -82,6 +83,8 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add one token; returns the new text that is safe to hand out (may be empty)."""
         self.ids.append(token_id)
+        if not self.incremental and not self.stop:
+            return ""
         self.text = self.tokenizer.decode(self.ids)
         for stop in self.stop:
             at = self.text.find(stop)
@@ -90,6 +93,8 @@ class TextStream:
                 self.stopped = True
         if self.stopped:
             return self.flush()
+        if not self.incremental:
+            return ""
         end = len(self.text.rstrip(REPLACEMENT_CHAR))
         hold = 0
         for stop in self.stop:  # keep back an ending that may be the start of a stop string
@@ -101,6 +106,8 @@ class TextStream:
 
     def flush(self) -> str:
         """All text not handed out yet (at the end of generation)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids)
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:
@@ -108,6 +115,31 @@ class TextStream:
             return ""
         piece, self.sent = self.text[self.sent : end], end
         return piece
+
+
+def sample_batch(logits: torch.Tensor, jobs: Sequence["GenerationJob"]) -> list[int]:
+    """One next token per row of ``logits`` (batch, vocab), each row with its own job's
+    temperature, top-p and random generator.
+
+    The rule is :func:`src.models.mamba.generate.sample_next`'s (greedy at temperature 0;
+    else nucleus sampling: keep a token while the mass before it is below ``top_p``), done
+    for all rows at once: per row only one uniform number is drawn (from the job's seeded
+    generator, if any) and inverted through the row's cumulative distribution.
+    """
+    tokens = logits.argmax(-1)
+    rows = [i for i, job in enumerate(jobs) if job.params.temperature > 0]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        temperature = torch.tensor([jobs[i].params.temperature for i in rows], device=logits.device)[:, None]
+        top_p = torch.tensor([jobs[i].params.top_p for i in rows], device=logits.device)[:, None]
+        probs = torch.softmax(logits[index].float() / temperature, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs = sorted_probs * ((sorted_probs.cumsum(-1) - sorted_probs) < top_p)
+        cdf = sorted_probs.cumsum(-1)
+        uniform = torch.stack([torch.rand((), generator=jobs[i].generator, device=logits.device) for i in rows])
+        pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+        tokens[index] = order.gather(-1, pick)[:, 0]
+    return tokens.tolist()
 
 
 # Events a job reports: ("text", str), ("done", GenerationResult) or ("error", Exception).
@@ -123,6 +155,7 @@ class GenerationJob:
     stream: TextStream
     on_event: EventCallback
     generator: torch.Generator | None = None
+    pieces: bool = True  # report ("text", piece) events; False: only the result
     started: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
@@ -141,7 +174,7 @@ class GenerationJob:
         if token_id == eos_id:
             return self.finish("stop")
         piece = self.stream.push(token_id)
-        if piece:
+        if piece and self.pieces:
             self._emit("text", piece)
         if self.stream.stopped:
             self.finish("stop")
@@ -153,7 +186,7 @@ class GenerationJob:
             return
         self.done = True
         piece = self.stream.flush()
-        if piece and reason != "cancelled":
+        if piece and self.pieces and reason != "cancelled":
             self._emit("text", piece)
         result = GenerationResult(
             text=self.stream.text,
@@ -205,8 +238,9 @@ class GenerationWorker:
         """The token ids a prompt is read as: the start of a document (``<|bos|>`` first)."""
         return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams, on_event: EventCallback) -> GenerationJob:
-        """Queue a job; ``on_event`` is called from the worker thread with its events."""
+    def submit(self, prompt_ids: list[int], params: GenerationParams, on_event: EventCallback, pieces: bool = True) -> GenerationJob:
+        """Queue a job; ``on_event`` is called from the worker thread with its events
+        (``pieces=False``: no ``("text", piece)`` events, only the result)."""
         if self._closed:
             raise ServerBusyError(f"the {self.name} generator is shut down")
         if not prompt_ids:
@@ -214,7 +248,8 @@ class GenerationWorker:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        job = GenerationJob(list(prompt_ids), params, TextStream(self.tokenizer, params.stop), on_event, generator)
+        stream = TextStream(self.tokenizer, params.stop, incremental=pieces)
+        job = GenerationJob(list(prompt_ids), params, stream, on_event, generator, pieces=pieces)
         try:
             self._pending.put_nowait(job)
         except queue.Full:
@@ -242,7 +277,7 @@ class GenerationWorker:
     def generate(self, prompt: str, params: GenerationParams) -> GenerationResult:
         """The whole continuation of ``prompt`` (blocking)."""
         events: queue.Queue = queue.Queue()
-        self.submit(self.encode_prompt(prompt), params, lambda kind, payload: events.put((kind, payload)))
+        self.submit(self.encode_prompt(prompt), params, lambda kind, payload: events.put((kind, payload)), pieces=False)
         while True:
             kind, payload = events.get()
             if kind == "error":
@@ -250,18 +285,17 @@ class GenerationWorker:
             if kind == "done":
                 return payload
 
-    async def astream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[tuple[str, object]]:
-        """Async iterator of ``("text", str)`` events ending with ``("done", GenerationResult)``.
-
-        Leaving the iteration early (client gone) cancels the job.
-        """
+    async def astream(self, prompt_ids: list[int], params: GenerationParams, pieces: bool = True) -> AsyncIterator[tuple[str, object]]:
+        """Async iterator of ``("text", str)`` events ending with ``("done", GenerationResult)``
+        (only the latter with ``pieces=False``). Leaving the iteration early (client gone)
+        cancels the job."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def deliver(kind: str, payload: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-        job = self.submit(prompt_ids, params, deliver)
+        job = self.submit(prompt_ids, params, deliver, pieces)
         try:
             while True:
                 kind, payload = await events.get()
@@ -275,7 +309,7 @@ class GenerationWorker:
 
     async def agenerate(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
         """The whole continuation of the token ids ``prompt_ids``, awaited."""
-        async for kind, payload in self.astream(prompt_ids, params):
+        async for kind, payload in self.astream(prompt_ids, params, pieces=False):
             if kind == "done":
                 return payload
         raise RuntimeError("generation ended without a result")
@@ -335,11 +369,8 @@ class GenerationWorker:
                         active = active + new_jobs
                     if not active:
                         continue
-                    tokens = []
-                    for row, job in enumerate(active):
-                        p = job.params
-                        token = int(sample_next(logits[row : row + 1], p.temperature, p.top_p, job.generator)[0])
-                        tokens.append(token)
+                    tokens = sample_batch(logits, active)
+                    for job, token in zip(active, tokens):
                         if job.cancelled:
                             job.finish("cancelled")
                         else:
