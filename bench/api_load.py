@@ -25,6 +25,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -223,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--url must be on loopback (127.0.0.1), not {host}")
         url = args.url.rstrip("/")
     else:
-        process, url = start_server(args, args.output.with_suffix(".server.log"))
+        server_log = Path(tempfile.gettempdir()) / "mark_api_load_server.log"
+        process, url = start_server(args, server_log)
+        print(f"server log: {server_log}")
     try:
         startup = time.perf_counter()
         health = wait_ready(url, process)

@@ -135,9 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
+        for item in err.errors():
+            if item.get("type") == "json_invalid":
+                reason = (item.get("ctx") or {}).get("error", "decode error")
+                position = item.get("loc", ("body", "?"))[-1]
+                return error_response(400, f"the body is not valid JSON: {reason} (character {position})", "invalid_request_error")
         message, param = _validation_message(err)
-        if any(item.get("type") == "json_invalid" for item in err.errors()):
-            return error_response(400, f"the body is not valid JSON: {message}", "invalid_request_error")
         return error_response(422, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)

@@ -230,6 +230,8 @@ class GenerationWorker:
         self.steps = 0
         self.rows_decoded = 0
         self.max_rows = 0
+        self.active = 0  # requests decoding right now
+        self.cancelled = 0  # requests dropped because their client left
         self._thread = threading.Thread(target=self._run, name=f"generate-{name}", daemon=True)
         self._thread.start()
 
@@ -373,9 +375,11 @@ class GenerationWorker:
                     for job, token in zip(active, tokens):
                         if job.cancelled:
                             job.finish("cancelled")
+                            self.cancelled += 1
                         else:
                             job.accept(token, self.tokenizer.eos_id)
                     keep = [row for row, job in enumerate(active) if not job.done]
+                    self.active = len(keep)
                     if not keep:
                         active, cache, logits = [], None, None
                         continue
@@ -394,6 +398,7 @@ class GenerationWorker:
                     for job in active:
                         job.fail(err)
                     active, cache, logits = [], None, None
+                    self.active = 0
         # Whatever is still queued after close() is told so.
         while True:
             try:

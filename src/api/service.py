@@ -156,7 +156,9 @@ class ModelService:
                     "rows_decoded": worker.rows_decoded,
                     "max_batch_rows": worker.max_rows,
                     "mean_batch_rows": round(worker.rows_decoded / worker.steps, 2) if worker.steps else 0.0,
+                    "active": worker.active,
                     "waiting": worker.pending,
+                    "cancelled": worker.cancelled,
                 }
         return stats
 

@@ -4,13 +4,14 @@ models, spoken to over HTTP: every MARK endpoint, streaming and concurrency."""
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from src.models.mamba import generate, load_mamba
+from src.models.mamba import generate, generate_ids, load_mamba
 
 LABELS = {"text_and_data", "networking_and_web", "system_and_concurrency"}
 
@@ -152,3 +153,30 @@ def test_concurrent_requests_all_succeed_and_generation_is_batched(server):
     assert statuses == [200] * 48
     stats = httpx.get(f"{server.url}/models").json()["generation"]["mamba"]
     assert stats["max_batch_rows"] > 1
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_generation(server, tiny_lm):
+    model, tokenizer = tiny_lm
+    # A prompt whose greedy continuation does not end by itself within 512 tokens.
+    def runs_to_the_limit(prompt: str) -> bool:
+        ids = generate_ids(model, [[tokenizer.bos_id] + tokenizer.encode(prompt)], 512, temperature=0, eos_id=tokenizer.eos_id)[0]
+        return len(ids) == 512 and ids[-1] != tokenizer.eos_id
+
+    prompt = next(p for p in ("import", "The", "def", "class", "Return", "os.path") if runs_to_the_limit(p))
+    began = time.monotonic()
+
+    def stats() -> dict:
+        return httpx.get(f"{server.url}/models").json()["generation"]["mamba"]
+
+    before = stats()["cancelled"]
+    request = {"prompt": prompt, "max_new_tokens": 512, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/generate", json=request, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first piece; closing the response drops the connection
+    deadline = time.monotonic() + 20
+    while stats()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = stats()
+    print(f"prompt {prompt!r}; cancelled {time.monotonic() - began:.1f}s after the request")
+    assert after["cancelled"] == before + 1 and after["active"] == 0

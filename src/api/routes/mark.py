@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -58,15 +58,19 @@ def sse(payload) -> str:
     return f"data: {data}\n\n"
 
 
-async def primed(events: AsyncIterator) -> AsyncIterator:
+async def primed(events: AsyncGenerator) -> AsyncGenerator:
     """Start ``events`` now, so that errors before the first event (queue full, ...) become
-    an HTTP error status instead of a broken stream; returns an iterator over all events."""
+    an HTTP error status instead of a broken stream; returns a generator over all events.
+    Closing it (the client went away) closes ``events``, which cancels the generation."""
     first = await events.__anext__()
 
     async def chain():
-        yield first
-        async for event in events:
-            yield event
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
 
     return chain()
 
@@ -103,16 +107,19 @@ async def _generation_stream(worker: GenerationWorker, ids: list[int], params: G
     events = await primed(worker.astream(ids, params))
 
     async def body():
-        async for kind, payload in events:
-            if kind == "text":
-                yield sse({"text": payload})
-            else:
-                yield sse({
-                    "done": True, "model": model, "text": payload.text, "finish_reason": payload.finish_reason,
-                    "prompt_tokens": payload.prompt_tokens, "completion_tokens": payload.completion_tokens,
-                    "took_ms": _ms(start),
-                })
-        yield sse("[DONE]")
+        try:
+            async for kind, payload in events:
+                if kind == "text":
+                    yield sse({"text": payload})
+                else:
+                    yield sse({
+                        "done": True, "model": model, "text": payload.text, "finish_reason": payload.finish_reason,
+                        "prompt_tokens": payload.prompt_tokens, "completion_tokens": payload.completion_tokens,
+                        "took_ms": _ms(start),
+                    })
+            yield sse("[DONE]")
+        finally:
+            await events.aclose()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -92,16 +92,19 @@ async def _stream_choice(
     events = await primed(worker.astream(ids, params))
 
     async def body():
-        async for kind, payload in events:
-            if kind == "text":
-                chunk = make_chunk(payload, None)
-                if chunk is not None:
-                    yield sse(chunk)
-            else:
-                yield sse(make_chunk(None, payload.finish_reason))
-                if include_usage:
-                    yield sse(usage_chunk(_usage(len(ids), [payload])))
-        yield sse("[DONE]")
+        try:
+            async for kind, payload in events:
+                if kind == "text":
+                    chunk = make_chunk(payload, None)
+                    if chunk is not None:
+                        yield sse(chunk)
+                else:
+                    yield sse(make_chunk(None, payload.finish_reason))
+                    if include_usage:
+                        yield sse(usage_chunk(_usage(len(ids), [payload])))
+            yield sse("[DONE]")
+        finally:
+            await events.aclose()  # the client left early: stop generating for it
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
