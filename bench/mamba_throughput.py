@@ -23,7 +23,10 @@ step wall time. The CPU-time column divides by the process's CPU time instead, w
 what the speed would be on an otherwise idle machine when other processes share the cores.
 Peak memory is the subprocess's peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (GPU),
 next to its RSS just before the first step. The batch is ``max(1, batch_tokens // L)``
-sequences. Prints a table, writes the JSON and a PNG beside it.
+sequences. A second table times the SSD scan alone (one layer's scan, forward + backward),
+the part MARK implements itself (best of ``--steps`` runs); everything else in a step (projections, LM head) is the
+same dense math in both Mamba implementations. Prints the tables, writes the JSON and a
+PNG beside it.
 """
 
 from __future__ import annotations
@@ -168,6 +171,63 @@ def run_worker(opts) -> dict:
     }
 
 
+def measure_scans(opts, lengths: list[int]) -> list[dict]:
+    """The SSD scan alone (forward + backward of one layer's scan, seed-config shapes):
+    MARK's ``ssd_chunked`` vs transformers' ``mamba2_chunk_scan`` (its PyTorch path)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+    from transformers.utils import logging as hf_logging
+
+    from src.models.mamba.ssd import ssd_chunked
+
+    hf_logging.set_verbosity_error()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    args = seed_model_args(opts.config)
+    heads, head_dim, state, groups = args.n_heads, args.head_dim, args.state_size, args.n_groups
+    rows = []
+    for length in lengths:
+        batch = max(1, opts.batch_tokens // length)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, length, heads, head_dim, generator=gen, device=opts.device)
+        dt_raw = torch.randn(batch, length, heads, generator=gen, device=opts.device)
+        B = torch.randn(batch, length, groups, state, generator=gen, device=opts.device) * state**-0.5
+        C = torch.randn(batch, length, groups, state, generator=gen, device=opts.device) * state**-0.5
+        A = -torch.arange(1, heads + 1, dtype=torch.float32, device=opts.device)
+        D = torch.ones(heads, device=opts.device)
+        dt_bias = torch.full((heads,), -3.0, device=opts.device)
+        inputs = [x, dt_raw, B, C]
+        for t in inputs:
+            t.requires_grad_(True)
+        variants = {
+            "mark": lambda: ssd_chunked(x, F.softplus(dt_raw + dt_bias), A, B, C, args.chunk_size, D),
+            "hf_mamba2": lambda: mamba2_chunk_scan(x, dt_raw, A, B, C, args.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True),
+            "hf_mamba2_chunk256": lambda: mamba2_chunk_scan(x, dt_raw, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True),
+        }
+        reference = variants["hf_mamba2"]().detach()
+        for name, scan in variants.items():
+            out = scan()
+            grad = torch.ones_like(out)
+            out.backward(grad)  # warm-up
+            wall = []
+            for _ in range(max(2, opts.steps)):
+                start = time.perf_counter()
+                out = scan()
+                out.backward(grad)
+                if opts.device == "cuda":
+                    torch.cuda.synchronize()
+                wall.append(time.perf_counter() - start)
+            rows.append({
+                "model": name, "length": length, "batch": batch,
+                "tokens_per_s": batch * length / min(wall),
+                "max_abs_diff_vs_hf": float((out.detach() - reference).abs().max()),
+            })
+            for t in inputs:
+                t.grad = None
+    return rows
+
+
 def measure(opts, name: str, length: int) -> dict:
     batch = max(1, opts.batch_tokens // length)
     cmd = [sys.executable, __file__, "--worker", name, str(length), str(batch), "--steps", str(opts.steps),
@@ -222,6 +282,12 @@ def summarize(results: list[dict], lengths: list[int]) -> dict:
     return summary
 
 
+def print_scan_table(rows: list[dict]) -> None:
+    print(f"{'SSD scan only (fwd+bwd)':<34} {'L':>5} {'batch':>5} {'tokens/s':>9} {'max |diff| vs HF':>17}")
+    for r in rows:
+        print(f"{LABELS[r['model']]:<34} {r['length']:>5} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {r['max_abs_diff_vs_hf']:>17.2e}")
+
+
 def print_table(results: list[dict]) -> None:
     head = f"{'model':<34} {'L':>5} {'batch':>5} {'tokens/s':>9} {'cpu tok/s':>9} {'peak MiB':>9} {'before MiB':>10}"
     print(head)
@@ -237,27 +303,32 @@ def print_table(results: list[dict]) -> None:
         )
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], scans: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in MODELS:
-        rows = sorted((r for r in results if r["model"] == name and "error" not in r), key=lambda r: r["length"])
-        if not rows:
-            continue
-        xs = [r["length"] for r in rows]
-        ax_speed.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=LABELS[name])
-        ax_mem.plot(xs, [r["peak_memory_mib"] for r in rows], marker="o", label=LABELS[name])
-    for ax, title, ylabel in ((ax_speed, "training throughput", "tokens / s"), (ax_mem, "peak memory", "MiB")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (
+        (axes[0], results, "tokens_per_s", "training step (fwd + bwd + AdamW)", "tokens / s"),
+        (axes[1], scans, "tokens_per_s", "SSD scan only (fwd + bwd, one layer)", "tokens / s"),
+        (axes[2], results, "peak_memory_mib", "peak memory of a training step", "MiB"),
+    )
+    for ax, rows, key, title, ylabel in panels:
+        for name in MODELS:
+            mine = sorted((r for r in rows if r["model"] == name and "error" not in r), key=lambda r: r["length"])
+            if mine:
+                ax.plot([r["length"] for r in mine], [r[key] for r in mine], marker="o", label=LABELS[name])
+        lengths = sorted({r["length"] for r in rows})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(x) for x in lengths])
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    ax_speed.legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -277,6 +348,7 @@ def main(argv=None) -> dict:
             results.append(result)
             shown = f"{result['tokens_per_s']:.0f} tok/s" if "error" not in result else f"error: {result['error']}"
             print(f"  {name} L={length}: {shown}", file=sys.stderr, flush=True)
+    scans = measure_scans(opts, opts.lengths)
     report = {
         "machine": machine_info(opts),
         "settings": {
@@ -287,14 +359,24 @@ def main(argv=None) -> dict:
             "wall_seconds": round(time.time() - started, 1),
         },
         "results": results,
+        "scan_only": scans,
         "summary": summarize(results, opts.lengths),
     }
+    by_scan = {(r["model"], r["length"]): r["tokens_per_s"] for r in scans}
+    report["summary"]["scan_speedup_vs_hf_mamba2"] = {
+        str(L): round(by_scan[("mark", L)] / by_scan[("hf_mamba2", L)], 3) for L in opts.lengths
+    }
+    report["summary"]["scan_speedup_vs_hf_mamba2_chunk256"] = {
+        str(L): round(by_scan[("mark", L)] / by_scan[("hf_mamba2_chunk256", L)], 3) for L in opts.lengths
+    }
     print_table(results)
+    print()
+    print_scan_table(scans)
     print(json.dumps(report["summary"], indent=2))
     output = Path(opts.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, output.with_suffix(".png"))
+    plot(results, scans, output.with_suffix(".png"))
     print(f"wrote {output} and {output.with_suffix('.png')}")
     return report
 
