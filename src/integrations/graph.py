@@ -57,7 +57,8 @@ class MARKLangChainGraph:
     ``NotTrainedError`` naming its training command. ``top_k`` documents are retrieved
     per question; ``max_history_turns`` earlier exchanges of a thread go into the prompt.
     Generation settings (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``) are the
-    LLM's. ``retriever``, ``llm`` and ``graph`` are the LangChain / LangGraph objects.
+    LLM's; ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``. ``retriever``,
+    ``llm`` and ``graph`` are the LangChain / LangGraph objects.
     """
 
     def __init__(
@@ -72,7 +73,7 @@ class MARKLangChainGraph:
         top_p: float = 1.0,
         seed: Optional[int] = None,
         max_history_turns: int = 4,
-        device: str = "cpu",
+        device: str = "auto",
         registry: ModelRegistry | None = None,
     ) -> None:
         if llm_model not in LANGUAGE_MODELS:

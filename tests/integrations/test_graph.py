@@ -56,7 +56,7 @@ def indexed_docs(checkpoints: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def graph(tiny_checkpoints):
-    g = MARKLangChainGraph(llm_model="mamba", checkpoints_dir=tiny_checkpoints, top_k=2, max_new_tokens=12)
+    g = MARKLangChainGraph(llm_model="mamba", checkpoints_dir=tiny_checkpoints, top_k=2, max_new_tokens=12, device="cpu")
     yield g
     g.close()
 
