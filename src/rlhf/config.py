@@ -171,7 +171,8 @@ class RLHFConfig(StrictModel):
     model: RLHFModelConfig = RLHFModelConfig()
     training: RLHFTrainingConfig = RLHFTrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
-    data: RLHFDataConfig = RLHFDataConfig()
+    # A factory, not an instance: the file checks must run when a config is loaded, not at import.
+    data: RLHFDataConfig = Field(default_factory=RLHFDataConfig)
     paths: RLHFPathsConfig = RLHFPathsConfig()
     system: SystemConfig = SystemConfig()
 
