@@ -477,6 +477,11 @@ def train_ppo(
             state = load_checkpoint(latest, kind=KIND)
             if state.get("inputs") != stage.inputs:
                 raise CheckpointError(f"{latest}: this PPO checkpoint started from other inputs (SFT or reward model); run without --resume")
+            if int(state["progress"]["step"]) > cfg.num_steps:
+                raise CheckpointError(
+                    f"{latest}: it is at iteration {state['progress']['step']}, past training.ppo.num_steps="
+                    f"{cfg.num_steps}; raise num_steps or run without --resume"
+                )
             load_state_dict_checked(policy, state["model"], latest)
             optimizer.load_state_dict(state["optimizer"])
             kl_ctl.load_state_dict(state["kl_controller"])

@@ -106,6 +106,8 @@ def test_ppo_resumes_exactly_from_its_checkpoint(pipeline_run, tmp_path):
     assert [h["score"] for h in resumed["history"]] == pytest.approx([h["score"] for h in straight["history"]])
     diff = max((straight["model"][k] - resumed["model"][k]).abs().max().item() for k in straight["model"])
     assert diff < 1e-6
+    with pytest.raises(CheckpointError, match="past training.ppo.num_steps=4"):
+        rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "resumed"), "--num-rl-steps", "4", "--resume"])
 
 
 def test_skip_flags_need_the_earlier_outputs(rlhf_config_file, tmp_path):
