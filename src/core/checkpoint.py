@@ -33,12 +33,21 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates 0600 files; give the result the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return _atomic_write(Path(path), lambda h: h.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from src.core.checkpoint import _atomic_write, atomic_write_json, file_sha256
+from src.core.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256
 from src.core.errors import CheckpointError, ConfigError, DataError, NotTrainedError
 from src.core.hub import resolve_pretrained
 from src.core.logging import get_logger
@@ -337,7 +337,7 @@ class RagIndex:
         index_path = checkpoint_dir / INDEX_FILE
         metadata_path = checkpoint_dir / METADATA_FILE
         blob = faiss.serialize_index(self.faiss_index).tobytes()
-        _atomic_write(index_path, lambda handle: handle.write(blob))
+        atomic_write_bytes(index_path, blob)
         atomic_write_json(metadata_path, self.metadata(hashlib.sha256(blob).hexdigest()))
         return {"faiss_index": index_path, "metadata": metadata_path}
 
