@@ -108,6 +108,13 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return parsed
 
 
+def apply_overrides(raw: dict, overrides: list[str] | None, source: str = "<config>") -> dict:
+    """Apply ``key.sub=value`` overrides to a raw config dict in place and return it."""
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value, source)
+    return raw
+
+
 def _format_validation_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
@@ -154,8 +161,7 @@ def load_config(
         raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for key, value in parse_overrides(overrides):
-        _set_dotted(raw, key, value, str(path))
+    apply_overrides(raw, overrides, str(path))
     return validate_config(raw, schema, str(path))
 
 
@@ -190,6 +196,7 @@ ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 
 
 __all__ = [
+    "apply_overrides",
     "BaseConfig",
     "ConfigError",
     "ExistingFile",

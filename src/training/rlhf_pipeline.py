@@ -32,10 +32,9 @@ from src.core.cli import add_common_args, overrides_with_device, run_cli
 from src.core.config import (
     CONFIG_DIR,
     PathsConfig,
-    _set_dotted,
+    apply_overrides,
     config_to_dict,
     load_config,
-    parse_overrides,
     save_config,
     validate_config,
 )
@@ -102,8 +101,7 @@ def load_rlhf_config(path: str | Path, overrides: list[str] | None = None) -> RL
         source = f"{path} (rlhf section)"
         if not isinstance(section, dict):
             raise ConfigError(f"{source}: must be a mapping of sections")
-        for key, value in parse_overrides(overrides):
-            _set_dotted(section, key, value, source)
+        apply_overrides(section, overrides, source)
         return validate_config(section, RLHFConfig, source)
     if set(raw) <= set(RLHFConfig.model_fields):
         return load_config(path, RLHFConfig, overrides)
