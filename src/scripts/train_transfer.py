@@ -140,8 +140,9 @@ def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> di
         outputs["last_checkpoint"] = str(result.last_checkpoint)
     if not PartialState().is_main_process:
         return {"metrics": {}, "outputs": outputs}
-    if result.best_model_path is None:
-        # No validation set: the last weights are the best model there is.
+    if task.val_dataset is None:
+        # No validation set: the last weights are the best model there is (and replace
+        # any best_model.pt an earlier run left in this folder).
         save_checkpoint(
             {"kind": CHECKPOINT_KIND, "model": task.model.state_dict(), "config": config_to_dict(cfg),
              "extra": task.extra_state, "metrics": {}, "step": result.global_step, "epoch": result.epochs_completed},
