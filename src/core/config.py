@@ -140,16 +140,9 @@ def validate_config(raw: dict, schema: type[ConfigT], source: str = "<config>") 
         raise ConfigError(_format_validation_error(source, err)) from None
 
 
-def load_config(
-    path: str | Path,
-    schema: type[ConfigT],
-    overrides: list[str] | None = None,
-) -> ConfigT:
-    """Read a YAML config, apply ``key.sub=value`` overrides and validate it.
-
-    Returns an instance of ``schema``. Raises ``ConfigError`` (one line, naming the
-    file and the key) for a missing file, bad YAML, unknown key, wrong type or bad value.
-    """
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML config file; a missing file, bad YAML or a top level that is
+    not a mapping is a one-line ``ConfigError`` (with the line number for bad YAML)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -161,6 +154,21 @@ def load_config(
         raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def load_config(
+    path: str | Path,
+    schema: type[ConfigT],
+    overrides: list[str] | None = None,
+) -> ConfigT:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate it.
+
+    Returns an instance of ``schema``. Raises ``ConfigError`` (one line, naming the
+    file and the key) for a missing file, bad YAML, unknown key, wrong type or bad value.
+    """
+    path = Path(path)
+    raw = read_config_file(path)
     apply_overrides(raw, overrides, str(path))
     return validate_config(raw, schema, str(path))
 
@@ -208,6 +216,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_overrides",
+    "read_config_file",
     "save_config",
     "validate_config",
 ]

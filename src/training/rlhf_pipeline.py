@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import yaml
 
 from src.core.checkpoint import atomic_write_json, file_sha256, load_checkpoint
 from src.core.cli import add_common_args, overrides_with_device, run_cli
@@ -35,6 +34,7 @@ from src.core.config import (
     apply_overrides,
     config_to_dict,
     load_config,
+    read_config_file,
     save_config,
     validate_config,
 )
@@ -88,14 +88,7 @@ def load_rlhf_config(path: str | Path, overrides: list[str] | None = None) -> RL
     """The :class:`RLHFConfig` for ``--config path`` (see the module docstring for which
     file or section is read), with ``key.sub=value`` overrides. Errors are one-line ``ConfigError``s."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = read_config_file(path)
     if "rlhf" in raw:
         section = raw["rlhf"] or {}
         source = f"{path} (rlhf section)"
