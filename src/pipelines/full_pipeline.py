@@ -21,8 +21,8 @@ process through its component's ``run(cfg, resume, evaluate)``, as ``mark train`
 A stage whose outputs are current for its config and inputs is skipped (see
 :mod:`src.pipelines.state`) unless ``--force``. A failing stage stops the pipeline with one
 line naming the stage and the log holding the traceback. At the end: a summary table
-(stage, status, time, key metric, output), ``<output-dir>/pipeline_manifest.json`` and a
-report with curves and evaluation tables (``<output-dir>/report/report.md``).
+(stage, status, wall and CPU time, key metric, output), ``<output-dir>/pipeline_manifest.json``
+and a report with curves and evaluation tables (``<output-dir>/report/report.md``).
 """
 
 from __future__ import annotations
@@ -164,6 +164,10 @@ def run_pipeline(opts: PipelineOptions, argv: list[str] | None = None) -> dict:
     """Run ``opts.stages`` in order; returns ``{"metrics": {stage: metrics}, "outputs": {...},
     "stages": [rows of the summary table]}``. A failing stage raises :class:`StageFailedError`
     after the manifest and the summary table are written."""
+    if opts.device:
+        from src.core.runtime import resolve_device
+
+        resolve_device(opts.device)  # --device cuda without a GPU fails now, not after the data stage
     output_dir = Path(opts.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     export_dir = Path(opts.export_dir) if opts.export_dir else output_dir / "export"

@@ -200,6 +200,16 @@ def test_stage_selection_keeps_pipeline_order_and_checks_options(tmp_path):
         parse("--stages", "train_gpt5")
 
 
+def test_cuda_without_a_gpu_fails_before_any_stage(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="'cuda' was asked for but no CUDA device is available"):
+        full_pipeline.main(["--device", "cuda", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_config_missing_from_the_config_dir_comes_from_configs(tmp_path):
     from src.pipelines.stages import resolve_config_path
 
