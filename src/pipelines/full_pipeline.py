@@ -336,7 +336,8 @@ def model_sources(opts: PipelineOptions, state: PipelineState, configs: dict[str
             checkpoint_dir=Path(cfg.paths.checkpoint_dir),
             log_dir=Path(cfg.paths.log_dir),
             stage=stage.name,
-            config_hash=config_hash(cfg),
+            # the hash of the config it was trained with, when this pipeline trained it
+            config_hash=(entry.get("fingerprint") or {}).get("config_hash") or config_hash(cfg),
             config_path=entry.get("config"),
             metrics=entry.get("metrics") or {},
             required=stage.name in opts.stages,
