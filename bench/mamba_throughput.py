@@ -1,6 +1,6 @@
 """Training throughput and peak memory of MARK's Mamba vs. transformers' Mamba-2 and a GPT-2.
 
-    python bench/mamba_throughput.py [--lengths 512 2048 8192] [--batch-tokens 4096] [--steps 2]
+    python bench/mamba_throughput.py [--lengths 512 2048 8192] [--batch-tokens 8192] [--steps 2]
         [--models mark hf_mamba2 hf_mamba2_chunk256 gpt2] [--threads N] [--device cpu]
         [--config configs/mamba_train.yaml] [--output bench/results/mamba_throughput.json]
 
@@ -59,7 +59,7 @@ LABELS = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step: batch = max(1, this // L)")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per step: batch = max(1, this // L)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per point (after one warm-up step)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
