@@ -6,7 +6,8 @@
 
 Modules: ``model`` (MambaLM, the SSD blocks), ``ssd`` (the chunked scan and the recurrent
 step), ``tokenizer`` (byte-level BPE), ``data`` (packing documents into windows), ``train``
-(the training recipe), ``generate`` (sampling, log-probs), ``load`` (checkpoint -> model).
+(the training recipe), ``loss`` (fused LM-head cross-entropy), ``generate`` (sampling, log-probs),
+``load`` (checkpoint -> model).
 """
 
 from src.models.mamba.generate import generate, generate_ids, perplexity, token_logprobs

@@ -13,8 +13,11 @@ intermediate is (batch, heads, L/Q, Q, Q), i.e. ``heads * Q`` numbers per token.
 It computes the same function as ``transformers``' ``Mamba2Mixer`` torch path (tests check
 it to 1e-4) but is organised for CPU speed: B and C are shared by all heads of a group and
 are never repeated per head, the decay mask comes from one subtraction of cumulative sums
-(no expand + cumsum over a Q x Q tensor), and the carry across chunks is a linear loop
-instead of a quadratic matrix over all chunk pairs.
+(no expand + cumsum over a Q x Q tensor), the carry across chunks is a linear loop
+instead of a quadratic matrix over all chunk pairs, and the backward pass is written by
+hand (:class:`_ChunkedScan`) from a few saved tensors. Measured in
+``bench/mamba_throughput.py``: about 1.5-2x transformers' scan at the same chunk size and
+3-4.5x at its default chunk size of 256, flat from L = 512 to 8192.
 """
 
 from __future__ import annotations
