@@ -101,13 +101,24 @@ def test_cancelled_job_leaves_the_batch_and_full_queue_is_busy(tiny_lm):
     model, tokenizer = tiny_lm
     worker = GenerationWorker(model, tokenizer, "mamba", max_batch_size=1, max_pending=1)
     events = []
+    first_piece, release = threading.Event(), threading.Event()
+
+    def on_event(kind, payload):
+        events.append((kind, payload))
+        if kind == "text" and not first_piece.is_set():
+            # Hold the worker inside the running job until it has been cancelled: a tiny
+            # model on an idle machine would otherwise finish all 400 tokens first.
+            first_piece.set()
+            release.wait(30)
+
     try:
-        long_job = worker.submit(worker.encode_prompt("import"), GenerationParams(max_new_tokens=400, temperature=1.0), lambda k, p: events.append((k, p)))
-        time.sleep(0.2)  # the worker takes it; the queue is empty again
+        long_job = worker.submit(worker.encode_prompt("import"), GenerationParams(max_new_tokens=400, temperature=1.0), on_event)
+        assert first_piece.wait(30)  # the worker is running it; the queue is empty again
         waiting = worker.submit(worker.encode_prompt("def"), GenerationParams(max_new_tokens=2), lambda k, p: None)
         with pytest.raises(ServerBusyError):
             worker.submit(worker.encode_prompt("def"), GenerationParams(max_new_tokens=2), lambda k, p: None)
         long_job.cancel()
+        release.set()
         deadline = time.monotonic() + 30
         while not waiting.done and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -115,6 +126,7 @@ def test_cancelled_job_leaves_the_batch_and_full_queue_is_busy(tiny_lm):
         done = [p for k, p in events if k == "done"]
         assert len(done) == 1 and done[0].finish_reason == "cancelled" and done[0].completion_tokens < 400
     finally:
+        release.set()
         worker.close()
 
 
