@@ -262,9 +262,6 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         log_dir, task.name, enabled=is_main, use_tensorboard=scfg.use_tensorboard,
         use_wandb=scfg.use_wandb, wandb_project=scfg.wandb_project, config=config_dict,
     )
-    if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, ckpt_dir / "config.yaml")
 
     accum = tcfg.gradient_accumulation_steps
     sampler_for = lambda epoch, start=0: ResumableBatchSampler(  # noqa: E731
@@ -307,6 +304,11 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
             state.update(ckpt["progress"])
             last_checkpoint = latest
             log.info("resumed from %s at epoch %d, step %d", latest, state["epoch"] + 1, state["step"])
+
+    # Only now, after a checkpoint refused on resume could have stopped the run: nothing is overwritten before.
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, ckpt_dir / "config.yaml")
 
     def save_resumable(path: Path) -> Path:
         rng_states = _gather_objects(accelerator, capture_rng_state())
