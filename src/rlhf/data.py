@@ -10,7 +10,7 @@ the policy after exactly these prompt ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -103,3 +103,25 @@ def collate_preferences(items: list[tuple[list[int], list[int], list[int]]], pad
     sequences = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
     ids, lengths = pad_right(sequences, pad_id)
     return {"input_ids": ids, "lengths": lengths}
+
+
+@torch.no_grad()
+def evaluate_in_batches(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    collate: Callable[[list], dict[str, torch.Tensor]],
+    eval_step: Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, list]],
+    batch_size: int = 32,
+) -> dict[str, list]:
+    """Run ``eval_step`` (the one the engine uses) over ``dataset`` in order, outside the
+    engine, and return its per-example outputs concatenated. The model's mode is restored."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs: dict[str, list] = {}
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+        for key, values in eval_step(model, {k: v.to(device) for k, v in batch.items()}).items():
+            outputs.setdefault(key, []).extend(values)
+    model.train(was_training)
+    return outputs

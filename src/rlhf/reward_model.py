@@ -28,7 +28,7 @@ from src.models.mamba.model import MambaArgs, MambaLM
 from src.models.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import lm_extra, stage_record
 from src.rlhf.config import RewardConfig, StageConfig
-from src.rlhf.data import PreferenceDataset, PromptFormat, collate_preferences, pad_right
+from src.rlhf.data import PreferenceDataset, PromptFormat, collate_preferences, evaluate_in_batches, pad_right
 from src.training.engine import TrainTask, fit
 
 KIND = "rlhf_reward"
@@ -99,18 +99,9 @@ def pairwise_metrics(outputs: dict[str, list]) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
 def evaluate_pairs(model: RewardModel, dataset: PreferenceDataset, pad_id: int, batch_size: int = 32) -> dict[str, float]:
     """:func:`pairwise_metrics` of ``model`` on ``dataset``."""
-    device = model.head.weight.device
-    was_training = model.training
-    model.eval()
-    outputs: dict[str, list] = {"chosen": [], "rejected": []}
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_preferences([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_id)
-        for key, values in _eval_step(model, {k: v.to(device) for k, v in batch.items()}).items():
-            outputs[key].extend(values)
-    model.train(was_training)
+    outputs = evaluate_in_batches(model, dataset, lambda items: collate_preferences(items, pad_id), _eval_step, batch_size)
     return pairwise_metrics(outputs)
 
 

@@ -24,7 +24,7 @@ from src.models.mamba.model import MambaLM
 from src.models.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import lm_extra, save_lm
 from src.rlhf.config import SFTConfig, StageConfig
-from src.rlhf.data import PromptFormat, SFTDataset, collate_sft
+from src.rlhf.data import PromptFormat, SFTDataset, collate_sft, evaluate_in_batches
 from src.training.engine import TrainTask, fit
 
 KIND = "rlhf_sft"  # the engine's checkpoints of this stage
@@ -50,18 +50,9 @@ def _metrics(outputs: dict[str, list]) -> dict[str, float]:
     return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
 
 
-@torch.no_grad()
 def evaluate_response_loss(model: MambaLM, dataset: SFTDataset, pad_id: int, batch_size: int = 32) -> dict[str, float]:
     """``{"val_loss", "val_perplexity"}`` of ``model`` on the response tokens of ``dataset``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outputs: dict[str, list] = {"loss_sum": [], "tokens": []}
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_sft([dataset[i] for i in range(start, min(len(dataset), start + batch_size))], pad_id)
-        for key, values in _eval_step(model, {k: v.to(device) for k, v in batch.items()}).items():
-            outputs[key].extend(values)
-    model.train(was_training)
+    outputs = evaluate_in_batches(model, dataset, lambda items: collate_sft(items, pad_id), _eval_step, batch_size)
     return _metrics(outputs)
 
 
