@@ -74,8 +74,8 @@ def seed_model_args(config_path: str):
     """``MambaArgs`` of the config's model section (vocab_size taken as the tokenizer size)."""
     import yaml
 
-    from src.models.mamba.config import MambaModelConfig
-    from src.models.mamba.model import MambaArgs
+    from src.mamba.config import MambaModelConfig
+    from src.mamba.model import MambaArgs
 
     raw = yaml.safe_load(Path(config_path).read_text()) or {}
     m = MambaModelConfig.model_validate(raw.get("model", {}))
@@ -91,7 +91,7 @@ def build_model(name: str, args, length: int):
     import torch
     from dataclasses import replace
 
-    from src.models.mamba.model import MambaLM, to_hf_config
+    from src.mamba.model import MambaLM, to_hf_config
 
     if name == "mark":
         model = MambaLM(args)
@@ -179,7 +179,7 @@ def measure_scans(opts, lengths: list[int]) -> list[dict]:
     from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
     from transformers.utils import logging as hf_logging
 
-    from src.models.mamba.ssd import ssd_chunked
+    from src.mamba.ssd import ssd_chunked
 
     hf_logging.set_verbosity_error()
     if opts.threads:

@@ -43,8 +43,8 @@ import torch  # noqa: E402
 
 from src.core.config import validate_config  # noqa: E402
 from src.core.runtime import resolve_device, seed_everything  # noqa: E402
-from src.models.classifier.config import TransferConfig  # noqa: E402
-from src.models.classifier.data import collate_windows  # noqa: E402
+from src.classifier.config import TransferConfig  # noqa: E402
+from src.classifier.data import collate_windows  # noqa: E402
 from src.scripts.train_transfer import build_task  # noqa: E402
 from src.training import engine  # noqa: E402
 from src.training.engine import fit  # noqa: E402

@@ -13,39 +13,22 @@ import json
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from src.api.generation import ServerBusyError
 from src.api.registry import LANGUAGE_MODELS, SERVED_MODELS
 from src.api.service import ModelService, PromptTooLongError, ServerSettings
 from src.core.errors import CheckpointError, MarkError, NotTrainedError
+from src.api.errors import APIError, error_body, error_response
 from src.core.logging import get_logger
 
 log = get_logger("api")
 
 # Paths anyone may call when an API key is set (liveness probes); they reveal no model data.
 OPEN_PATHS = frozenset({"/health"})
-
-
-class APIError(Exception):
-    """An error answered as ``status`` with the JSON error body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
-
-
-def error_body(status: int, message: str, type: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": status}}
-
-
-def error_response(status: int, message: str, type: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, type, param), status_code=status, headers=headers)
 
 
 # ------------------------------------------------------------------------------ guard

@@ -26,8 +26,8 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from src.core.logging import get_logger
-from src.models.mamba.model import MambaCache, MambaLM
-from src.models.mamba.tokenizer import MambaTokenizer
+from src.mamba.model import MambaCache, MambaLM
+from src.mamba.tokenizer import MambaTokenizer
 
 log = get_logger("api")
 
@@ -121,7 +121,7 @@ def sample_batch(logits: torch.Tensor, jobs: Sequence["GenerationJob"]) -> list[
     """One next token per row of ``logits`` (batch, vocab), each row with its own job's
     temperature, top-p and random generator.
 
-    The rule is :func:`src.models.mamba.generate.sample_next`'s (greedy at temperature 0;
+    The rule is :func:`src.mamba.generate.sample_next`'s (greedy at temperature 0;
     else nucleus sampling: keep a token while the mass before it is below ``top_p``), done
     for all rows at once: per row only one uniform number is drawn (from the job's seeded
     generator, if any) and inverted through the row's cumulative distribution.

@@ -156,33 +156,33 @@ def load_model(name: str, source: str | Path | None = None, device: str = "auto"
 
 
 def _load_mamba(path: Path, device: str) -> tuple[Any, Any]:
-    from src.models.mamba.load import load_mamba
+    from src.mamba.load import load_mamba
 
     return load_mamba(path, device)
 
 
 def _load_transformer(path: Path, device: str) -> tuple[Any, Any]:
-    from src.models.classifier.predictor import load_classifier
+    from src.classifier.load import load_classifier
 
     classifier = load_classifier(path, device)
     return classifier, classifier.tokenizer
 
 
 def _load_rag(path: Path, device: str) -> tuple[Any, Any]:
-    from src.rag.retriever import load_rag_index
+    from src.rag.load import load_rag_index
 
     retriever = load_rag_index(path, device=device)
     return retriever, retriever.index.encoder.tokenizer
 
 
 def _load_rl(path: Path, device: str) -> tuple[Any, Any]:
-    from src.rl.policy import load_rl_policy
+    from src.rl.load import load_rl_policy
 
     return load_rl_policy(path, device=device), None
 
 
 def _load_rlhf(path: Path, device: str) -> tuple[Any, Any]:
-    from src.rlhf.export import load_rlhf_model
+    from src.rlhf.load import load_rlhf_model
 
     return load_rlhf_model(path, device)
 

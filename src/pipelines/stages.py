@@ -71,12 +71,12 @@ TRAIN_STAGES: dict[str, TrainStage] = {
     for stage in (
         TrainStage(
             "train_mamba", "mamba", "mamba_train.yaml", "src.scripts.train_mamba",
-            "src.models.mamba.config:MambaTrainConfig",
+            "src.mamba.config:MambaTrainConfig",
             key_metrics=(("best_val_perplexity", "val ppl"), ("unigram_val_perplexity", "unigram ppl"), ("best_val_loss", "val loss")),
         ),
         TrainStage(
             "train_transformer", "transformer", "transfer_train.yaml", "src.scripts.train_transfer",
-            "src.models.classifier.config:TransferConfig",
+            "src.classifier.config:TransferConfig",
             key_metrics=(("test_macro_f1", "test macro-F1"), ("majority_macro_f1", "majority"), ("best_val_macro_f1", "val macro-F1")),
         ),
         TrainStage(

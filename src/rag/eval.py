@@ -18,16 +18,19 @@ Eval data: MARK's JSONL (``{query, relevant_docs}``) or a BEIR folder
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from src.core.errors import DataError
+from src.core.errors import ConfigError, DataError
 from src.core.logging import get_logger
 from src.data.readers import read_rag_eval
 from src.rag.beir import read_beir_qrels, read_beir_queries
+from src.rag.config import RagConfig
+from src.rag.retriever import Retriever
 
 log = get_logger("rag")
 METRIC_NAMES = ("recall", "precision", "hit_rate", "mrr", "ndcg")
@@ -151,3 +154,58 @@ def format_metrics_table(metrics_by_mode: dict[str, dict[str, float]], top_k_val
         cells = [f"{metrics[c]:.4f}".rjust(w) for c, w in zip(columns, widths)]
         lines.append(mode.ljust(mode_width) + "  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def evaluate_modes(cfg: RagConfig, retriever: Retriever, log) -> dict[str, dict[str, float]]:
+    """Score every mode of ``cfg.retrieval.eval_modes`` on ``cfg.data.eval_file``; prints the table.
+
+    Returns ``{mode: {metric@k: value, "mrr", "num_queries", "seconds"}}``.
+    """
+    if cfg.data.eval_file is None:
+        raise ConfigError("data.eval_file: --evaluate needs an eval file (JSONL {query, relevant_docs} or a BEIR folder)")
+    if not Path(cfg.data.eval_file).exists():
+        raise DataError(f"{cfg.data.eval_file}: eval file not found (the sample data is made by `python -m src.data.prepare`)")
+    results = {}
+    for mode in dict.fromkeys(cfg.retrieval.eval_modes):
+        start = time.perf_counter()
+        results[mode] = evaluate_rag_pipeline(
+            retriever, cfg.data.eval_file, cfg.retrieval.eval_top_k, mode=mode, split=cfg.data.beir_split
+        )
+        results[mode]["seconds"] = round(time.perf_counter() - start, 3)
+    table = format_metrics_table(results, cfg.retrieval.eval_top_k)
+    queries = next(iter(results.values()))["num_queries"]
+    print(f"\nRetrieval on {cfg.data.eval_file} ({queries} queries, {len(retriever.index.documents)} documents)\n{table}\n")
+    log.info("retrieval metrics:\n%s", table)
+    return results
+
+
+def plot_retrieval_metrics(metrics_by_mode: dict[str, dict[str, float]], top_k_values: list[int], path: Path) -> Path:
+    """Bar charts of recall / precision / hit rate / nDCG at each k, one bar per mode, as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(set(top_k_values))
+    names = ("recall", "precision", "hit_rate", "ndcg")
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), sharey=True)
+    width = 0.8 / len(metrics_by_mode)  # modes side by side, so equal values don't hide each other
+    for ax, name in zip(axes, names):
+        for i, (mode, metrics) in enumerate(metrics_by_mode.items()):
+            xs = [j + (i - (len(metrics_by_mode) - 1) / 2) * width for j in range(len(ks))]
+            ax.bar(xs, [metrics[f"{name}@{k}"] for k in ks], width, label=mode)
+        ax.set_title(f"{name}@k")
+        ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
+        ax.set_ylim(0, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="mode", loc="center right")
+    mrr = ", ".join(f"{mode} {m['mrr']:.3f}" for mode, m in metrics_by_mode.items())
+    fig.suptitle(f"RAG retrieval ({next(iter(metrics_by_mode.values()))['num_queries']} queries); MRR: {mrr}")
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

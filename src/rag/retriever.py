@@ -15,15 +15,12 @@ Other components (RL environment, API server) open an index with :func:`load_rag
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import threading
 
 import numpy as np
-import yaml
 
-from src.core.config import validate_config
 from src.core.errors import ConfigError
 from src.rag.config import RagRetrievalConfig, SearchMode
 from src.rag.indexer import RagIndex
@@ -240,31 +237,3 @@ class Retriever:
         mode = mode or self.config.mode
         vectors = self.embed_queries(queries) if (mode != "bm25" or all_scores) else [None] * len(queries)
         return [self.search(q, top_k, mode, v, all_scores) for q, v in zip(queries, vectors)]
-
-
-def load_retrieval_config(checkpoint_dir: str | Path) -> RagRetrievalConfig:
-    """The ``retrieval`` section of the config saved beside the index, else the defaults."""
-    path = Path(checkpoint_dir) / "config.yaml"
-    if not path.is_file():
-        return RagRetrievalConfig()
-    raw = yaml.safe_load(path.read_text()) or {}
-    return validate_config(raw.get("retrieval") or {}, RagRetrievalConfig, f"{path} (retrieval)")
-
-
-def load_rag_index(
-    checkpoint_dir: str | Path = "checkpoints/rag",
-    device: str = "auto",
-    embedding_model: str | None = None,
-    embedding_dim: int | None = None,
-    config: RagRetrievalConfig | None = None,
-) -> Retriever:
-    """Open the index in ``checkpoint_dir`` for search.
-
-    Returns a :class:`Retriever` (``search``, ``search_batch``, ``embed_queries``,
-    ``dense_scores``, ``bm25_chunk_scores``; the index itself is ``.index``). Search
-    defaults come from ``config`` or the ``config.yaml`` saved beside the index.
-    ``embedding_model`` / ``embedding_dim``, when given, must match the index. A missing
-    index is a ``NotTrainedError``; a damaged or mismatched one a ``CheckpointError``.
-    """
-    index = RagIndex.load(checkpoint_dir, device=device, embedding_model=embedding_model, embedding_dim=embedding_dim)
-    return Retriever(index, config or load_retrieval_config(checkpoint_dir))

@@ -3,16 +3,19 @@
 * ``config.py``: the typed config of ``configs/rl_train.yaml``.
 * ``retrieval_env.py``: :class:`RetrievalPolicyEnv` (Gymnasium) and the precomputed
   table of every retrieval action's outcome per query.
-* ``training.py``: environments, PPO, MARK-format checkpoints and exact resume.
-* ``evaluation.py``: the trained policy next to random, fixed and oracle strategies.
-* ``policy.py``: ``final_model.pt`` for inference without SB3 (:func:`load_rl_policy`,
-  :func:`choose_retrieval_action`).
+* ``train.py``: the recipe: environments, PPO, MARK-format checkpoints and exact resume,
+  then evaluation (:func:`run`).
+* ``evaluate.py``: the trained policy next to random, fixed and oracle strategies.
+* ``model.py``: :class:`RLPolicy`, SB3's actor-critic in plain torch, and
+  :func:`choose_retrieval_action`.
+* ``load.py``: ``final_model.pt`` for inference without SB3 (:func:`load_rl_policy`).
 
 The entry point is ``python -m src.scripts.train_rl``.
 """
 
 from src.rl.config import RLConfig
-from src.rl.policy import RLPolicy, choose_retrieval_action, load_rl_policy
+from src.rl.load import load_rl_policy
+from src.rl.model import RLPolicy, choose_retrieval_action
 from src.rl.retrieval_env import RetrievalAction, RetrievalPolicyEnv
 
 __all__ = ["RLConfig", "RLPolicy", "RetrievalAction", "RetrievalPolicyEnv", "choose_retrieval_action", "load_rl_policy"]

@@ -270,7 +270,7 @@ def load_or_build_retrieval_table(
     index is opened, the table built and the cache rewritten. A missing index is a
     ``NotTrainedError`` naming the command that builds it.
     """
-    from src.rag.retriever import load_rag_index
+    from src.rag.load import load_rag_index
 
     index_dir, eval_file = Path(index_dir), Path(eval_file)
     if not eval_file.exists():

@@ -15,8 +15,8 @@ from typing import Any
 from src.core.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from src.core.config import config_hash, config_to_dict
 from src.core.errors import CheckpointError
-from src.models.mamba.model import MambaLM
-from src.models.mamba.tokenizer import MambaTokenizer
+from src.mamba.model import MambaLM
+from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.config import StageConfig
 
 

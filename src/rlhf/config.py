@@ -28,7 +28,23 @@ from typing import Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from src.core.config import ExistingFile, PathsConfig, StrictModel, SystemConfig, TrainingConfig
+from src.core.config import (
+    CONFIG_DIR,
+    ExistingFile,
+    PathsConfig,
+    StrictModel,
+    SystemConfig,
+    TrainingConfig,
+    apply_overrides,
+    load_config,
+    read_config_file,
+    validate_config,
+)
+from src.core.errors import ConfigError
+from src.core.logging import get_logger
+
+RLHF_CONFIG_NAME = "rlhf.yaml"
+log = get_logger("rlhf")
 
 
 class RLHFModelConfig(StrictModel):
@@ -196,3 +212,24 @@ class StageConfig(StrictModel):
     system: SystemConfig
     output_file: Path
     inputs: dict[str, str] = Field(default_factory=dict)
+
+
+def load_rlhf_config(path: str | Path, overrides: list[str] | None = None) -> RLHFConfig:
+    """The :class:`RLHFConfig` for ``--config path`` (the file's ``rlhf:`` section when
+    it has one; a file that is itself an RLHF config; else ``rlhf.yaml`` beside it, else
+    ``configs/rlhf.yaml``), with ``key.sub=value`` overrides. Errors are one-line ``ConfigError``s."""
+    path = Path(path)
+    raw = read_config_file(path)
+    if "rlhf" in raw:
+        section = raw["rlhf"] or {}
+        source = f"{path} (rlhf section)"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: must be a mapping of sections")
+        apply_overrides(section, overrides, source)
+        return validate_config(section, RLHFConfig, source)
+    if set(raw) <= set(RLHFConfig.model_fields):
+        return load_config(path, RLHFConfig, overrides)
+    beside = path.parent / RLHF_CONFIG_NAME
+    fallback = beside if beside.is_file() else CONFIG_DIR / RLHF_CONFIG_NAME
+    log.info("%s has no rlhf section: reading the RLHF settings from %s", path, fallback)
+    return load_config(fallback, RLHFConfig, overrides)

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from src.data.readers import PreferenceExample, SFTExample
-from src.models.mamba.data import IGNORE_INDEX
-from src.models.mamba.tokenizer import MambaTokenizer
+from src.mamba.data import IGNORE_INDEX
+from src.mamba.tokenizer import MambaTokenizer
 
 
 @dataclass

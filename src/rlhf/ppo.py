@@ -47,9 +47,9 @@ from src.core.config import config_to_dict, save_config
 from src.core.errors import CheckpointError, ConfigError
 from src.core.logging import MetricsLogger, setup_logging
 from src.core.runtime import capture_rng_state, resolve_device, restore_rng_state, seed_everything
-from src.models.mamba.generate import generate_ids
-from src.models.mamba.model import MambaLM
-from src.models.mamba.tokenizer import MambaTokenizer
+from src.mamba.generate import generate_ids
+from src.mamba.model import MambaLM
+from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import save_lm
 from src.rlhf.config import KLControlConfig, PPOConfig, StageConfig
 from src.rlhf.data import PromptFormat, pad_right

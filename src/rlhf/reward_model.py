@@ -24,8 +24,8 @@ from src.core.errors import CheckpointError
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
 from src.data.readers import PreferenceExample
-from src.models.mamba.model import MambaArgs, MambaLM
-from src.models.mamba.tokenizer import MambaTokenizer
+from src.mamba.model import MambaArgs, MambaLM
+from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import lm_extra, stage_record
 from src.rlhf.config import RewardConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat, collate_preferences, evaluate_in_batches, pad_right

@@ -19,9 +19,9 @@ from src.core.errors import CheckpointError
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
 from src.data.readers import SFTExample
-from src.models.mamba.data import IGNORE_INDEX
-from src.models.mamba.model import MambaLM
-from src.models.mamba.tokenizer import MambaTokenizer
+from src.mamba.data import IGNORE_INDEX
+from src.mamba.model import MambaLM
+from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import lm_extra, save_lm
 from src.rlhf.config import SFTConfig, StageConfig
 from src.rlhf.data import PromptFormat, SFTDataset, collate_sft, evaluate_in_batches

@@ -3,7 +3,7 @@
     python -m src.scripts.train_mamba --config configs/mamba_train.yaml [--resume] [--device cpu] [key.sub=value ...]
 
 Writes ``checkpoints/mamba/checkpoint_epoch_*.pt``, ``best_model.pt``, ``vocab.json`` and
-``logs/mamba/train.log``; the recipe is :mod:`src.models.mamba.train`.
+``logs/mamba/train.log``; the recipe is :mod:`src.mamba.train`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Sequence
 
 from src.core.cli import add_common_args, overrides_with_device, run_cli
 from src.core.config import load_config
-from src.models.mamba.config import MambaTrainConfig
-from src.models.mamba.train import train_mamba
+from src.mamba.config import MambaTrainConfig
+from src.mamba.train import run
 
 DEFAULT_CONFIG = "configs/mamba_train.yaml"
 
@@ -35,13 +35,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return run(cfg, resume=args.resume)
 
 
-def run(cfg: MambaTrainConfig, resume: bool = False, evaluate: bool = False) -> dict:
-    """Train with a loaded config: ``{"metrics": {...}, "outputs": {name: path}}``.
-
-    ``evaluate`` is accepted for the common entry-point signature; validation runs anyway.
-    """
-    return train_mamba(cfg, resume=resume)
-
+__all__ = ["build_parser", "main", "run"]
 
 if __name__ == "__main__":
     raise SystemExit(run_cli(main))

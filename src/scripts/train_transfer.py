@@ -3,42 +3,22 @@
     python -m src.scripts.train_transfer --config configs/transfer_train.yaml [--resume]
         [--device cpu|cuda|auto] [key.sub=value ...]
 
-Top to bottom: resolve the label names (config, labels.json or the data) and check them
-against ``model.num_labels``; read the splits; load ``model.base_model`` with a fresh
-classification head; window the documents (truncation or sliding windows); train through
-the shared engine (best model by validation macro-F1); reload ``best_model.pt`` on its own
-with :func:`load_classifier` and score it on the test split next to the majority-class
-baseline. Writes ``checkpoints/transfer/{checkpoint_epoch_N,best_model}.pt`` and
-``logs/transfer/{train.log,metrics.jsonl,test_metrics.json,confusion_matrix.png}``.
+Writes ``checkpoints/transfer/{checkpoint_epoch_N,best_model}.pt`` and
+``logs/transfer/{train.log,metrics.jsonl,test_metrics.json,confusion_matrix.png}``;
+the recipe is :mod:`src.classifier.train`.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from functools import partial
-from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch import nn
-
-from src.core.checkpoint import atomic_write_json, save_checkpoint
+from src.classifier.config import TransferConfig
+from src.classifier.train import run
 from src.core.cli import add_common_args, overrides_with_device, run_cli
-from src.core.config import config_to_dict, load_config
-from src.core.errors import CheckpointError
-from src.core.logging import MetricsLogger, setup_logging
-from src.core.runtime import seed_everything
-from src.models.classifier.config import TransferConfig
-from src.models.classifier.data import build_dataset, collate_windows, read_labelled_texts, resolve_label_names
-from src.models.classifier.metrics import classification_metrics, majority_baseline, plot_confusion_matrix
-from src.models.classifier.model import build_model_and_tokenizer, document_logits
-from src.models.classifier.predictor import BEST_MODEL_FILE, CHECKPOINT_KIND, classifier_extra_state, load_classifier
-from src.training.engine import TrainTask, fit
+from src.core.config import load_config
 
 DEFAULT_CONFIG = "configs/transfer_train.yaml"
-TEST_METRICS_FILE = "test_metrics.json"
-CONFUSION_PLOT_FILE = "confusion_matrix.png"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,161 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse the command line, load the config, train and test; returns the run's summary."""
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, TransferConfig, overrides_with_device(args))
     return run(cfg, resume=args.resume)
 
 
-def build_task(cfg: TransferConfig) -> tuple[TrainTask, dict]:
-    """The engine's task for ``cfg``, and the splits it was built from (``train``/``val``/``test``)."""
-    label_names, label_source = resolve_label_names(cfg.data.train_file, cfg.data.label_names, cfg.model.num_labels)
-    splits = {"train": read_labelled_texts(cfg.data.train_file, label_names, cfg.data.max_train_examples)}
-    for split, path in (("val", cfg.data.val_file), ("test", cfg.data.test_file)):
-        if path is not None:  # read now: a bad label fails before training, not after
-            splits[split] = read_labelled_texts(path, label_names, cfg.data.max_eval_examples)
-
-    seed_everything(cfg.system.seed)
-    model, tokenizer = build_model_and_tokenizer(cfg.model, label_names)
-    train_set = build_dataset(tokenizer, splits["train"], cfg.model)
-    val_set = build_dataset(tokenizer, splits["val"], cfg.model) if "val" in splits else None
-    cross_entropy = nn.CrossEntropyLoss()
-
-    def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
-        return cross_entropy(document_logits(model, batch), batch["labels"])
-
-    def eval_step(model: nn.Module, batch: dict) -> dict[str, list]:
-        logits = document_logits(model, batch)
-        losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-        return {"loss": losses.tolist(), "pred": logits.argmax(-1).tolist(), "label": batch["labels"].tolist()}
-
-    def compute_metrics(outputs: dict[str, list]) -> dict[str, float]:
-        scores = classification_metrics(outputs["label"], outputs["pred"], label_names)
-        return {
-            "val_loss": sum(outputs["loss"]) / len(outputs["loss"]),
-            "accuracy": scores["accuracy"],
-            "macro_f1": scores["macro_f1"],
-        }
-
-    extra_state = classifier_extra_state(model, tokenizer, label_names, cfg.model)
-    extra_state["label_source"] = label_source
-
-    def check_resume(saved: dict) -> None:
-        for key in ("label_names", "base_model"):
-            if saved.get(key) != extra_state[key]:
-                raise CheckpointError(
-                    f"{cfg.paths.checkpoint_dir}: its checkpoints have {key} {saved.get(key)!r}, the config {extra_state[key]!r}; "
-                    "use another paths.checkpoint_dir or drop --resume"
-                )
-
-    task = TrainTask(
-        name="transfer",
-        kind=CHECKPOINT_KIND,
-        model=model,
-        train_dataset=train_set,
-        val_dataset=val_set,
-        collate_fn=partial(collate_windows, pad_token_id=tokenizer.pad_token_id or 0),
-        loss_fn=loss_fn,
-        eval_step=eval_step,
-        compute_metrics=compute_metrics,
-        metric_for_best="macro_f1",
-        greater_is_better=True,
-        extra_state=extra_state,
-        check_resume=check_resume,
-        count_tokens=lambda batch: int(batch["attention_mask"].sum()),
-        # Batches of documents of similar length: far less padding than random batches.
-        example_lengths=[sum(len(w) for w in windows) for windows in train_set.windows],
-    )
-    return task, splits
-
-
-def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> dict:
-    """Train (or, with ``resume``, continue training) and evaluate on the test split.
-
-    ``evaluate`` is accepted for the common entry-point signature: the test split is scored
-    whenever ``data.test_file`` is set. Returns ``{"metrics": {...}, "outputs": {...}}`` with
-    test accuracy / macro-F1, the majority baseline's, the best validation macro-F1 and the
-    training time.
-    """
-    checkpoint_dir, log_dir = Path(cfg.paths.checkpoint_dir), Path(cfg.paths.log_dir)
-    log = setup_logging("transfer", log_dir)
-    task, splits = build_task(cfg)
-    log.info("labels (%s): %s", task.extra_state["label_source"], ", ".join(task.extra_state["label_names"]))
-
-    started = time.perf_counter()
-    result = fit(task, cfg, resume=resume)
-    train_seconds = time.perf_counter() - started
-
-    from accelerate.state import PartialState
-
-    best_path = checkpoint_dir / BEST_MODEL_FILE
-    outputs = {"checkpoint_dir": str(checkpoint_dir), "train_log": str(log_dir / "train.log")}
-    if result.last_checkpoint is not None:
-        outputs["last_checkpoint"] = str(result.last_checkpoint)
-    if not PartialState().is_main_process:
-        return {"metrics": {}, "outputs": outputs}
-    if task.val_dataset is None:
-        # No validation set: the last weights are the best model there is (and replace
-        # any best_model.pt an earlier run left in this folder).
-        save_checkpoint(
-            {"kind": CHECKPOINT_KIND, "model": task.model.state_dict(), "config": config_to_dict(cfg),
-             "extra": task.extra_state, "metrics": {}, "step": result.global_step, "epoch": result.epochs_completed},
-            best_path,
-        )
-        log.info("no validation set: saved the final weights as %s", best_path)
-    outputs["best_model"] = str(best_path)
-
-    metrics: dict = {"train_seconds": round(train_seconds, 1), "global_step": result.global_step}
-    if result.best_metric is not None:
-        metrics["best_val_macro_f1"] = result.best_metric
-    if "test" in splits:
-        report = evaluate_on_test(best_path, splits["train"].labels, splits["test"], task.extra_state["label_names"], cfg)
-        outputs["test_metrics"] = str(atomic_write_json(log_dir / TEST_METRICS_FILE, report))
-        outputs["confusion_matrix"] = str(
-            plot_confusion_matrix(
-                report["confusion_matrix"], report["label_names"], log_dir / CONFUSION_PLOT_FILE,
-                f"test: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}",
-            )
-        )
-        metrics.update({
-            "test_accuracy": report["accuracy"],
-            "test_macro_f1": report["macro_f1"],
-            "majority_accuracy": report["majority_baseline"]["accuracy"],
-            "majority_macro_f1": report["majority_baseline"]["macro_f1"],
-        })
-        metrics_logger = MetricsLogger(log_dir, "transfer", use_tensorboard=cfg.system.use_tensorboard,
-                                       use_wandb=cfg.system.use_wandb, wandb_project=cfg.system.wandb_project)
-        metrics_logger.log_metrics({k: v for k, v in metrics.items() if k != "global_step"}, result.global_step, kind="test")
-        metrics_logger.close()
-        log.info("test (%d documents):\n%s", report["num_examples"], format_report(report))
-    return {"metrics": metrics, "outputs": outputs}
-
-
-def evaluate_on_test(best_path: Path, train_labels: list[int], test, label_names: list[str], cfg: TransferConfig) -> dict:
-    """Score ``best_path``, loaded on its own as the API would load it, on the test split."""
-    classifier = load_classifier(best_path, cfg.system.device)
-    eval_batch = cfg.training.eval_batch_size or cfg.training.batch_size
-    predictions = classifier.predict_proba(test.texts, batch_size=eval_batch).argmax(-1).tolist()
-    scores = classification_metrics(test.labels, predictions, label_names)
-    return {
-        "test_file": str(test.path),
-        "checkpoint": str(best_path),
-        "label_names": label_names,
-        **scores,
-        "majority_baseline": majority_baseline(train_labels, test.labels, label_names),
-    }
-
-
-def format_report(report: dict) -> str:
-    """The test report as a small text table."""
-    width = max(len(name) for name in report["label_names"]) + 2
-    lines = [f"{'label':<{width}} precision  recall      f1  support"]
-    for name, s in report["per_class"].items():
-        lines.append(f"{name:<{width}} {s['precision']:9.3f} {s['recall']:7.3f} {s['f1']:7.3f} {s['support']:8d}")
-    base = report["majority_baseline"]
-    lines.append(f"accuracy {report['accuracy']:.3f} | macro-F1 {report['macro_f1']:.3f}")
-    lines.append(f"majority baseline ('{base['label']}'): accuracy {base['accuracy']:.3f} | macro-F1 {base['macro_f1']:.3f}")
-    return "\n".join(lines)
-
+__all__ = ["build_parser", "main", "run"]
 
 if __name__ == "__main__":
     raise SystemExit(run_cli(main))

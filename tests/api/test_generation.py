@@ -10,7 +10,7 @@ import pytest
 
 from src.api.batching import MicroBatcher
 from src.api.generation import GenerationParams, GenerationWorker, ServerBusyError, TextStream
-from src.models.mamba import generate, load_mamba
+from src.mamba import generate, load_mamba
 
 
 @pytest.fixture(scope="module")

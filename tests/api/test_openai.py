@@ -7,7 +7,7 @@ import numpy as np
 import openai
 import pytest
 
-from src.rag.retriever import load_rag_index
+from src.rag.load import load_rag_index
 from tests.api.fixtures import API_KEY
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from src.models.mamba import generate, generate_ids, load_mamba
+from src.mamba import generate, generate_ids, load_mamba
 
 LABELS = {"text_and_data", "networking_and_web", "system_and_concurrency"}
 

@@ -12,7 +12,7 @@ from langchain_core.retrievers import BaseRetriever
 
 from src.core.errors import DataError, NotTrainedError
 from src.integrations import MARKLangChainGraph
-from src.models.mamba import generate, load_mamba
+from src.mamba import generate, load_mamba
 
 
 class PromptRecorder(BaseCallbackHandler):

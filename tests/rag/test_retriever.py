@@ -10,7 +10,8 @@ from src.core.config import save_config
 from src.rag.beir import load_documents
 from src.rag.config import RagConfig, RagIndexConfig, RagRetrievalConfig
 from src.rag.indexer import RagIndex
-from src.rag.retriever import Retriever, load_rag_index
+from src.rag.load import load_rag_index
+from src.rag.retriever import Retriever
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def rl_table(rl_rag_index: Path, rl_data_dir: Path, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="session")
 def rl_retriever(rl_rag_index: Path):
     """The test index opened for search (``load_rag_index``), shared by the session."""
-    from src.rag.retriever import load_rag_index
+    from src.rag.load import load_rag_index
 
     if "retriever" not in _BUILT:
         _BUILT["retriever"] = load_rag_index(rl_rag_index, device="cpu")

@@ -155,12 +155,12 @@ def test_cached_table_is_reused_and_rebuilt_when_the_index_changes(rl_table, rl_
     assert (cache / TABLE_FILE).is_file()
     np.testing.assert_allclose(built.ndcg[:, 0], rl_table.ndcg[:, 0], atol=1e-6)  # dense@1 in both tables
 
-    import src.rag.retriever as retriever_module
+    import src.rag.load as rag_load_module
 
     def no_index(*args, **kwargs):
         raise AssertionError("the cached table should have been used")
 
-    monkeypatch.setattr(retriever_module, "load_rag_index", no_index)
+    monkeypatch.setattr(rag_load_module, "load_rag_index", no_index)
     cached = load_or_build_retrieval_table(index_dir, rl_data_dir / "rag_eval.jsonl", actions, cache_dir=cache, device="cpu")
     np.testing.assert_array_equal(cached.ndcg, built.ndcg)
     assert cached.key == built.key and cached.queries == built.queries

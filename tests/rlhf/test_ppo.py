@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from src.models.mamba.generate import token_logprobs
-from src.models.mamba.load import load_mamba
+from src.mamba.generate import token_logprobs
+from src.mamba.load import load_mamba
 from src.rlhf.config import PPOConfig
 from src.rlhf.ppo import (
     AdaptiveKLController,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from src.core.config import PathsConfig, SystemConfig
 from src.data.readers import PreferenceExample, read_sft
-from src.models.mamba.load import load_mamba
+from src.mamba.load import load_mamba
 from src.rlhf.config import RewardConfig, RLHFModelConfig, StageConfig
 from src.rlhf.data import PromptFormat, collate_preferences
 from src.rlhf.reward_model import RewardModel, load_reward_model, pairwise_loss, pairwise_metrics, train_reward_model

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from src.core.checkpoint import load_checkpoint
 from src.core.config import PathsConfig, SystemConfig
 from src.data.readers import read_sft
-from src.models.mamba.data import IGNORE_INDEX
-from src.models.mamba.load import load_mamba
+from src.mamba.data import IGNORE_INDEX
+from src.mamba.load import load_mamba
 from src.rlhf.config import RLHFModelConfig, SFTConfig, StageConfig
 from src.rlhf.data import PromptFormat, SFTDataset, collate_sft
 from src.rlhf.sft import response_loss, train_sft

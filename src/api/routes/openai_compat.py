@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from src.api.app import APIError
+from src.api.errors import APIError
 from src.api.generation import GenerationParams, GenerationResult, GenerationWorker
 from src.api.prompts import CHAT_STOP, chat_prompt
 from src.api.registry import LANGUAGE_MODELS

@@ -1,0 +1,46 @@
+"""Load a trained Mamba model and its tokenizer from a checkpoint, for serving and RLHF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from src.core.checkpoint import find_latest_checkpoint, load_checkpoint, load_state_dict_checked
+from src.core.errors import CheckpointError, NotTrainedError
+from src.mamba.model import MambaArgs, MambaLM
+from src.mamba.tokenizer import MambaTokenizer
+
+TRAIN_COMMAND = "python -m src.scripts.train_mamba --config configs/mamba_train.yaml"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or in a folder its ``best_model.pt`` (else the latest
+    ``checkpoint_*.pt``). No checkpoint is a ``NotTrainedError`` naming the training command."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "best_model.pt"
+        found = best if best.is_file() else find_latest_checkpoint(path)
+        if found is None:
+            raise NotTrainedError(f"no trained Mamba model in {path}: train one with `{TRAIN_COMMAND}`")
+        return found
+    if not path.exists():
+        raise NotTrainedError(f"{path}: no such checkpoint; train the Mamba model with `{TRAIN_COMMAND}`")
+    return path
+
+
+def load_mamba(checkpoint: str | Path = "checkpoints/mamba", device: str | torch.device = "cpu") -> tuple[MambaLM, MambaTokenizer]:
+    """``(model, tokenizer)`` from a Mamba checkpoint file or folder (default: the trained one).
+
+    The checkpoint alone is enough: it holds the architecture and the tokenizer. The model
+    is returned in eval mode on ``device``. Errors are one-line ``MarkError``s.
+    """
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path, map_location="cpu", kind="mamba")
+    extra = state.get("extra") or {}
+    if "model_args" not in extra or "tokenizer_json" not in extra or "model" not in state:
+        raise CheckpointError(f"{path}: not a complete Mamba checkpoint (model weights, architecture or tokenizer missing)")
+    model = MambaLM(MambaArgs.from_dict(extra["model_args"]))
+    load_state_dict_checked(model, state["model"], path)
+    tokenizer = MambaTokenizer.from_str(extra["tokenizer_json"], str(path))
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,107 @@
+"""Generation with the recurrent state, sampling and scoring (src/mamba/generate.py)."""
+
+import pytest
+import torch
+
+from src.mamba.generate import generate, generate_ids, sample_next, token_logprobs
+from src.mamba.model import MambaArgs, MambaLM
+from src.mamba.tokenizer import MambaTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MambaLM(MambaArgs(vocab_size=300, d_model=32, n_layers=2, n_heads=4, state_size=8, chunk_size=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return MambaTokenizer.train(["a few words of text to learn some merges from, again and again"] * 20, vocab_size=300)
+
+
+def test_same_seed_same_text_other_seed_other_text(model, tokenizer):
+    a = generate(model, tokenizer, "a few", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=1)
+    b = generate(model, tokenizer, "a few", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=1)
+    c = generate(model, tokenizer, "a few", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=2)
+    assert a == b and a != c
+    assert isinstance(a, str)
+
+
+def test_greedy_continuation_equals_argmax_of_full_forward(model):
+    prompt = [1, 17, 45, 99, 3]
+    new = generate_ids(model, [prompt], max_new_tokens=8, temperature=0)[0]
+    assert len(new) == 8
+    seq = list(prompt)
+    with torch.no_grad():
+        for token in new:  # recompute each step from scratch, without any state
+            assert model(torch.tensor([seq])).logits[0, -1].argmax().item() == token
+            seq.append(token)
+
+
+def test_decoding_uses_one_token_steps_on_a_fixed_size_state(model, monkeypatch):
+    """The cost of a new token does not depend on the prompt: after one prefill per prompt,
+    every step feeds one token per sequence and the state has the same size for any prompt."""
+    calls = {"forward_lengths": [], "step_shapes": [], "state_numel": []}
+    forward, step = MambaLM.forward, MambaLM.step
+
+    def counting_forward(self, input_ids, *args, **kwargs):
+        calls["forward_lengths"].append(input_ids.shape[1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    def counting_step(self, token_ids, cache):
+        calls["step_shapes"].append(tuple(token_ids.shape))
+        calls["state_numel"].append(sum(t.numel() for t in cache.conv + cache.ssm))
+        return step(self, token_ids, cache)
+
+    monkeypatch.setattr(MambaLM, "forward", counting_forward)
+    monkeypatch.setattr(MambaLM, "step", counting_step)
+    short, long = [1] * 5, [1, 2, 3] * 400
+    generate_ids(model, [short, long], max_new_tokens=6, temperature=0)
+    assert calls["forward_lengths"] == [5, 1200]  # one prefill per prompt, nothing re-read
+    assert calls["step_shapes"] == [(2,)] * 5  # then one token per sequence per step
+    assert len(set(calls["state_numel"])) == 1
+
+    calls["state_numel"].clear()
+    generate_ids(model, [short], max_new_tokens=3, temperature=0)
+    short_state = calls["state_numel"][0]
+    calls["state_numel"].clear()
+    generate_ids(model, [long], max_new_tokens=3, temperature=0)
+    assert calls["state_numel"][0] == short_state
+
+
+def test_batched_prompts_of_different_lengths_match_single_runs(model):
+    prompts = [[1, 5, 9], [1, 20, 30, 40, 50, 60, 70]]
+    together = generate_ids(model, prompts, max_new_tokens=6, temperature=0.8, seed=3)
+    assert [len(x) for x in together] == [6, 6]
+    greedy_together = generate_ids(model, prompts, max_new_tokens=6, temperature=0)
+    for prompt, out in zip(prompts, greedy_together):
+        assert generate_ids(model, [prompt], max_new_tokens=6, temperature=0)[0] == out
+
+
+def test_generation_stops_at_eos(model):
+    first = generate_ids(model, [[1, 2, 3]], max_new_tokens=1, temperature=0)[0][0]
+    assert generate_ids(model, [[1, 2, 3]], max_new_tokens=10, temperature=0, eos_id=first)[0] == [first]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, 0.7, gen).item() for _ in range(200)}
+    assert draws == {0, 1}
+    assert sample_next(logits, 0.0, 1.0, None).item() == 0
+
+
+def test_token_logprobs_are_differentiable_log_softmax_of_next_tokens(model):
+    ids = torch.tensor([[1, 7, 8, 9, 2], [1, 4, 4, 4, 2]])
+    logp = token_logprobs(model, ids)
+    assert logp.shape == (2, 4) and (logp <= 0).all()
+    full = torch.log_softmax(model(ids).logits, -1)
+    assert torch.allclose(logp, full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1), atol=1e-6)
+    logp.sum().backward()
+    assert model.backbone.embeddings.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_hidden_states_for_value_and_reward_heads(model):
+    out = model(torch.tensor([[1, 2, 3, 4]]), compute_logits=False)
+    assert out.logits is None and out.hidden_states.shape == (1, 4, model.args.d_model)

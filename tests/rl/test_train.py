@@ -1,0 +1,183 @@
+"""``python -m src.scripts.train_rl`` end to end at small size: outputs, evaluation, exact
+resume, the orchestrator's ``--target=rl``, other Gymnasium envs, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src.core.checkpoint import load_checkpoint, write_latest_pointer
+from src.core.errors import CheckpointError, ConfigError
+from src.rl.load import load_rl_policy
+from src.rl.model import RLPolicy, choose_retrieval_action, retrieval_actions, retrieval_observation
+from src.rl.retrieval_env import TABLE_FILE, QueryObservation, split_queries
+from src.scripts import train_rl
+from src.training import orchestrator
+from tests.rl.fixtures import rl_data_dir, rl_rag_index, rl_retriever, rl_run_args, rl_table  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained_run(rl_table, tmp_path_factory):
+    """One small run on the test index (2000 timesteps, a checkpoint every 500, all kept)."""
+    root = tmp_path_factory.mktemp("rl_run")
+    args = rl_run_args(root, "ref", **{"training.save_total_limit": 10})
+    return root / "ref", args, train_rl.main(args)
+
+
+def _records(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_every_output(trained_run):
+    run_dir, _, summary = trained_run
+    ckpt = run_dir / "ckpt"
+    assert summary["metrics"]["timesteps"] == 2000
+    assert summary["outputs"]["final_model"] == str(ckpt / "final_model.pt")
+    assert summary["outputs"]["last_checkpoint"] == str(ckpt / "checkpoint_step_2000.pt")
+    assert sorted(p.name for p in ckpt.glob("checkpoint_step_*.pt")) == [f"checkpoint_step_{n}.pt" for n in (1000, 1500, 2000, 500)]
+    assert json.loads((ckpt / "latest.json").read_text())["step"] == 2000
+    assert (ckpt / "config.yaml").is_file() and (ckpt / TABLE_FILE).is_file()
+    assert (ckpt / "eval_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    state = load_checkpoint(ckpt / "checkpoint_step_1000.pt", kind="rl")  # weights_only=True
+    assert state["step"] == 1000 and state["n_updates"] == 4 * 4  # SB3 counts n_epochs (4) per update: 4 rollouts
+    assert {"policy", "optimizer", "obs_normalization", "rng", "env_states", "last_obs", "config"} <= set(state)
+    assert state["obs_normalization"]["count"] > 1000  # statistics of every observation seen, plus the resets
+    assert len(state["env_states"]) == 2
+
+    log_text = (run_dir / "logs" / "train.log").read_text()
+    assert "timesteps 2000/2000" in log_text and "evaluation on" in log_text
+    records = _records(run_dir / "logs")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(250, 2001, 250))
+    assert all({"loss", "approx_kl", "episode_reward_mean", "ndcg_mean", "k_mean"} <= set(r) for r in train)
+    assert any(r["kind"] == "eval" for r in records)
+
+
+def test_evaluation_compares_on_held_out_queries(trained_run, rl_table):
+    run_dir, _, summary = trained_run
+    report = json.loads((run_dir / "ckpt" / "eval_metrics.json").read_text())
+    results = report["strategies"]
+    labels = [a.label for a in rl_table.actions]
+    assert set(results) == {"trained", "random", "oracle"} | {f"fixed {label}" for label in labels}
+    _, heldout = split_queries(rl_table.num_queries, 0.2, seed=42)
+    rewards = rl_table.rewards(0.02)[heldout]
+    for i, label in enumerate(labels):  # every fixed strategy scored on exactly the held-out queries
+        assert results[f"fixed {label}"]["mean_reward"] == pytest.approx(float(rewards[:, i].mean()), abs=1e-6)
+        assert results[f"fixed {label}"]["episodes"] == len(heldout)
+        assert results[f"fixed {label}"]["mean_k"] == rl_table.actions[i].k
+    assert results["oracle"]["mean_reward"] == pytest.approx(float(rewards.max(axis=1).mean()), abs=1e-6)
+    best_fixed = max(results[f"fixed {label}"]["mean_reward"] for label in labels)
+    assert report["summary"]["best_fixed_mean_reward"] == pytest.approx(best_fixed)
+    # Trained on the training queries, it does better than chance on queries it never saw.
+    trained = results["trained"]["mean_reward"]
+    assert trained > results["random"]["mean_reward"] + 0.05
+    assert trained <= results["oracle"]["mean_reward"] + 1e-9
+    assert summary["metrics"]["trained_mean_reward"] == pytest.approx(trained)
+    assert report["train_split"]["queries"] == rl_table.num_queries - len(heldout)
+
+
+def test_final_model_picks_retrieval_strategies_for_query_strings(trained_run, rl_table, rl_retriever):
+    run_dir, _, _ = trained_run
+    policy = load_rl_policy(run_dir / "ckpt" / "final_model.pt")
+    assert isinstance(policy, RLPolicy) and policy.timesteps == 2000
+    assert [a.label for a in retrieval_actions(policy)] == [a.label for a in rl_table.actions]
+    observation = QueryObservation.from_state(policy.env_info["observation"])
+    table_obs = observation(rl_table.embeddings, rl_table.signals)
+    for qi in range(0, rl_table.num_queries, 10):
+        query = rl_table.queries[qi]
+        live = retrieval_observation(policy, rl_retriever, query)
+        np.testing.assert_allclose(live, table_obs[qi], atol=1e-4)
+        choice = choose_retrieval_action(policy, rl_retriever, query)
+        assert choice == rl_table.actions[policy.act(table_obs[qi])]
+        assert len(rl_retriever.search(query, top_k=choice.k, mode=choice.mode)) <= choice.k
+
+
+def _resume_from(trained_run, tmp_path, step):
+    """A fresh checkpoint folder holding only ``checkpoint_step_<step>.pt`` of the reference run,
+    as if training had been killed right after writing it; then ``--resume``."""
+    run_dir, args, _ = trained_run
+    ckpt = tmp_path / "resumed" / "ckpt"
+    ckpt.mkdir(parents=True)
+    shutil.copy(run_dir / "ckpt" / f"checkpoint_step_{step}.pt", ckpt)
+    shutil.copy(run_dir / "ckpt" / TABLE_FILE, ckpt)
+    write_latest_pointer(ckpt, ckpt / f"checkpoint_step_{step}.pt", step)
+    resumed_args = [a for a in args if not a.startswith("paths.")]
+    resumed_args += [f"paths.checkpoint_dir={ckpt}", f"paths.log_dir={tmp_path / 'resumed' / 'logs'}", "--resume"]
+    return ckpt, train_rl.main(resumed_args)
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(trained_run, tmp_path):
+    run_dir, _, _ = trained_run
+    ckpt, summary = _resume_from(trained_run, tmp_path, 1000)
+    assert summary["metrics"]["timesteps"] == 2000  # the configured total, not 1000 + 2000
+    reference = load_checkpoint(run_dir / "ckpt" / "final_model.pt")
+    resumed = load_checkpoint(ckpt / "final_model.pt")
+    for name, tensor in reference["policy"].items():
+        assert torch.equal(tensor, resumed["policy"][name]), name
+    for key in ("mean", "var"):
+        assert torch.equal(reference["obs_normalization"][key], resumed["obs_normalization"][key])
+    steps = [r["step"] for r in _records(tmp_path / "resumed" / "logs") if r["kind"] == "train"]
+    assert steps == [1250, 1500, 1750, 2000]
+    assert "resumed from" in (tmp_path / "resumed" / "logs" / "train.log").read_text()
+
+
+def test_resume_of_a_finished_run_trains_no_more(trained_run, tmp_path):
+    run_dir, _, _ = trained_run
+    ckpt, summary = _resume_from(trained_run, tmp_path, 2000)
+    assert summary["metrics"]["timesteps"] == 2000
+    assert not [r for r in _records(tmp_path / "resumed" / "logs") if r["kind"] == "train"]
+    reference = load_checkpoint(run_dir / "ckpt" / "final_model.pt")["policy"]
+    assert all(torch.equal(t, load_checkpoint(ckpt / "final_model.pt")["policy"][n]) for n, t in reference.items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_setup(trained_run, tmp_path):
+    run_dir, args, _ = trained_run
+    with pytest.raises(CheckpointError, match=r"checkpoint_step_2000\.pt: was trained with another env query_embedding_dims"):
+        train_rl.main(args + ["env.query_embedding_dims=4", "--resume"])
+    with pytest.raises(CheckpointError, match="policy network"):
+        train_rl.main(args + ["model.hidden_dim=32", "--resume"])
+
+
+def test_orchestrator_trains_a_gymnasium_env_and_resumes_it(tmp_path):
+    common = ["train", "--target=rl", "--config", str(REPO / "configs" / "rl_cartpole.yaml"), "--device", "cpu",
+              f"paths.checkpoint_dir={tmp_path / 'ckpt'}", f"paths.log_dir={tmp_path / 'logs'}",
+              "training.n_envs=2", "training.n_steps=64", "training.batch_size=64", "training.n_epochs=2",
+              "training.save_freq=256", "training.eval_episodes=3", "training.show_progress=false"]
+    first = orchestrator.main(common + ["training.total_timesteps=512"])
+    assert first["metrics"]["timesteps"] == 512
+    report = json.loads((tmp_path / "ckpt" / "eval_metrics.json").read_text())
+    assert set(report["strategies"]) == {"trained", "random", "fixed action=0", "fixed action=1"}
+    assert report["strategies"]["fixed action=0"]["mean_reward"] < 12  # always pushing left falls at once
+    resumed = orchestrator.main(common + ["training.total_timesteps=1024", "--resume"])
+    assert resumed["metrics"]["timesteps"] == 1024
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint_step_1024.pt", kind="rl")["n_updates"] == 8 * 2
+    policy = load_rl_policy(tmp_path / "ckpt" / "final_model.pt")
+    assert policy.act(np.zeros(4, dtype=np.float32)) in (0, 1) and policy.env_info == {"id": "CartPole-v1"}
+
+
+def test_unknown_environment_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="env.id: 'NoSuchEnv-v9' is not a registered Gymnasium environment"):
+        train_rl.main(["--config", str(REPO / "configs" / "rl_cartpole.yaml"), "env.id=NoSuchEnv-v9",
+                       f"paths.checkpoint_dir={tmp_path}/c", f"paths.log_dir={tmp_path}/l"])
+
+
+def test_cli_without_a_rag_index_is_one_line_and_exit_2(tmp_path, rl_data_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.scripts.train_rl", "--config", "configs/rl_train.yaml",
+         f"data.rag_index_dir={tmp_path / 'no_index'}", f"data.eval_file={rl_data_dir / 'rag_eval.jsonl'}",
+         f"paths.checkpoint_dir={tmp_path / 'c'}", f"paths.log_dir={tmp_path / 'l'}"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "train_rag_indexer" in proc.stderr.strip().splitlines()[-1]

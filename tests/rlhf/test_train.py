@@ -1,0 +1,163 @@
+"""The whole RLHF pipeline (src/training/rlhf_pipeline.py) at tiny size: every stage's output,
+evaluation and export (src/rlhf/evaluate.py, src/rlhf/export.py), skip flags, resume,
+config selection and command-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.core.checkpoint import file_sha256, load_checkpoint
+from src.core.cli import run_cli
+from src.core.errors import CheckpointError, ConfigError, NotTrainedError
+from src.mamba.generate import generate
+from src.rlhf.evaluate import win_rate
+from src.rlhf.load import load_rlhf_model, read_rlhf_metadata
+from src.training import rlhf_pipeline
+from tests.rlhf.conftest import tiny_rlhf_config, write_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE_FILES = ("sft_model.pt", "reward_model.pt", "ppo_policy.pt", "evaluation.json", "evaluation.md",
+               "evaluation.png", "rlhf_final_model.pt", "rlhf_summary.json", "config.yaml")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_base_model, sample_data_dir, tmp_path_factory):
+    """One full tiny run: ``{"work", "config", "out", "summary"}``."""
+    work = tmp_path_factory.mktemp("rlhf_run")
+    config = write_yaml(work / "rlhf.yaml", tiny_rlhf_config(tiny_base_model, sample_data_dir, work))
+    summary = rlhf_pipeline.main(["--base-model", "mamba", "--config", str(config), "--device", "cpu"])
+    return {"work": work, "config": config, "out": work / "rlhf", "summary": summary}
+
+
+def test_every_stage_writes_its_output(pipeline_run):
+    out, logs = pipeline_run["out"], pipeline_run["work"] / "logs"
+    for name in STAGE_FILES:
+        assert (out / name).is_file(), name
+    for stage in ("sft", "reward", "ppo", "evaluation"):
+        assert (logs / stage / "train.log").is_file(), stage
+    for stage in ("sft", "reward", "ppo"):
+        assert (logs / stage / "metrics.jsonl").read_text().strip(), stage
+    ppo_records = [json.loads(line) for line in (logs / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ppo_records] == [1, 2, 3]
+    assert {"score", "kl", "kl_coef", "pg_loss", "vf_loss", "pg_clipfrac"} <= set(ppo_records[0])
+
+
+def test_summary_and_evaluation_report_the_same_computed_numbers(pipeline_run):
+    metrics = pipeline_run["summary"]["metrics"]
+    assert set(metrics) == {"sft", "reward", "ppo", "evaluation", "export"}
+    evaluation = json.loads((pipeline_run["out"] / "evaluation.json").read_text())
+    assert evaluation["metrics"] == metrics["evaluation"]
+    ev = metrics["evaluation"]
+    assert ev["num_prompts"] == 8
+    assert 0.0 <= ev["ppo_win_rate_vs_sft"] <= 1.0 and 0.0 <= ev["reward_model_val_accuracy"] <= 1.0
+    assert ev["reward_gain"] == pytest.approx(ev["reward_ppo_mean"] - ev["reward_sft_mean"])
+    assert ev["kl_within_target"] == (ev["kl_ppo_to_reference"] <= ev["kl_target"])
+    assert ev["perplexity_sft"] > 1 and ev["perplexity_ppo"] > 1 and ev["perplexity_base"] > 1
+    assert metrics["sft"]["val_loss"] < metrics["sft"]["base_val_loss"]
+    report = (pipeline_run["out"] / "evaluation.md").read_text()
+    assert f"{ev['ppo_win_rate_vs_sft']:.3f}" in report and "## Example responses" in report
+    assert len(evaluation["samples"]) == 2
+
+
+def test_exported_model_loads_generates_and_names_its_sources(pipeline_run):
+    out = pipeline_run["out"]
+    model, tokenizer = load_rlhf_model(out, "cpu")
+    text = generate(model, tokenizer, "What does json.dumps do?\n", max_new_tokens=6, seed=0)
+    assert isinstance(text, str)
+    policy = load_checkpoint(out / "ppo_policy.pt", kind="mamba")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in policy["model"].items())
+    meta = read_rlhf_metadata(out / "rlhf_final_model.pt")
+    for name in ("sft_model", "reward_model", "ppo_policy", "evaluation"):
+        assert meta["provenance"][name]["sha256"] == file_sha256(out / Path(meta["provenance"][name]["path"]).name)
+    base = meta["provenance"]["base_model"]
+    assert base["path"].endswith("best_model.pt") and base["sha256"] == file_sha256(base["path"])
+    assert meta["metrics"]["evaluation"] == pipeline_run["summary"]["metrics"]["evaluation"]
+    assert meta["config"]["training"]["ppo"]["num_steps"] == 3
+
+
+def test_resume_reuses_finished_stages(pipeline_run):
+    out = pipeline_run["out"]
+    before = {name: file_sha256(out / name) for name in ("sft_model.pt", "reward_model.pt", "ppo_policy.pt")}
+    summary = rlhf_pipeline.main(["--config", str(pipeline_run["config"]), "--resume"])
+    assert {name: file_sha256(out / name) for name in before} == before
+    assert set(summary["seconds"]) == {"evaluation", "export"}  # nothing retrained
+
+
+def test_ppo_resumes_exactly_from_its_checkpoint(pipeline_run, tmp_path):
+    # Same SFT and reward model; 5 iterations straight vs 3, then --resume to 5.
+    for name in ("straight", "resumed"):
+        (tmp_path / name).mkdir()
+        for file in ("sft_model.pt", "reward_model.pt"):
+            shutil.copy(pipeline_run["out"] / file, tmp_path / name / file)
+    common = ["--config", str(pipeline_run["config"]), "--skip-sft", "--skip-reward"]
+    rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "straight"), "--num-rl-steps", "5"])
+    rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "resumed"), "--num-rl-steps", "3"])
+    assert (tmp_path / "resumed" / "ppo" / "checkpoint_step_3.pt").is_file()
+    rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "resumed"), "--num-rl-steps", "5", "--resume"])
+    straight = load_checkpoint(tmp_path / "straight" / "ppo_policy.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "ppo_policy.pt")
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert [h["score"] for h in resumed["history"]] == pytest.approx([h["score"] for h in straight["history"]])
+    diff = max((straight["model"][k] - resumed["model"][k]).abs().max().item() for k in straight["model"])
+    assert diff < 1e-6
+    with pytest.raises(CheckpointError, match="past training.ppo.num_steps=4"):
+        rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "resumed"), "--num-rl-steps", "4", "--resume"])
+
+
+def test_skip_flags_need_the_earlier_outputs(rlhf_config_file, tmp_path):
+    empty = tmp_path / "empty"
+    with pytest.raises(CheckpointError, match="sft_model.pt.*without --skip-sft"):
+        rlhf_pipeline.main(["--config", str(rlhf_config_file), "--output-dir", str(empty), "--skip-sft"])
+    with pytest.raises(CheckpointError, match="reward_model.pt.*without --skip-reward"):
+        rlhf_pipeline.main(["--config", str(rlhf_config_file), "--output-dir", str(empty), "--skip-reward"])
+    assert not (empty / "config.yaml").exists()  # refused before writing anything
+
+
+def test_missing_base_model_names_the_training_command(rlhf_config_file, tmp_path):
+    with pytest.raises(NotTrainedError, match="python -m src.scripts.train_mamba --config configs/mamba_train.yaml"):
+        rlhf_pipeline.main(["--config", str(rlhf_config_file), f"model.base_checkpoint={tmp_path / 'none.pt'}"])
+
+
+def test_bad_key_is_one_line_and_exit_code_2(rlhf_config_file, capsys):
+    assert run_cli(rlhf_pipeline.main, ["--config", str(rlhf_config_file), "training.ppo.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training.ppo.bogus: unknown key" in err
+    assert run_cli(rlhf_pipeline.main, ["--config", str(rlhf_config_file), "training.ppo.clip_range=-1"]) == 2
+
+
+def test_cli_subprocess_exits_2_on_a_bad_value(rlhf_config_file):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.training.rlhf_pipeline", "--config", str(rlhf_config_file), "training.ppo.num_steps=zero"],
+        capture_output=True, text=True, cwd=REPO, env=env,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "training.ppo.num_steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_from_an_rlhf_section_or_the_rlhf_yaml_beside_it(tiny_base_model, sample_data_dir, tmp_path):
+    rlhf = tiny_rlhf_config(tiny_base_model, sample_data_dir, tmp_path)
+    rl_like = {"model": {"policy_model": "ppo"}, "env": {"id": "CartPole-v1"}}
+
+    with_section = write_yaml(tmp_path / "with_section.yaml", {**rl_like, "rlhf": rlhf})
+    cfg = rlhf_pipeline.load_rlhf_config(with_section, ["training.ppo.num_steps=7"])
+    assert cfg.training.ppo.num_steps == 7 and cfg.model.base_checkpoint == tiny_base_model
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    without_section = write_yaml(folder / "rl_train.yaml", rl_like)
+    write_yaml(folder / "rlhf.yaml", {**rlhf, "evaluation": {"num_prompts": 3}})
+    assert rlhf_pipeline.load_rlhf_config(without_section).evaluation.num_prompts == 3
+
+    with pytest.raises(ConfigError, match=r"\(rlhf section\): training.sft.nope: unknown key"):
+        rlhf_pipeline.load_rlhf_config(with_section, ["training.sft.nope=1"])
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate(torch.tensor([1.0, 2.0, 0.0, 3.0]), torch.tensor([0.0, 2.0, 1.0, 1.0])) == pytest.approx(2.5 / 4)
