@@ -8,7 +8,7 @@ shared engine's training keys and the architecture details of Mamba-2 with their
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -32,6 +32,16 @@ class MambaModelConfig(StrictModel):
     chunk_size: int = Field(64, gt=0, description="SSD chunk length: speed only, same function")
     tie_embeddings: bool = Field(True, description="LM head shares the input embedding matrix")
     gradient_checkpointing: bool = Field(False, description="recompute blocks in backward: less memory, ~30% slower")
+    pretrained: Optional[str] = Field(
+        None,
+        description="start from this pretrained Mamba-2 (a local folder in the transformers or mamba_ssm layout, "
+        "or a hub id): its architecture overrides the keys above (chunk_size and max_length stay)",
+    )
+    tokenizer: Optional[str] = Field(
+        None,
+        description="a Hugging Face fast tokenizer (folder with tokenizer.json, or hub id): for a pretrained "
+        "checkpoint without tokenizer files, or instead of training MARK's BPE",
+    )
 
     @field_validator("vocab_size")
     @classmethod

@@ -1,7 +1,7 @@
 """Training recipe of the Mamba language model, top to bottom:
 
-read documents -> tokenizer (trained, or the checkpoint's on --resume) -> packed windows
--> unigram baseline -> model -> shared engine (:func:`src.training.engine.fit`) -> summary.
+read documents -> tokenizer (trained, the checkpoint's on --resume, or a pretrained model's)
+-> packed windows -> unigram baseline -> model (new, or ``model.pretrained``'s weights) -> shared engine (:func:`src.training.engine.fit`) -> summary.
 
 Everything that can be wrong with the input (empty corpus, a document without text, a
 ``vocab.json`` or config that does not belong to the checkpoint being resumed) is checked
@@ -26,6 +26,7 @@ from src.mamba.data import TokenWindows, collate_windows, pack_documents
 from src.mamba.evaluate import unigram_cross_entropy
 from src.mamba.loss import IGNORE_INDEX, token_cross_entropy
 from src.mamba.model import MambaArgs, MambaLM
+from src.mamba.pretrained import load_pretrained, resolve_folder, yaml_overrides
 from src.mamba.tokenizer import MambaTokenizer
 from src.training.engine import TrainTask, fit
 
@@ -80,14 +81,31 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
     val_docs = read_documents(cfg.data.val_file)
 
     resumed = resume_tokenizer(ckpt_dir) if resume else None
+    pretrained_model = None
+    if cfg.model.pretrained:
+        pretrained_model, pretrained_tokenizer, pretrained = load_pretrained(
+            cfg.model.pretrained, cfg.model.tokenizer, cfg.model.chunk_size, cfg.model.gradient_checkpointing
+        )
+        overrides = yaml_overrides(cfg.model, pretrained.args)
+        if overrides:
+            log.info("model.pretrained overrides the config: %s",
+                     ", ".join(f"{k} {yaml} -> {ckpt}" for k, (yaml, ckpt) in overrides.items()))
     if resumed is not None:
         tokenizer, extra, latest = resumed
         log.info("resuming with the tokenizer of %s (%d tokens)", latest, tokenizer.vocab_size)
+    elif pretrained_model is not None:
+        tokenizer = pretrained_tokenizer
+    elif cfg.model.tokenizer:
+        tokenizer = MambaTokenizer.from_pretrained(resolve_folder(cfg.model.tokenizer, "model.tokenizer"), "model.tokenizer")
+        log.info("tokenizer from %s (%d tokens)", cfg.model.tokenizer, tokenizer.vocab_size)
     else:
         tokenizer = MambaTokenizer.train((d.text for d in train_docs), cfg.model.vocab_size, cfg.data.tokenizer_min_frequency)
         log.info("trained a byte-level BPE of %d tokens on %d documents", tokenizer.vocab_size, len(train_docs))
 
-    args = model_args_from_config(cfg, tokenizer.vocab_size)
+    if pretrained_model is not None:
+        args = pretrained_model.args
+    else:
+        args = model_args_from_config(cfg, tokenizer.vocab_size)
     if resumed is not None and extra.get("model_args") != args.to_dict():
         raise CheckpointError(
             f"{latest}: the checkpoint's architecture {extra.get('model_args')} differs from the config's "
@@ -106,7 +124,7 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
     )
 
     seed_everything(cfg.system.seed)
-    model = MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    model = pretrained_model if pretrained_model is not None else MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing)
     fingerprint = tokenizer.fingerprint()
 
     def check_resume(checkpoint_extra: dict) -> None:
