@@ -103,18 +103,42 @@ def tokenizer_files(tokenizer) -> dict[str, Any]:
     return files
 
 
+# The files a Hugging Face tokenizer's ``save_pretrained`` writes. A checkpoint's tokenizer
+# files are written under these names only (the names below, not the checkpoint's strings):
+# a crafted checkpoint must not choose where a file goes (``../../x``) or what it is called.
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def tokenizer_from_files(files: dict[str, Any], source: str = "<checkpoint>"):
-    """Inverse of :func:`tokenizer_files`: the tokenizer, loaded from a temporary folder."""
+    """Inverse of :func:`tokenizer_files`: the tokenizer, loaded from a temporary folder.
+
+    Only the known tokenizer file names are accepted; any other name (a path, ``..``, an
+    unknown file) is a one-line ``CheckpointError`` and nothing is written."""
     from transformers import AutoTokenizer
 
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{source}: its tokenizer files are not a name -> content mapping")
+    allowed = {name: name for name in TOKENIZER_FILE_NAMES}
+    unknown = [name for name in files if not isinstance(name, str) or name not in allowed]
+    if unknown:
+        shown = ", ".join(repr(n)[:80] for n in unknown[:3])
+        raise CheckpointError(
+            f"{source}: refused: tokenizer file name(s) {shown} are not tokenizer files "
+            f"({', '.join(TOKENIZER_FILE_NAMES[:4])}, ...); the checkpoint may be crafted"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for name, content in files.items():
-            target = Path(tmp) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = Path(tmp) / allowed[name]  # our constant, never the checkpoint's string
             if isinstance(content, str):
                 target.write_text(content, encoding="utf-8")
-            else:
+            elif isinstance(content, torch.Tensor):
                 target.write_bytes(content.to(torch.uint8).numpy().tobytes())
+            else:
+                raise CheckpointError(f"{source}: tokenizer file {name} is neither text nor bytes")
         try:
             return AutoTokenizer.from_pretrained(tmp)
         except Exception as err:
