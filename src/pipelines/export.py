@@ -4,6 +4,13 @@
                                         its files (sha256, bytes), config hash, metrics, load check
     <export_dir>/<model>/...            the model file and what belongs with it (tokenizer,
                                         config, evaluation report)
+    <export_dir>/<model>/hf/            the Hugging Face form of the models that have one
+                                        (mamba, rlhf: Mamba2ForCausalLM; transformer:
+                                        AutoModelForSequenceClassification), checked to load
+                                        in transformers with MARK's outputs
+
+:func:`export_model` writes one model in one format (``hf`` or ``gguf``): what
+``mark export --model M --format F --output DIR`` runs.
 
 ``load_model(name, "<export_dir>")`` reads a model from here exactly as from its checkpoint
 folder: every copy is loaded back through :func:`src.core.load_model` before the manifest
@@ -39,6 +46,12 @@ COMPANION_FILES: dict[str, tuple[str, ...]] = {
     "rlhf": ("config.yaml", "evaluation.json", "evaluation.md", "evaluation.png"),
 }
 REQUIRED_COMPANIONS: dict[str, tuple[str, ...]] = {"rag": ("metadata.json",)}
+
+HF_DIR = "hf"
+HF_MODELS = ("mamba", "rlhf", "transformer")  # the models with a Hugging Face form
+FORMATS = ("hf", "gguf")
+GGUF_MODELS = ("mamba", "rlhf")
+HF_CHECK_TEXTS = ("def load(path):\n    return json.loads(open(path).read())", "Open a TCP connection to the host.")
 
 PACKAGES = (
     "mark", "torch", "transformers", "tokenizers", "accelerate", "sentence-transformers", "faiss-cpu", "bm25s",
@@ -154,6 +167,11 @@ def export_models(sources: dict[str, ModelSource], export_dir: str | Path) -> di
         model, tokenizer, _ = load_model(name, target, device="cpu")
         load_seconds = time.perf_counter() - started
         described = describe_model(model)
+        hf = None
+        if name in HF_MODELS:
+            hf = write_hf_form(name, model, tokenizer, target / HF_DIR)
+            outputs[f"{name}/{HF_DIR}"] = str(target / HF_DIR)
+            log.info("export: %s -> %s (transformers loads it, max |logit difference| %.2e)", name, target / HF_DIR, hf["max_abs_diff"])
         del model, tokenizer
         gc.collect()
         log.info("export: %s -> %s (%d files, loads as %s in %.1fs)", name, target, len(copied), described["class"], load_seconds)
@@ -168,6 +186,8 @@ def export_models(sources: dict[str, ModelSource], export_dir: str | Path) -> di
             "files": copied,
             "load_check": {"ok": True, **described, "seconds": round(load_seconds, 2)},
         }
+        if hf is not None:
+            models[name]["hf"] = hf
     for stale in MODEL_NAMES:
         if stale not in sources and (export_dir / stale).is_dir():
             shutil.rmtree(export_dir / stale)
@@ -188,3 +208,80 @@ def export_models(sources: dict[str, ModelSource], export_dir: str | Path) -> di
     outputs["manifest"] = str(atomic_write_json(export_dir / EXPORT_MANIFEST, manifest))
     metrics = {"models_exported": len(models), "models_not_trained": len(not_trained)}
     return {"metrics": metrics, "outputs": outputs, "manifest": manifest}
+
+
+def check_hf_form(name: str, model: Any, tokenizer: Any, folder: Path) -> float:
+    """Load ``folder`` with transformers and return the largest difference from MARK's outputs
+    on :data:`HF_CHECK_TEXTS` (logits for the LM, probabilities for the classifier). Over 1e-4 is
+    a ``CheckpointError``: an export that computes something else is not written as done."""
+    import torch
+
+    worst = 0.0
+    if name == "transformer":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        hf_model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        hf_tok = AutoTokenizer.from_pretrained(folder)
+        batch = hf_tok(list(HF_CHECK_TEXTS), truncation=True, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            theirs = torch.softmax(hf_model(**batch).logits.float(), -1)
+        mark = model.predict_proba(list(HF_CHECK_TEXTS))
+        if model.long_text == "truncate":
+            worst = (theirs - mark).abs().max().item()
+    else:
+        from transformers import Mamba2ForCausalLM
+
+        hf_model = Mamba2ForCausalLM.from_pretrained(folder).eval()
+        for text in HF_CHECK_TEXTS:
+            ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text)])
+            with torch.no_grad():
+                diff = (hf_model(ids, use_cache=False).logits - model.to("cpu")(ids).logits).abs().max().item()
+            worst = max(worst, diff)
+    if worst > 1e-4:
+        raise CheckpointError(f"{folder}: transformers computes other outputs than MARK (max difference {worst:.2e})")
+    return worst
+
+
+def write_hf_form(name: str, model: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
+    """Write the Hugging Face form of a loaded model to ``folder``, check it, describe it."""
+    if name == "transformer":
+        from src.classifier.export import export_hf as export_classifier_hf
+
+        export_classifier_hf(model, folder)
+    else:
+        from src.mamba.export import export_hf as export_mamba_hf
+
+        export_mamba_hf(model, tokenizer, folder)
+    worst = check_hf_form(name, model, tokenizer, folder)
+    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir()) if p.is_file()}
+    loads_with = "AutoModelForSequenceClassification" if name == "transformer" else "Mamba2ForCausalLM"
+    return {"path": f"{name}/{HF_DIR}", "loads_with": loads_with, "max_abs_diff": worst, "files": files}
+
+
+def export_model(name: str, fmt: str, output: str | Path, source: str | Path | None = None, dtype: str = "f32") -> dict[str, Any]:
+    """Write the trained model ``name`` (from ``source``: a checkpoint file or folder, or an
+    export directory; default its checkpoint folder) in ``fmt`` to ``output``.
+
+    ``hf``: ``output`` is the folder. ``gguf``: ``output`` is the ``.gguf`` file, or a folder
+    that gets ``<name>-<dtype>.gguf``. Returns ``{"outputs": {...}, "metrics": {...}}``.
+    """
+    from src.core.errors import ConfigError
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if name not in HF_MODELS:
+        raise ConfigError(f"--model '{name}': only {', '.join(HF_MODELS)} have an ecosystem format")
+    if fmt == "gguf" and name not in GGUF_MODELS:
+        raise ConfigError(f"--model {name}: the classifier has no GGUF form (llama.cpp runs language models); use --format hf")
+    output = Path(output)
+    model, tokenizer, _ = load_model(name, source, device="cpu")
+    if fmt == "hf":
+        info = write_hf_form(name, model, tokenizer, output)
+        log.info("export: %s -> %s (loads with %s; max |difference| from MARK %.2e)", name, output, info["loads_with"], info["max_abs_diff"])
+        return {"outputs": {"hf": str(output)}, "metrics": {"max_abs_diff": info["max_abs_diff"], "files": len(info["files"])}}
+    from src.mamba.export import export_gguf
+
+    path = output if output.suffix == ".gguf" else output / f"{name}-{dtype}.gguf"
+    export_gguf(model, tokenizer, path, dtype, name=f"mark-{name}")
+    log.info("export: %s -> %s (%s, %.1f MB)", name, path, dtype, path.stat().st_size / 1e6)
+    return {"outputs": {"gguf": str(path)}, "metrics": {"bytes": path.stat().st_size}}

@@ -3,6 +3,8 @@
 Each target is a component entry point (``main(argv) -> summary``) called in-process;
 the orchestrator only turns its own options into the entry point's arguments.
 Also installed as the ``mark`` console command (``mark train --target=mamba``).
+``export`` writes a trained model for transformers or llama.cpp (``mark export --model mamba
+--format gguf --output exports/``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ examples:
   python -m src.training.orchestrator train --target=full-pipeline --device=cuda
   accelerate launch --num_processes 2 -m src.training.orchestrator train --target=mamba
   python -m src.training.orchestrator report
+  python -m src.training.orchestrator export --model mamba --format hf --output exports/mamba-hf
+  python -m src.training.orchestrator export --model rlhf --format gguf --dtype f16 --output exports/
+  python -m src.training.orchestrator export --model transformer --format hf --output exports/classifier-hf --source pipeline_output/export
 
 options a target knows beyond these (e.g. full-pipeline's --stages) are passed through to it.
 """
@@ -46,11 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     targets = "\n".join(f"  {name:<14} {desc}" for name, (_, desc) in TARGETS.items())
     parser = argparse.ArgumentParser(
         prog="mark",
-        description="MARK training orchestrator: train, evaluate and report every component.",
+        description="MARK training orchestrator: train, evaluate, report and export every component.",
         epilog=EPILOG.format(targets=targets),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,export}")
     train = sub.add_parser(
         "train",
         help="train a target",
@@ -65,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="plot logs/*/metrics.jsonl and write a summary report")
     report.add_argument("--logs-dir", default="logs")
     report.add_argument("--output-dir", default="reports")
+    export = sub.add_parser(
+        "export",
+        help="write a trained model in an ecosystem format (HF safetensors folder, GGUF for llama.cpp)",
+        description="Write a trained model for transformers (--format hf: a folder that from_pretrained loads) "
+        "or llama.cpp (--format gguf: a mamba2 GGUF file; mamba and rlhf only).",
+    )
+    export.add_argument("--model", required=True, choices=["mamba", "rlhf", "transformer"])
+    export.add_argument("--format", required=True, choices=["hf", "gguf"])
+    export.add_argument("--output", required=True, help="hf: the folder to write; gguf: the .gguf file, or a folder")
+    export.add_argument("--source", help="checkpoint file or folder, or an export directory (default: the model's checkpoint folder)")
+    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="gguf: type of the big matrices (default f32)")
     return parser
 
 
@@ -103,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> object:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         module = load_report_module()
         return module.main(["--logs-dir", args.logs_dir, "--output-dir", args.output_dir])
+    if args.command == "export":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from src.pipelines.export import export_model
+
+        return export_model(args.model, args.format, args.output, args.source, args.dtype)
     module = load_target(args.target)
     return module.main(target_argv(args, extra))
 
