@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all test-rl-cartpole bench data report serve clean
+.PHONY: install demo test test-slow test-all test-rl-cartpole test-gguf bench data report serve clean
 
 # torch is installed first, pinned by constraints.txt, so that no dependency pulls a CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -31,6 +31,12 @@ test-slow: install
 # The published-result check: PPO on CartPole-v1 with RL Zoo's tuned hyperparameters (~2 min).
 test-rl-cartpole: install
 	$(PY) -m pytest tests/rl/test_cartpole_slow.py -m slow -q -s
+
+# llama.cpp runs MARK's GGUF export: same token ids on 20 texts, same 32 greedy tokens on 3
+# prompts. llama-cpp-python is built from source the first time (5-15 minutes on 2 cores).
+test-gguf: install
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -c constraints.txt llama-cpp-python
+	$(PY) -m pytest tests/mamba/test_export_llama_cpp.py -m slow -q
 
 test-all: install
 	$(PY) -m pytest -q

@@ -1,0 +1,59 @@
+"""llama.cpp itself runs MARK's GGUF export (src/mamba/export.py:export_gguf): same token ids
+as MARK on 20 sample texts, same 32 greedy tokens on 3 prompts (f32), and the f16/q8_0
+files load and agree on the first token. ``make test-gguf`` (llama-cpp-python is built from
+source, so this is not part of ``make test``)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from src.mamba import generate_ids
+from src.mamba.export import export_gguf
+from tests.mamba.test_export import PROMPTS, trained  # noqa: F401  (the trained tiny model)
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-gguf installs it)")
+pytestmark = pytest.mark.slow
+
+
+def _llama(path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=False, seed=0)
+
+
+def _greedy(llm, ids: list[int], steps: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(steps):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def test_llama_cpp_tokenizes_and_generates_like_mark(trained, sample_data_dir, tmp_path):  # noqa: F811
+    model, tokenizer = trained
+    llm = _llama(export_gguf(model, tokenizer, tmp_path / "mamba-f32.gguf", "f32"))
+    assert llm.n_vocab() == model.args.vocab_size
+    docs = [json.loads(line)["text"] for line in (sample_data_dir / "lm_val.jsonl").read_text().splitlines()]
+    texts = [d[:600] for d in docs[:17]] + ["  two  spaces\tand a tab\n\n", "unicode: café – naïve ✓", "x = {'a': [1, 2]}  # 3's"]
+    assert len(texts) == 20
+    for text in texts:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == tokenizer.encode(text), text[:60]
+        assert llm.detokenize(tokenizer.encode(text)).decode("utf-8") == text
+    assert llm.tokenize(b"def f", add_bos=True)[0] == tokenizer.bos_id
+    for prompt in PROMPTS:
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        mine = generate_ids(model, [ids], 32, temperature=0.0, eos_id=-1)[0]
+        assert _greedy(llm, ids, 32) == mine, prompt
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_llama_cpp_runs_the_smaller_types(dtype, trained, tmp_path):  # noqa: F811
+    model, tokenizer = trained
+    llm = _llama(export_gguf(model, tokenizer, tmp_path / f"mamba-{dtype}.gguf", dtype))
+    agree = 0
+    for prompt in PROMPTS:
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        agree += _greedy(llm, ids, 1) == generate_ids(model, [ids], 1, temperature=0.0, eos_id=-1)[0]
+    assert agree >= 2  # rounding may flip a near-tie, not the model
