@@ -145,3 +145,13 @@ def test_a_checkpoint_mark_cannot_compute_is_refused(folders, tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "d_intermediate": 64}))
     with pytest.raises(ConfigError, match="d_intermediate=64 \\(MLP blocks\\)"):
         load_pretrained(str(bad), tokenizer=str(folders[4]))
+
+
+def test_a_hf_tokenizer_can_replace_marks_bpe_for_a_new_model(folders, corpus, tmp_path):
+    tok_dir = folders[4]
+    summary = main(_argv(corpus, tmp_path, f"model.tokenizer={tok_dir}", "model.d_model=32", "model.n_layers=1",
+                         "model.n_heads=2", "model.state_size=8"))
+    model, tokenizer = load_mamba(tmp_path / "ckpt")
+    assert tokenizer.is_pretrained and model.args.vocab_size == tokenizer.vocab_size == 400
+    assert summary["metrics"]["val_loss"] < summary["metrics"]["unigram_val_loss"] + 1.0
+    assert tokenizer.encode("import os") == MambaTokenizer.from_pretrained(tok_dir).encode("import os")
