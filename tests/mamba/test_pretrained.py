@@ -155,3 +155,26 @@ def test_a_hf_tokenizer_can_replace_marks_bpe_for_a_new_model(folders, corpus, t
     assert tokenizer.is_pretrained and model.args.vocab_size == tokenizer.vocab_size == 400
     assert summary["metrics"]["val_loss"] < summary["metrics"]["unigram_val_loss"] + 1.0
     assert tokenizer.encode("import os") == MambaTokenizer.from_pretrained(tok_dir).encode("import os")
+
+
+def test_an_imported_checkpoint_exports_back_to_transformers_and_gguf_unchanged(folders, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, Mamba2ForCausalLM
+
+    from src.mamba.export import export_gguf, export_hf
+
+    hf_dir, reference, ssm_dir, _, tok_dir = folders
+    model, tokenizer, _ = load_pretrained(str(hf_dir))
+    out = export_hf(model, tokenizer, tmp_path / "hf")
+    again = Mamba2ForCausalLM.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "return self.value"
+    assert hf_tok(text).input_ids == tokenizer.encode(text)  # a pretrained tokenizer is written as it came
+    ids = torch.tensor([[0] + tokenizer.encode(text)])
+    with torch.no_grad():
+        assert (again(ids).logits - reference(ids).logits).abs().max().item() <= 1e-5
+    assert json.loads((out / "tokenizer_config.json").read_text())["pad_token"] == "<|padding|>"
+    # mamba_ssm in, GGUF out: 416 rows, 400 tokens + 16 [PADn]
+    model, tokenizer, _ = load_pretrained(str(ssm_dir), tokenizer=str(tok_dir))
+    tokens = GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf")).fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == 416 and tokens[400] == "[PAD400]" and tokens[0] == "<|endoftext|>"
