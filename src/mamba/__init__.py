@@ -8,7 +8,8 @@ Modules: ``model`` (MambaLM, the SSD blocks), ``ssd`` (the chunked scan and the 
 step), ``tokenizer`` (byte-level BPE), ``data`` (packing documents into windows), ``train``
 (the training recipe), ``loss`` (fused LM-head cross-entropy), ``generate`` (sampling, log-probs),
 ``evaluate`` (perplexity, the unigram baseline),
-``load`` (checkpoint -> model).
+``load`` (checkpoint -> model), ``pretrained`` (a transformers or mamba_ssm Mamba-2 checkpoint
+folder -> model + tokenizer, for ``model.pretrained``), ``export`` (model -> HF folder, GGUF file).
 """
 
 from src.mamba.evaluate import perplexity
