@@ -12,11 +12,12 @@ from src.mamba import generate_ids
 from src.mamba.export import export_gguf
 from tests.mamba.test_export import PROMPTS, trained  # noqa: F401  (the trained tiny model)
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-gguf installs it)")
 pytestmark = pytest.mark.slow
 
 
 def _llama(path):
+    # imported here, so `make test` deselects this file without reporting a skip
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-gguf installs it)")
     return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=False, seed=0)
 
 
