@@ -530,6 +530,8 @@ class _ExportSettings(StrictModel):
 
     export_dir: str
     models: list[str]
+    # what the stage writes per model; a new form makes an older export not current
+    forms: list[str] = ["checkpoint", "hf"]
 
 
 if __name__ == "__main__":
