@@ -32,6 +32,8 @@ class MambaModelConfig(StrictModel):
     chunk_size: int = Field(64, gt=0, description="SSD chunk length: speed only, same function")
     tie_embeddings: bool = Field(True, description="LM head shares the input embedding matrix")
     gradient_checkpointing: bool = Field(False, description="recompute blocks in backward: less memory, ~30% slower")
+    # Speed (issue 17): torch.compile of the blocks for training.
+    compile: bool = Field(False, description="torch.compile each block (training): the first step compiles")
 
     @field_validator("vocab_size")
     @classmethod

@@ -348,7 +348,9 @@ class MambaBackbone(nn.Module):
 class MambaLM(nn.Module):
     """Mamba-2 causal language model. See the module docstring for the two ways to run it."""
 
-    def __init__(self, args: MambaArgs, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, args: MambaArgs, gradient_checkpointing: bool = False, compile: bool = False) -> None:
+        """``compile``: run each block through ``torch.compile`` (``model.compile`` in the
+        config); parameter names and checkpoints are unchanged, the first step compiles."""
         super().__init__()
         if args.d_inner % args.n_heads or args.n_heads % args.n_groups:
             raise ValueError("expand * d_model must divide into n_heads, and n_heads into n_groups")
@@ -359,6 +361,11 @@ class MambaLM(nn.Module):
         self.reset_parameters()
         if args.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
+        if compile:
+            # Per block (not the whole model): one graph serves every layer, and the
+            # chunked loss stays outside the graph. nn.Module.compile keeps the state-dict keys.
+            for block in self.backbone.layers:
+                block.compile()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

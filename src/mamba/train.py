@@ -106,7 +106,7 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
     )
 
     seed_everything(cfg.system.seed)
-    model = MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    model = MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile)
     fingerprint = tokenizer.fingerprint()
 
     def check_resume(checkpoint_extra: dict) -> None:
