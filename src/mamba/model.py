@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from src.mamba.loss import linear_cross_entropy
-from src.mamba.ssd import ssd_chunked
+from src.mamba.ssd import fused_kernels, ssd_chunked
 
 
 @dataclass
@@ -222,6 +222,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(n_heads))
         self.norm = GatedRMSNorm(d_inner, d_inner // args.n_groups, args.norm_eps)
         self.out_proj = nn.Linear(d_inner, args.d_model, bias=False)
+        # On CUDA, mamba_ssm's fused kernels when importable (src.mamba.ssd.fused_kernels);
+        # False forces MARK's own scan (the parity tests compare the two).
+        self.use_fused_kernels = True
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
@@ -253,14 +256,40 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self._split(self.in_proj(hidden))
 
         kernel = args.conv_kernel
+        kernels = fused_kernels() if hidden.is_cuda and self.use_fused_kernels else {}
         if conv_state is None:
             padded = F.pad(xbc, (0, 0, kernel - 1, 0))  # (b, kernel - 1 + L, conv_dim)
         else:
             padded = torch.cat([conv_state.transpose(1, 2).to(xbc.dtype), xbc], dim=1)
-        xbc = F.silu(causal_depthwise_conv(padded, self.conv1d.weight, self.conv1d.bias))
+        if "causal_conv1d_fn" in kernels and conv_state is None:
+            conv = kernels["causal_conv1d_fn"](
+                xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
+            )
+            xbc = conv.transpose(1, 2)
+        else:
+            xbc = F.silu(causal_depthwise_conv(padded, self.conv1d.weight, self.conv1d.bias))
 
         x, B, C = self._split_xbc(xbc)
         A = -torch.exp(self.A_log.float())
+        if "mamba_chunk_scan_combined" in kernels:
+            # mamba_ssm's fused SSD scan (softplus, decays and state in fp32 inside the kernel).
+            scan = kernels["mamba_chunk_scan_combined"](
+                x.reshape(batch, length, args.n_heads, args.head_dim),
+                dt,
+                A,
+                B.reshape(batch, length, args.n_groups, args.state_size),
+                C.reshape(batch, length, args.n_groups, args.state_size),
+                args.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                initial_states=ssm_state,
+                dt_softplus=True,
+                return_final_states=return_state,
+            )
+            y, final_state = scan if return_state else (scan, None)
+            if final_state is not None:
+                final_state = final_state.float()
+            return self._finish(hidden, y, z, padded, final_state, return_state)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         scan = ssd_chunked(
             x.reshape(batch, length, args.n_heads, args.head_dim),
@@ -274,9 +303,15 @@ class Mamba2Mixer(nn.Module):
             return_final_state=return_state,
         )
         y, final_state = scan if return_state else (scan, None)
+        return self._finish(hidden, y, z, padded, final_state, return_state)
+
+    def _finish(self, hidden, y, z, padded, final_state, return_state):
+        """Gated norm and output projection of the scan's ``y``; the states when asked."""
+        batch, length = hidden.shape[:2]
         y = self.norm(y.reshape(batch, length, self.d_inner), z)
         out = self.out_proj(y.to(hidden.dtype))
         if return_state:
+            kernel = self.args.conv_kernel
             conv_state = padded[:, padded.shape[1] - (kernel - 1):].transpose(1, 2).detach()
             return out, (conv_state, final_state.detach())
         return out
