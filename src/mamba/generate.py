@@ -29,21 +29,27 @@ class Decoder:
     ``torch.compile`` (batch size dynamic, so any number of rows uses the same code); the
     compilation happens on the first call of each kind (batch of 1, batch of several), or up
     front in :meth:`warmup`, whose time is ``compile_seconds``. A server calls ``warmup`` at
-    start-up so that no request pays it. The compiled step reads the weights at call time,
-    so a model that keeps training (RLHF) stays correct.
+    start-up so that no request pays it. The compiled step is *frozen*: inductor folds the
+    weights in as constants (and prepacks them for the CPU's matmul library), so it serves
+    the weights it was compiled with; build a new Decoder after the weights change (the
+    eager one, the default, always reads the current weights, as RLHF needs).
     """
 
     def __init__(self, model: MambaLM, compile: bool = False) -> None:
         self.model = model
         self.compiled = compile
         self.compile_seconds = 0.0
-        self._step = torch.compile(model.step_, dynamic=True) if compile else model.step_
+        self._step = torch.compile(model.step_, dynamic=True, options={"freezing": True}) if compile else model.step_
 
     def step(self, token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
-        """Logits (batch, vocab) after feeding ``token_ids`` (batch,); ``cache`` updated in place."""
-        return self._step(token_ids, cache)
+        """Logits (batch, vocab) after feeding ``token_ids`` (batch,); ``cache`` updated in place.
 
-    @torch.no_grad()
+        Runs in inference mode, as ``generate_ids`` and the API's worker do: the compiled step
+        is specialised on it, and a caller in plain ``no_grad`` would compile it again."""
+        with torch.inference_mode():
+            return self._step(token_ids, cache)
+
+    @torch.inference_mode()
     def warmup(self, batch_sizes: Sequence[int] = (1, 2)) -> float:
         """Run the step once per batch size on a throw-away state (compiling it when
         ``compile`` is on); returns the seconds it took, added to ``compile_seconds``."""
@@ -72,7 +78,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(
     model: MambaLM,
     prompts: Sequence[Sequence[int]],
