@@ -6,7 +6,8 @@
 
 One set of weights (a trained checkpoint with ``--checkpoint``, else the seed config's
 architecture, d_model 256, 4 layers, vocab 5000, with seeded random weights: speed does not
-depend on what the weights say) runs in three engines in one process, on the same threads:
+depend on what the weights say; for the GGUF export a BPE is trained on the repository's own
+source) runs in three engines in one process, on the same threads:
 
 * ``mark``: :class:`src.mamba.generate.Decoder` eager, the fused in-place step;
 * ``mark_compiled``: the same step through ``torch.compile`` (the compile time is reported
@@ -62,8 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_mark(opts):
-    """(MambaLM, tokenizer or None) on ``opts.device``, in eval mode."""
+def build_mark(opts, need_tokenizer: bool):
+    """(MambaLM, tokenizer or None) on ``opts.device``, in eval mode. Without a checkpoint and
+    with ``need_tokenizer`` (the GGUF export writes a vocabulary), a byte-level BPE of the
+    config's size is trained on this repository's own source and docs, and the model gets its size."""
+    from dataclasses import replace
+
     from src.mamba.model import MambaLM
 
     if opts.checkpoint:
@@ -71,13 +76,20 @@ def build_mark(opts):
 
         model, tokenizer = load_mamba(opts.checkpoint)
         return model.to(opts.device).eval(), tokenizer
+    args, tokenizer = seed_model_args(opts.config), None
+    if need_tokenizer:
+        from src.mamba.tokenizer import MambaTokenizer
+
+        files = sorted(REPO.glob("src/**/*.py")) + sorted(REPO.glob("*.md"))
+        tokenizer = MambaTokenizer.train([f.read_text(errors="replace") for f in files], vocab_size=args.vocab_size)
+        args = replace(args, vocab_size=tokenizer.vocab_size)
     torch.manual_seed(0)
-    model = MambaLM(seed_model_args(opts.config))
+    model = MambaLM(args)
     with torch.no_grad():  # per-head decays unlike the init values, as after training
         for block in model.backbone.layers:
             for param in (block.mixer.A_log, block.mixer.D, block.mixer.dt_bias):
                 param.add_(torch.randn_like(param) * 0.3)
-    return model.to(opts.device).eval(), None
+    return model.to(opts.device).eval(), tokenizer
 
 
 def _sync(device: str) -> None:
@@ -182,12 +194,14 @@ def bench_transformers(hf, prompts: torch.Tensor, opts) -> dict:
 
 def llama_cpp_available() -> tuple[bool, str]:
     """Whether the llama.cpp column can run, and why not."""
+    import importlib
+
     try:
-        from src.mamba.export import export_gguf  # noqa: F401
-    except ImportError as err:
+        importlib.import_module("src.mamba.export").export_gguf
+    except (ImportError, AttributeError) as err:
         return False, f"src.mamba.export.export_gguf is not importable ({err})"
     try:
-        import llama_cpp  # noqa: F401
+        importlib.import_module("llama_cpp")
     except ImportError as err:
         return False, f"llama_cpp is not installed ({err}; `pip install llama-cpp-python` builds it, ~5.5 min)"
     return True, ""
@@ -280,7 +294,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(opts.threads)
     started = time.time()
     load_before = os.getloadavg()
-    model, tokenizer = build_mark(opts)
+    run_llama, why = llama_cpp_available() if "llama.cpp" in opts.engines else (False, "not in --engines")
+    model, tokenizer = build_mark(opts, need_tokenizer=run_llama)
     from src.mamba.generate import Decoder
 
     gen = torch.Generator().manual_seed(0)
@@ -304,14 +319,9 @@ def main(argv=None) -> dict:
     hf = None
     if "transformers" in opts.engines:
         hf, notes["transformers_weights"] = build_transformers(model, tokenizer, opts)
-    run_llama = "llama.cpp" in opts.engines
-    if run_llama:
-        run_llama, why = llama_cpp_available()
-        if run_llama and tokenizer is None:
-            run_llama, why = False, "the GGUF export needs a tokenizer: pass --checkpoint DIR of a trained model"
-        if not run_llama:
-            skipped["llama.cpp"] = why
-            print(f"  llama.cpp column skipped: {why}", file=sys.stderr)
+    if not run_llama:
+        skipped["llama.cpp"] = why
+        print(f"  llama.cpp column skipped: {why}", file=sys.stderr)
 
     for batch in opts.batches:
         prompts = all_prompts[:batch]

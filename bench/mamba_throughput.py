@@ -150,7 +150,6 @@ def matmul_peak(device: str, dtype_name: str, threads: int, size: int = 2048, re
 
 def build_model(name: str, args, length: int):
     """(model, step_loss(ids) -> loss) for one of MODELS."""
-    import torch
     from dataclasses import replace
 
     from src.mamba.model import MambaLM, to_hf_config
