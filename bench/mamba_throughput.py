@@ -1,8 +1,8 @@
 """Training throughput and peak memory of MARK's Mamba vs. transformers' Mamba-2 and a GPT-2.
 
     python bench/mamba_throughput.py [--lengths 512 2048 8192] [--batch-tokens 8192] [--steps 2]
-        [--models mark hf_mamba2 hf_mamba2_chunk256 gpt2] [--threads N] [--device cpu]
-        [--config configs/mamba_train.yaml] [--output bench/results/mamba_throughput.json]
+        [--models mark hf_mamba2 hf_mamba2_chunk256 gpt2 mark_compiled] [--threads N] [--device cpu]
+        [--precision fp32|bf16] [--config configs/mamba_train.yaml] [--output bench/results/mamba_throughput.json]
 
 Every model has the width, depth and vocabulary of the seed config's ``model`` section
 (d_model 256, 4 layers, 8 heads, 5000 tokens):
@@ -14,7 +14,14 @@ Every model has the width, depth and vocabulary of the seed config's ``model`` s
   into it unchanged;
 * ``hf_mamba2_chunk256``: the same with transformers' default ``chunk_size`` of 256;
 * ``gpt2``: ``GPT2LMHeadModel`` with ``n_embd`` = d_model, ``n_layer`` = n_layers, ``n_head`` = n_heads,
-  SDPA attention (its MLP makes it about twice the parameters).
+  SDPA attention (its MLP makes it about twice the parameters);
+* ``mark_compiled`` (not in the default list): MARK with ``model.compile: true`` (each block
+  through ``torch.compile``; the first, compiling, step is the untimed warm-up).
+
+Model FLOPs utilisation (MFU) of the Mamba models: model FLOPs per token (:func:`model_flops_per_token`,
+from the config: 6 x the matmul parameters, LM head included, plus 3 x the SSD scan's forward
+matmuls) x tokens/s, divided by the dense matmul peak measured in the same run on the same
+device and threads (:func:`matmul_peak`: fp32 on CPU, bf16 on a GPU or with ``--precision bf16``).
 
 A training step is forward + cross-entropy + backward + AdamW step in float32 on random
 token ids (throughput only; nothing is learned). Each (model, length) point runs in its own
@@ -47,9 +54,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODELS = ("mark", "hf_mamba2", "hf_mamba2_chunk256", "gpt2")
+MODELS = ("mark", "hf_mamba2", "hf_mamba2_chunk256", "gpt2", "mark_compiled")
+DEFAULT_MODELS = MODELS[:4]
 LABELS = {
     "mark": "MARK Mamba-2",
+    "mark_compiled": "MARK Mamba-2, model.compile",
     "hf_mamba2": "transformers Mamba2 (same chunk)",
     "hf_mamba2_chunk256": "transformers Mamba2 (chunk 256)",
     "gpt2": "GPT-2 (same width/depth)",
@@ -61,9 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per step: batch = max(1, this // L)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per point (after one warm-up step)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                        help="autocast dtype of the training step (default: fp32 on CPU, bf16 on cuda)")
     parser.add_argument("--config", default="configs/mamba_train.yaml", help="seed config whose model section is used")
     parser.add_argument("--output", default="bench/results/mamba_throughput.json")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "LENGTH", "BATCH"), help=argparse.SUPPRESS)
@@ -86,15 +97,65 @@ def seed_model_args(config_path: str):
     )
 
 
+def model_flops_per_token(args) -> float:
+    """Training FLOPs per token of a Mamba-2 of ``args`` (forward + backward = 3 x forward).
+
+    Matmuls with weights: 2 FLOPs per parameter and token forward (in_proj, out_proj, LM head;
+    the depthwise conv, norms and elementwise work are left out, as MFU conventions do).
+    The SSD scan's matmuls per token and layer (chunk Q, heads h x head_dim p, groups g,
+    state n): scores C B^T 2Qgn, inside-chunk mixing 2Qhp, chunk states 2hpn, carried-in
+    state output 2hpn.
+    """
+    d_inner = args.expand * args.d_model
+    conv_dim = d_inner + 2 * args.n_groups * args.state_size
+    in_proj = args.d_model * (d_inner + conv_dim + args.n_heads)
+    out_proj = d_inner * args.d_model
+    lm_head = args.vocab_size * args.d_model
+    matmul_params = args.n_layers * (in_proj + out_proj) + lm_head
+    q, hp, gn = args.chunk_size, d_inner, args.n_groups * args.state_size
+    scan_forward = args.n_layers * (2 * q * gn + 2 * q * hp + 4 * hp * args.state_size)
+    return 6.0 * matmul_params + 3.0 * scan_forward
+
+
+def matmul_peak(device: str, dtype_name: str, threads: int, size: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """Best dense matmul rate (FLOP/s) of ``size`` x ``size`` matrices on ``device`` in
+    ``dtype_name`` with ``threads`` torch threads: the denominator of MFU, measured in the
+    same run as the throughput it divides. Returns (wall-clock rate, CPU-time rate); the
+    second (FLOPs / process CPU seconds x threads) is the one to set against ``cpu tok/s``
+    when other processes share the cores."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    if device == "cuda":
+        size = max(size, 8192)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    best, best_cpu = float("inf"), float("inf")
+    for i in range(repeats + 1):  # the first run warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, cpu = time.perf_counter(), time.process_time()
+        torch.mm(a, b, out=out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            best = min(best, time.perf_counter() - start)
+            best_cpu = min(best_cpu, (time.process_time() - cpu) / torch.get_num_threads())
+    flops = 2.0 * size**3
+    return flops / best, (flops / best_cpu if device == "cpu" and best_cpu > 0 else flops / best)
+
+
 def build_model(name: str, args, length: int):
     """(model, step_loss(ids) -> loss) for one of MODELS."""
-    import torch
     from dataclasses import replace
 
     from src.mamba.model import MambaLM, to_hf_config
 
-    if name == "mark":
-        model = MambaLM(args)
+    if name in ("mark", "mark_compiled"):
+        model = MambaLM(args, compile=name == "mark_compiled")
         return model, lambda ids: model(ids[:, :-1], labels=ids[:, 1:]).loss
     if name.startswith("hf_mamba2"):
         from transformers import Mamba2ForCausalLM
@@ -131,8 +192,11 @@ def run_worker(opts) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab_size, (batch, length + 1), device=device)
 
+    precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+
     def step() -> None:
-        loss = step_loss(ids)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = step_loss(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -142,7 +206,9 @@ def run_worker(opts) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step()  # warm-up
+    w0 = time.perf_counter()
+    step()  # warm-up (compiles, for mark_compiled)
+    warmup_seconds = time.perf_counter() - w0
     wall, cpu = [], []
     for _ in range(opts.steps):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -168,6 +234,8 @@ def run_worker(opts) -> dict:
         "memory_before_mib": round(rss_before, 1) if device.type == "cpu" else 0.0,
         "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
         "threads": torch.get_num_threads(),
+        "precision": precision,
+        "warmup_seconds": round(warmup_seconds, 1),
     }
 
 
@@ -288,8 +356,11 @@ def print_scan_table(rows: list[dict]) -> None:
         print(f"{LABELS[r['model']]:<34} {r['length']:>5} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {r['max_abs_diff_vs_hf']:>17.2e}")
 
 
-def print_table(results: list[dict]) -> None:
-    head = f"{'model':<34} {'L':>5} {'batch':>5} {'tokens/s':>9} {'cpu tok/s':>9} {'peak MiB':>9} {'before MiB':>10}"
+def print_table(results: list[dict], peak: float, cpu_peak: float, precision: str) -> None:
+    print(f"MFU against the {precision} matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s "
+          f"(cpu MFU: against {cpu_peak / 1e9:.1f} GFLOP/s per CPU-time)")
+    head = (f"{'model':<34} {'L':>5} {'batch':>5} {'tokens/s':>9} {'cpu tok/s':>9} {'MFU':>6} {'cpu MFU':>7} "
+            f"{'peak MiB':>9} {'before MiB':>10}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -297,9 +368,10 @@ def print_table(results: list[dict]) -> None:
         if "error" in r:
             print(f"{label:<34} {r['length']:>5} {r['batch']:>5}  error: {r['error']}")
             continue
+        mfu = f"{100 * r['mfu']:>5.1f}% {100 * r['cpu_mfu']:>6.1f}%" if "mfu" in r else f"{'-':>6} {'-':>7}"
         print(
             f"{label:<34} {r['length']:>5} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {r['cpu_tokens_per_s']:>9.0f} "
-            f"{r['peak_memory_mib']:>9.0f} {r['memory_before_mib']:>10.0f}"
+            f"{mfu} {r['peak_memory_mib']:>9.0f} {r['memory_before_mib']:>10.0f}"
         )
 
 
@@ -341,10 +413,18 @@ def main(argv=None) -> dict:
         return {}
     started = time.time()
     load_before = os.getloadavg()
+    precision = opts.precision or ("bf16" if opts.device == "cuda" else "fp32")
+    peak, cpu_peak = matmul_peak(opts.device, precision, opts.threads)
+    flops_per_token = model_flops_per_token(seed_model_args(opts.config))
+    print(f"  {precision} matmul peak: {peak / 1e9:.1f} GFLOP/s (CPU time: {cpu_peak / 1e9:.1f}); model FLOPs/token {flops_per_token / 1e6:.2f} M",
+          file=sys.stderr, flush=True)
     results = []
     for length in opts.lengths:
         for name in opts.models:
             result = measure(opts, name, length)
+            if "error" not in result and name.startswith(("mark", "hf_mamba2")):
+                result["mfu"] = round(result["tokens_per_s"] * flops_per_token / peak, 4)
+                result["cpu_mfu"] = round(result["cpu_tokens_per_s"] * flops_per_token / cpu_peak, 4)
             results.append(result)
             shown = f"{result['tokens_per_s']:.0f} tok/s" if "error" not in result else f"error: {result['error']}"
             print(f"  {name} L={length}: {shown}", file=sys.stderr, flush=True)
@@ -353,7 +433,9 @@ def main(argv=None) -> dict:
         "machine": machine_info(opts),
         "settings": {
             "lengths": opts.lengths, "batch_tokens": opts.batch_tokens, "steps": opts.steps,
-            "threads": opts.threads or "default", "config": opts.config, "precision": "float32",
+            "threads": opts.threads or "default", "config": opts.config, "precision": precision,
+            "matmul_peak_gflops": round(peak / 1e9, 2), "matmul_peak_cpu_time_gflops": round(cpu_peak / 1e9, 2),
+            "model_flops_per_token": flops_per_token,
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "wall_seconds": round(time.time() - started, 1),
@@ -363,13 +445,17 @@ def main(argv=None) -> dict:
         "summary": summarize(results, opts.lengths),
     }
     by_scan = {(r["model"], r["length"]): r["tokens_per_s"] for r in scans}
+    report["summary"]["mfu"] = {
+        name: {str(r["length"]): r["mfu"] for r in results if r["model"] == name and "mfu" in r}
+        for name in opts.models if name.startswith(("mark", "hf_mamba2"))
+    }
     report["summary"]["scan_speedup_vs_hf_mamba2"] = {
         str(L): round(by_scan[("mark", L)] / by_scan[("hf_mamba2", L)], 3) for L in opts.lengths
     }
     report["summary"]["scan_speedup_vs_hf_mamba2_chunk256"] = {
         str(L): round(by_scan[("mark", L)] / by_scan[("hf_mamba2_chunk256", L)], 3) for L in opts.lengths
     }
-    print_table(results)
+    print_table(results, peak, cpu_peak, precision)
     print()
     print_scan_table(scans)
     print(json.dumps(report["summary"], indent=2))

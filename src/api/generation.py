@@ -26,6 +26,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 import torch
 
 from src.core.logging import get_logger
+from src.mamba.generate import Decoder
 from src.mamba.model import MambaCache, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 
@@ -133,12 +134,15 @@ def sample_batch(logits: torch.Tensor, jobs: Sequence["GenerationJob"]) -> list[
         temperature = torch.tensor([jobs[i].params.temperature for i in rows], device=logits.device)[:, None]
         top_p = torch.tensor([jobs[i].params.top_p for i in rows], device=logits.device)[:, None]
         probs = torch.softmax(logits[index].float() / temperature, dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs = sorted_probs * ((sorted_probs.cumsum(-1) - sorted_probs) < top_p)
+        if bool((top_p < 1.0).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            sorted_probs = sorted_probs * ((sorted_probs.cumsum(-1) - sorted_probs) < top_p)
+        else:  # no nucleus to cut: the vocabulary order serves as well, no sort
+            sorted_probs, order = probs, None
         cdf = sorted_probs.cumsum(-1)
         uniform = torch.stack([torch.rand((), generator=jobs[i].generator, device=logits.device) for i in rows])
         pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
-        tokens[index] = order.gather(-1, pick)[:, 0]
+        tokens[index] = (order.gather(-1, pick) if order is not None else pick)[:, 0]
     return tokens.tolist()
 
 
@@ -218,8 +222,12 @@ class GenerationWorker:
         name: str = "mamba",
         max_batch_size: int = 32,
         max_pending: int = 256,
+        compile_step: bool = False,
     ) -> None:
         self.model = model.eval()
+        # The decoding step updates the batch's state in place; compiled, it is compiled
+        # once on this worker's thread before the first request is served.
+        self.decoder = Decoder(self.model, compile=compile_step)
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_size = max_batch_size
@@ -351,6 +359,9 @@ class GenerationWorker:
         return admitted
 
     def _run(self) -> None:
+        if self.decoder.compiled:
+            seconds = self.decoder.warmup((1, 2))
+            log.info("compiled the %s decoding step in %.1f s", self.name, seconds)
         active: list[GenerationJob] = []
         cache: MambaCache | None = None
         logits: torch.Tensor | None = None
@@ -389,7 +400,7 @@ class GenerationWorker:
                         active = [active[row] for row in keep]
                         tokens = [tokens[row] for row in keep]
                     step_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
-                    logits, cache = self.model.step(step_tokens, cache)
+                    logits = self.decoder.step(step_tokens, cache)  # cache: owned here, updated in place
                     self.steps += 1
                     self.rows_decoded += len(active)
                     self.max_rows = max(self.max_rows, len(active))

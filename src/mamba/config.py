@@ -42,6 +42,7 @@ class MambaModelConfig(StrictModel):
         description="a Hugging Face fast tokenizer (folder with tokenizer.json, or hub id): for a pretrained "
         "checkpoint without tokenizer files, or instead of training MARK's BPE",
     )
+    compile: bool = Field(False, description="torch.compile each block (training): the first step compiles")
 
     @field_validator("vocab_size")
     @classmethod

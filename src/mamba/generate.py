@@ -1,8 +1,9 @@
 """Text generation and scoring with a trained :class:`MambaLM`.
 
 Generation reads the prompt once with the chunked scan (prefill), then produces each new
-token with :meth:`MambaLM.step` from the fixed-size recurrent state: the cost of a new token
-does not depend on the prompt length (nothing like a growing key/value cache).
+token with :meth:`MambaLM.step_` from the fixed-size recurrent state: the cost of a new token
+does not depend on the prompt length (nothing like a growing key/value cache). The state is
+updated in place, and a :class:`Decoder` can compile that step once with ``torch.compile``.
 
 For RLHF-style training: :func:`token_logprobs` (differentiable log-probabilities of a
 sequence's tokens) and ``model(ids, compute_logits=False).hidden_states`` (the backbone's
@@ -11,12 +12,55 @@ final hidden states, ``model.args.d_model`` wide) for value or reward heads.
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
 
 from src.mamba.model import MambaCache, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
+
+
+class Decoder:
+    """The one-token decoding step of a model, eager or compiled.
+
+    ``Decoder(model).step(tokens, cache)`` is :meth:`MambaLM.step_`: logits (batch, vocab) for
+    one token per row, ``cache`` updated in place. With ``compile=True`` the step goes through
+    ``torch.compile`` (batch size dynamic, so any number of rows uses the same code); the
+    compilation happens on the first call of each kind (batch of 1, batch of several), or up
+    front in :meth:`warmup`, whose time is ``compile_seconds``. A server calls ``warmup`` at
+    start-up so that no request pays it. The compiled step is *frozen*: inductor folds the
+    weights in as constants (and prepacks them for the CPU's matmul library), so it serves
+    the weights it was compiled with; build a new Decoder after the weights change (the
+    eager one, the default, always reads the current weights, as RLHF needs).
+    """
+
+    def __init__(self, model: MambaLM, compile: bool = False) -> None:
+        self.model = model
+        self.compiled = compile
+        self.compile_seconds = 0.0
+        self._step = torch.compile(model.step_, dynamic=True, options={"freezing": True}) if compile else model.step_
+
+    def step(self, token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """Logits (batch, vocab) after feeding ``token_ids`` (batch,); ``cache`` updated in place.
+
+        Runs in inference mode, as ``generate_ids`` and the API's worker do: the compiled step
+        is specialised on it, and a caller in plain ``no_grad`` would compile it again."""
+        with torch.inference_mode():
+            return self._step(token_ids, cache)
+
+    @torch.inference_mode()
+    def warmup(self, batch_sizes: Sequence[int] = (1, 2)) -> float:
+        """Run the step once per batch size on a throw-away state (compiling it when
+        ``compile`` is on); returns the seconds it took, added to ``compile_seconds``."""
+        device = next(self.model.parameters()).device
+        started = time.perf_counter()
+        for batch in batch_sizes:
+            cache = self.model.empty_cache(batch, device)
+            self.step(torch.zeros(batch, dtype=torch.long, device=device), cache)
+        seconds = time.perf_counter() - started
+        self.compile_seconds += seconds
+        return seconds
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -34,7 +78,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(
     model: MambaLM,
     prompts: Sequence[Sequence[int]],
@@ -43,10 +87,12 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int | None = None,
     eos_id: int | None = None,
+    decoder: Decoder | None = None,
 ) -> list[list[int]]:
     """Continue each token-id prompt; returns the new ids per prompt (ending at ``eos_id``
     when it is sampled). Prompts may have different lengths: each is prefilled on its own,
     then all are decoded together, one token per step. The same ``seed`` gives the same output.
+    ``decoder``: a (compiled) :class:`Decoder` of ``model`` to reuse across calls.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -61,8 +107,9 @@ def generate_ids(
         out = model(torch.tensor([list(prompt)], dtype=torch.long, device=device), return_cache=True)
         caches.append(out.cache)
         logits.append(out.logits[:, -1])
-    cache = MambaCache.concat(caches)
+    cache = MambaCache.concat(caches)  # a fresh copy: the steps below update it in place
     next_logits = torch.cat(logits)
+    decode_step = (decoder or Decoder(model)).step
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):
@@ -73,7 +120,7 @@ def generate_ids(
                 finished[row] = token == eos_id
         if all(finished) or step == max_new_tokens - 1:
             break
-        next_logits, cache = model.step(tokens, cache)
+        next_logits = decode_step(tokens, cache)
     model.train(was_training)
     return outputs
 
@@ -105,4 +152,4 @@ def token_logprobs(model: MambaLM, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-__all__ = ["generate", "generate_ids", "sample_next", "token_logprobs"]
+__all__ = ["Decoder", "generate", "generate_ids", "sample_next", "token_logprobs"]

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from src.mamba.loss import linear_cross_entropy
-from src.mamba.ssd import ssd_chunked, ssd_step
+from src.mamba.ssd import fused_kernels, ssd_chunked
 
 
 @dataclass
@@ -222,6 +222,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(n_heads))
         self.norm = GatedRMSNorm(d_inner, d_inner // args.n_groups, args.norm_eps)
         self.out_proj = nn.Linear(d_inner, args.d_model, bias=False)
+        # On CUDA, mamba_ssm's fused kernels when importable (src.mamba.ssd.fused_kernels);
+        # False forces MARK's own scan (the parity tests compare the two).
+        self.use_fused_kernels = True
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
@@ -253,14 +256,40 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self._split(self.in_proj(hidden))
 
         kernel = args.conv_kernel
+        kernels = fused_kernels() if hidden.is_cuda and self.use_fused_kernels else {}
         if conv_state is None:
             padded = F.pad(xbc, (0, 0, kernel - 1, 0))  # (b, kernel - 1 + L, conv_dim)
         else:
             padded = torch.cat([conv_state.transpose(1, 2).to(xbc.dtype), xbc], dim=1)
-        xbc = F.silu(causal_depthwise_conv(padded, self.conv1d.weight, self.conv1d.bias))
+        if "causal_conv1d_fn" in kernels and conv_state is None:
+            conv = kernels["causal_conv1d_fn"](
+                xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
+            )
+            xbc = conv.transpose(1, 2)
+        else:
+            xbc = F.silu(causal_depthwise_conv(padded, self.conv1d.weight, self.conv1d.bias))
 
         x, B, C = self._split_xbc(xbc)
         A = -torch.exp(self.A_log.float())
+        if "mamba_chunk_scan_combined" in kernels:
+            # mamba_ssm's fused SSD scan (softplus, decays and state in fp32 inside the kernel).
+            scan = kernels["mamba_chunk_scan_combined"](
+                x.reshape(batch, length, args.n_heads, args.head_dim),
+                dt,
+                A,
+                B.reshape(batch, length, args.n_groups, args.state_size),
+                C.reshape(batch, length, args.n_groups, args.state_size),
+                args.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                initial_states=ssm_state,
+                dt_softplus=True,
+                return_final_states=return_state,
+            )
+            y, final_state = scan if return_state else (scan, None)
+            if final_state is not None:
+                final_state = final_state.float()
+            return self._finish(hidden, y, z, padded, final_state, return_state)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         scan = ssd_chunked(
             x.reshape(batch, length, args.n_heads, args.head_dim),
@@ -274,34 +303,52 @@ class Mamba2Mixer(nn.Module):
             return_final_state=return_state,
         )
         y, final_state = scan if return_state else (scan, None)
+        return self._finish(hidden, y, z, padded, final_state, return_state)
+
+    def _finish(self, hidden, y, z, padded, final_state, return_state):
+        """Gated norm and output projection of the scan's ``y``; the states when asked."""
+        batch, length = hidden.shape[:2]
         y = self.norm(y.reshape(batch, length, self.d_inner), z)
         out = self.out_proj(y.to(hidden.dtype))
         if return_state:
+            kernel = self.args.conv_kernel
             conv_state = padded[:, padded.shape[1] - (kernel - 1):].transpose(1, 2).detach()
             return out, (conv_state, final_state.detach())
         return out
 
-    def step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
-        """One token: (batch, d_model) -> (batch, d_model), new (conv_state, ssm_state)."""
+    def step_(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token, fused: (batch, d_model) -> (batch, d_model), updating ``conv_state``
+        (batch, conv_dim, kernel - 1) and ``ssm_state`` (batch, heads, head_dim, state_size,
+        float32, contiguous) in place.
+
+        About 20 kernels per layer and no Python objects per token: B and C are shared by
+        the heads of a group, so the state update is one batched outer product
+        (``baddbmm_``) and the readout one ``bmm`` over (heads_per_group * head_dim) rows.
+        """
         args = self.args
         batch = hidden.shape[0]
-        z, xbc, dt = self._split(self.in_proj(hidden))
-        window = torch.cat([conv_state.to(xbc.dtype), xbc[..., None]], dim=-1)  # (b, conv_dim, kernel)
-        conv_out = (window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias
-        x, B, C = self._split_xbc(F.silu(conv_out))
-        A = -torch.exp(self.A_log.float())
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        y, ssm_state = ssd_step(
-            ssm_state,
-            x.reshape(batch, args.n_heads, args.head_dim),
-            dt,
-            A,
-            B.reshape(batch, args.n_groups, args.state_size),
-            C.reshape(batch, args.n_groups, args.state_size),
-            D=self.D,
-        )
-        y = self.norm(y.reshape(batch, self.d_inner), z)
-        return self.out_proj(y.to(hidden.dtype)), (window[..., 1:], ssm_state)
+        groups, heads, head_dim, state = args.n_groups, args.n_heads, args.head_dim, args.state_size
+        rows = heads // groups * head_dim
+        z, xbc, dt = self._split(F.linear(hidden, self.in_proj.weight))
+        window = torch.cat([conv_state, xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (b, conv_dim, kernel)
+        conv_state.copy_(window[..., 1:])
+        xbc = F.silu((window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias)
+        x, B, C = self._split_xbc(xbc.float())
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, heads)
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))
+        x = x.reshape(batch, heads, head_dim)
+        ssm_state.mul_(decay[..., None, None])
+        flat_state = ssm_state.view(batch * groups, rows, state)
+        flat_state.baddbmm_((x * dt[..., None]).reshape(batch * groups, rows, 1), B.reshape(batch * groups, 1, state))
+        y = torch.bmm(flat_state, C.reshape(batch * groups, state, 1)).view(batch, heads, head_dim)
+        y = torch.addcmul(y, x, self.D.float()[:, None]).view(batch, self.d_inner) * F.silu(z.float())
+        norm = self.norm
+        if groups == 1:
+            y = F.rms_norm(y, (self.d_inner,), norm.weight.float(), norm.eps)
+        else:
+            y = F.rms_norm(y.view(batch, groups, norm.group_size), (norm.group_size,), None, norm.eps)
+            y = y.view(batch, self.d_inner) * norm.weight.float()
+        return F.linear(y.to(hidden.dtype), self.out_proj.weight)
 
 
 class MambaBlock(nn.Module):
@@ -319,9 +366,10 @@ class MambaBlock(nn.Module):
             return hidden.float() + mixed, state
         return hidden.float() + mixed
 
-    def step(self, hidden, conv_state, ssm_state):
-        mixed, state = self.mixer.step(self.norm(hidden), conv_state, ssm_state)
-        return hidden.float() + mixed, state
+    def step_(self, hidden, conv_state, ssm_state):
+        """One token (batch, d_model) float32 -> same; states updated in place."""
+        normed = F.rms_norm(hidden, (hidden.shape[-1],), self.norm.weight.float(), self.norm.eps)
+        return hidden + self.mixer.step_(normed.to(self.mixer.in_proj.weight.dtype), conv_state, ssm_state)
 
 
 class MambaBackbone(nn.Module):
@@ -335,7 +383,9 @@ class MambaBackbone(nn.Module):
 class MambaLM(nn.Module):
     """Mamba-2 causal language model. See the module docstring for the two ways to run it."""
 
-    def __init__(self, args: MambaArgs, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, args: MambaArgs, gradient_checkpointing: bool = False, compile: bool = False) -> None:
+        """``compile``: run each block through ``torch.compile`` (``model.compile`` in the
+        config); parameter names and checkpoints are unchanged, the first step compiles."""
         super().__init__()
         if args.d_inner % args.n_heads or args.n_heads % args.n_groups:
             raise ValueError("expand * d_model must divide into n_heads, and n_heads into n_groups")
@@ -346,6 +396,15 @@ class MambaLM(nn.Module):
         self.reset_parameters()
         if args.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
+        if compile:
+            self.compile_blocks()
+
+    def compile_blocks(self) -> None:
+        """Run each block through ``torch.compile`` (``model.compile``); the first step compiles."""
+        # Per block (not the whole model): one graph serves every layer, and the
+        # chunked loss stays outside the graph. nn.Module.compile keeps the state-dict keys.
+        for block in self.backbone.layers:
+            block.compile()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -395,15 +454,39 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor, cache: MambaCache) -> tuple[torch.Tensor, MambaCache]:
-        """Feed one token per sequence (batch,) after ``cache``; returns (logits (batch, vocab), new cache)."""
-        hidden = self.backbone.embeddings(token_ids)
-        new_cache = MambaCache()
+        """Feed one token per sequence (batch,) after ``cache``; returns (logits (batch, vocab),
+        new cache). ``cache`` is left unchanged (it is copied); :meth:`step_` is the same
+        step without the copy, for decoding loops that own their cache."""
+        new_cache = MambaCache(
+            conv=[c.clone(memory_format=torch.contiguous_format) for c in cache.conv],
+            ssm=[s.float().clone(memory_format=torch.contiguous_format) for s in cache.ssm],
+        )
+        return self.step_(token_ids, new_cache), new_cache
+
+    @torch.no_grad()
+    def step_(self, token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """Feed one token per sequence (batch,), updating ``cache`` in place; returns the
+        logits (batch, vocab) in float32. The cache's SSM states must be contiguous float32
+        (as :meth:`forward` and :meth:`MambaCache.concat` make them). This is the decoding
+        hot path: a fixed sequence of kernels with no Python objects created per layer, which
+        ``torch.compile`` can turn into a few fused loops (see ``src.mamba.generate.Decoder``)."""
+        hidden = self.backbone.embeddings(token_ids).float()
         for i, block in enumerate(self.backbone.layers):
-            hidden, (conv_state, ssm_state) = block.step(hidden, cache.conv[i], cache.ssm[i])
-            new_cache.conv.append(conv_state)
-            new_cache.ssm.append(ssm_state)
-        hidden = self.backbone.norm_f(hidden)
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), new_cache
+            hidden = block.step_(hidden, cache.conv[i], cache.ssm[i])
+        norm_f = self.backbone.norm_f
+        hidden = F.rms_norm(hidden, (hidden.shape[-1],), norm_f.weight.float(), norm_f.eps)
+        return F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight).float()
+
+    def empty_cache(self, batch_size: int, device: torch.device | str | None = None) -> MambaCache:
+        """The state before any token: zeros, contiguous, SSM state in float32."""
+        args = self.args
+        device = device if device is not None else self.lm_head.weight.device
+        conv_dim = args.d_inner + 2 * args.n_groups * args.state_size
+        dtype = self.lm_head.weight.dtype
+        return MambaCache(
+            conv=[torch.zeros(batch_size, conv_dim, args.conv_kernel - 1, device=device, dtype=dtype) for _ in range(args.n_layers)],
+            ssm=[torch.zeros(batch_size, args.n_heads, args.head_dim, args.state_size, device=device) for _ in range(args.n_layers)],
+        )
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied embeddings counted once)."""

@@ -22,8 +22,32 @@ hand (:class:`_ChunkedScan`) from a few saved tensors. Measured in
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+@functools.cache
+def fused_kernels() -> dict:
+    """The CUDA kernels of ``mamba_ssm`` / ``causal_conv1d`` that are importable here, by name:
+    ``mamba_chunk_scan_combined`` (the SSD scan, Triton) and ``causal_conv1d_fn``. Empty
+    when the packages are not installed (as on CPU-only machines): MARK's own scan and
+    convolution are used then. Only ever used on CUDA tensors."""
+    kernels = {}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        kernels["mamba_chunk_scan_combined"] = mamba_chunk_scan_combined
+    except Exception:  # not installed, or built for another torch/CUDA: MARK's scan serves
+        pass
+    try:
+        from causal_conv1d import causal_conv1d_fn
+
+        kernels["causal_conv1d_fn"] = causal_conv1d_fn
+    except Exception:
+        pass
+    return kernels
 
 
 def ssd_chunked(

@@ -124,7 +124,12 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
     )
 
     seed_everything(cfg.system.seed)
-    model = pretrained_model if pretrained_model is not None else MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if pretrained_model is not None:
+        model = pretrained_model
+        if cfg.model.compile:
+            model.compile_blocks()
+    else:
+        model = MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile)
     fingerprint = tokenizer.fingerprint()
 
     def check_resume(checkpoint_extra: dict) -> None:

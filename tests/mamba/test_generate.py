@@ -42,7 +42,7 @@ def test_decoding_uses_one_token_steps_on_a_fixed_size_state(model, monkeypatch)
     """The cost of a new token does not depend on the prompt: after one prefill per prompt,
     every step feeds one token per sequence and the state has the same size for any prompt."""
     calls = {"forward_lengths": [], "step_shapes": [], "state_numel": []}
-    forward, step = MambaLM.forward, MambaLM.step
+    forward, step = MambaLM.forward, MambaLM.step_
 
     def counting_forward(self, input_ids, *args, **kwargs):
         calls["forward_lengths"].append(input_ids.shape[1])
@@ -54,7 +54,7 @@ def test_decoding_uses_one_token_steps_on_a_fixed_size_state(model, monkeypatch)
         return step(self, token_ids, cache)
 
     monkeypatch.setattr(MambaLM, "forward", counting_forward)
-    monkeypatch.setattr(MambaLM, "step", counting_step)
+    monkeypatch.setattr(MambaLM, "step_", counting_step)
     short, long = [1] * 5, [1, 2, 3] * 400
     generate_ids(model, [short, long], max_new_tokens=6, temperature=0)
     assert calls["forward_lengths"] == [5, 1200]  # one prefill per prompt, nothing re-read
@@ -105,3 +105,49 @@ def test_token_logprobs_are_differentiable_log_softmax_of_next_tokens(model):
 def test_hidden_states_for_value_and_reward_heads(model):
     out = model(torch.tensor([[1, 2, 3, 4]]), compute_logits=False)
     assert out.logits is None and out.hidden_states.shape == (1, 4, model.args.d_model)
+
+
+def test_fused_in_place_step_keeps_the_greedy_tokens_of_full_forward_passes():
+    """The decoding step (fused, state updated in place) gives the logits of re-reading the
+    whole sequence, so greedy tokens are exactly those of the full forward, for a batch of
+    prompts of different lengths over 40 tokens."""
+    torch.manual_seed(1)
+    args = MambaArgs(vocab_size=256, d_model=32, n_layers=2, n_heads=4, state_size=8, chunk_size=16, n_groups=2)
+    model = MambaLM(args).eval()
+    with torch.no_grad():
+        for block in model.backbone.layers:  # per-head decays and skips unlike the init values
+            for param in (block.mixer.A_log, block.mixer.D, block.mixer.dt_bias):
+                param.add_(torch.randn_like(param) * 0.3)
+    prompts = [[1, 5, 9], [1] + list(range(20, 60)), [1, 200]]
+    new = generate_ids(model, prompts, max_new_tokens=40, temperature=0)
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, new):
+            seq = list(prompt) + tokens
+            logits = model(torch.tensor([seq])).logits[0, len(prompt) - 1 : -1]
+            assert logits.argmax(-1).tolist() == tokens
+
+
+def test_functional_step_leaves_its_cache_unchanged_and_in_place_step_updates_it(model):
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2, 3], [1, 4, 5]]), return_cache=True).cache
+        before = [t.clone() for t in cache.conv + cache.ssm]
+        logits, new_cache = model.step(torch.tensor([7, 8]), cache)
+        assert all(torch.equal(a, b) for a, b in zip(before, cache.conv + cache.ssm))
+        in_place = model.step_(torch.tensor([7, 8]), cache)
+        assert torch.equal(in_place, logits)
+        assert all(torch.equal(a, b) for a, b in zip(cache.conv + cache.ssm, new_cache.conv + new_cache.ssm))
+        assert not torch.equal(before[-1], cache.ssm[-1])
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_eager_tokens(model):
+    """``Decoder(compile=True)``: torch.compile of the step, same greedy tokens as eager for
+    batches of 1 and 3 (the dynamic batch size compiles once per kind, in ``warmup``)."""
+    from src.mamba.generate import Decoder
+
+    decoder = Decoder(model, compile=True)
+    assert decoder.warmup((1, 3)) > 0 and decoder.compile_seconds > 0
+    prompts = [[1, 5, 9], [1, 20, 30, 40], [1, 7]]
+    eager = generate_ids(model, prompts, max_new_tokens=12, temperature=0)
+    assert generate_ids(model, prompts, max_new_tokens=12, temperature=0, decoder=decoder) == eager
+    assert generate_ids(model, prompts[:1], max_new_tokens=12, temperature=0, decoder=decoder) == eager[:1]
