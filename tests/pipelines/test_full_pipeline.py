@@ -35,7 +35,7 @@ def test_every_stage_runs_and_the_manifest_describes_it(tiny_pipeline):
     assert {rows[s]["status"] for s in ALL_STAGES[1:]} == {"ran"}
 
     metrics = summary["metrics"]
-    assert metrics["data_prep"]["documents"] == 30 and metrics["data_prep"]["files"] == 12
+    assert metrics["data_prep"]["documents"] == 30 and metrics["data_prep"]["files"] == 14
     assert math.isfinite(metrics["train_mamba"]["best_val_loss"]) and metrics["train_mamba"]["global_step"] == 6
     assert metrics["train_transformer"]["global_step"] == 2  # 32 examples / batch 16, one epoch
     assert 0 <= metrics["train_transformer"]["test_accuracy"] <= 1

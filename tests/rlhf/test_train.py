@@ -194,3 +194,23 @@ def test_config_from_an_rlhf_section_or_the_rlhf_yaml_beside_it(tiny_base_model,
 
 def test_win_rate_counts_ties_half():
     assert win_rate(torch.tensor([1.0, 2.0, 0.0, 3.0]), torch.tensor([0.0, 2.0, 1.0, 1.0])) == pytest.approx(2.5 / 4)
+
+
+def test_reward_scorer_scores_texts_with_either_backbone(pipeline_run, tiny_base_model, sample_data_dir, tmp_path):
+    from src.rlhf.load import load_reward_scorer
+
+    scorer = load_reward_scorer(pipeline_run["out"], "cpu")  # the encoder reward model of the run
+    assert scorer.backbone == "encoder"
+    scores = scorer.score(["What does json.dumps do?"] * 2, ["Serialize obj to a JSON formatted str.", "It does what its name says."])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores) and scores[0] != scores[1]
+    assert scorer.score([], []) == []
+
+    # The Mamba backbone: a short run with only the reward stage's choice changed.
+    config = write_yaml(tmp_path / "rlhf.yaml", tiny_rlhf_config(tiny_base_model, sample_data_dir, tmp_path))
+    rlhf_pipeline.main(["--config", str(config), "--method", "dpo", "training.dpo.max_train_examples=8"])
+    mamba_scorer = load_reward_scorer(tmp_path / "rlhf" / "reward_model.pt")
+    assert mamba_scorer.backbone == "mamba"
+    again = mamba_scorer.score(["What does json.dumps do?"], ["Serialize obj to a JSON formatted str."])
+    assert len(again) == 1 and again == mamba_scorer.score(["What does json.dumps do?"], ["Serialize obj to a JSON formatted str."])
+    with pytest.raises(NotTrainedError, match="no reward model"):
+        load_reward_scorer(tmp_path / "nowhere")
