@@ -86,11 +86,24 @@ class RewardScorer:
         return [float(x) for x in self.model.normalized(raw.to(self.model.score_mean.device)).cpu()]
 
 
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
+    """``(reward model, tokenizer)`` from ``reward_model.pt`` of either backbone, in eval mode on
+    ``device``: a :class:`src.rlhf.reward_model.RewardModel` and the Mamba tokenizer, or an
+    :class:`src.rlhf.reward_encoder.EncoderRewardModel` and its own word-piece tokenizer."""
+    from src.rlhf.reward_encoder import load_encoder_reward_model
+    from src.rlhf.reward_model import KIND as REWARD_KIND
+    from src.rlhf.reward_model import load_reward_model as load_mamba_reward_model
+
+    state = load_checkpoint(path, map_location="cpu", kind=REWARD_KIND)
+    if (state.get("extra") or {}).get("backbone") == "encoder":
+        model = load_encoder_reward_model(state, path, device)
+        return model, model.tokenizer
+    return load_mamba_reward_model(path, device)
+
+
 def load_reward_scorer(path: str | Path, device: str | torch.device = "cpu") -> RewardScorer:
     """The reward model ``reward_model.pt`` (or a folder holding it) as a :class:`RewardScorer`;
     a missing file is a ``NotTrainedError`` naming the pipeline command."""
-    from src.rlhf.reward_model import load_reward_model
-
     path = Path(path)
     candidate = path / "reward_model.pt" if path.is_dir() else path
     if not candidate.is_file():

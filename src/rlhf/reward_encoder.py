@@ -11,7 +11,7 @@ evaluation decode the policy's prompt and response ids and pass strings.
 
 Trained through the shared engine like the Mamba reward model; delivers ``reward_model.pt``
 (kind ``rlhf_reward``, ``extra.backbone == "encoder"``) that
-:func:`src.rlhf.reward_model.load_reward_model` reads back.
+:func:`src.rlhf.load.load_reward_model` reads back.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from src.data.readers import PreferenceExample
 from src.rlhf.checkpoints import stage_record
 from src.rlhf.config import RewardConfig, StageConfig
 from src.rlhf.data import evaluate_in_batches
+from src.rlhf.reward_model import pairwise_metrics
 from src.training.engine import TrainTask, fit
 
 KIND = "rlhf_reward"  # the same file kind as the Mamba reward model: one loader reads both
@@ -161,8 +162,6 @@ def _eval_step(model: EncoderRewardModel, batch: dict[str, torch.Tensor]) -> dic
 
 def evaluate_text_pairs(model: EncoderRewardModel, examples: Sequence[PreferenceExample], batch_size: int = 32) -> dict[str, float]:
     """Pairwise accuracy / loss / margin (:func:`src.rlhf.reward_model.pairwise_metrics`) on ``examples``."""
-    from src.rlhf.reward_model import pairwise_metrics
-
     dataset = TextPreferenceDataset(examples, model.template)
     outputs = evaluate_in_batches(model, dataset, lambda items: collate_text_preferences(model, items), _eval_step, batch_size)
     return pairwise_metrics(outputs)
@@ -177,8 +176,6 @@ def train_encoder_reward_model(
     """Train an :class:`EncoderRewardModel` on ``training.reward.encoder_model`` with the
     pairwise loss; the checkpoint with the lowest val pairwise loss becomes ``stage.output_file``.
     Returns ``{"metrics": ..., "outputs": ...}``."""
-    from src.rlhf.reward_model import pairwise_metrics
-
     cfg: RewardConfig = stage.training
     seed_everything(stage.system.seed)
     encoder, tokenizer = load_encoder(cfg.encoder_model)

@@ -215,17 +215,13 @@ def save_reward_model(
     )
 
 
-def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """``(reward model, tokenizer)`` from ``reward_model.pt``, in eval mode on ``device``: a
-    :class:`RewardModel` and the Mamba tokenizer, or (``backbone: encoder``) an
-    :class:`src.rlhf.reward_encoder.EncoderRewardModel` and its own HF tokenizer."""
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, MambaTokenizer]:
+    """``(reward model, tokenizer)`` from a Mamba-backbone ``reward_model.pt``, in eval mode on
+    ``device`` (:func:`src.rlhf.load.load_reward_model` reads either backbone)."""
     state = load_checkpoint(path, map_location="cpu", kind=KIND)
     extra = state.get("extra") or {}
     if extra.get("backbone") == "encoder":
-        from src.rlhf.reward_encoder import load_encoder_reward_model
-
-        model = load_encoder_reward_model(state, path, device)
-        return model, model.tokenizer
+        raise CheckpointError(f"{path}: an encoder reward model; load it with src.rlhf.load.load_reward_model")
     if "model_args" not in extra or "tokenizer_json" not in extra:
         raise CheckpointError(f"{path}: not a complete reward-model checkpoint (architecture or tokenizer missing)")
     model = RewardModel(MambaLM(MambaArgs.from_dict(extra["model_args"])))

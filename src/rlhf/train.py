@@ -33,11 +33,11 @@ from src.rlhf.config import RLHFConfig, StageConfig
 from src.rlhf.dpo import train_dpo
 from src.rlhf.evaluate import evaluate_rlhf
 from src.rlhf.export import export_rlhf_model
-from src.rlhf.load import FINAL_MODEL
+from src.rlhf.load import FINAL_MODEL, load_reward_model
 from src.rlhf.ppo import train_ppo
 from src.rlhf.reward_model import KIND as REWARD_KIND
 from src.rlhf.reward_encoder import train_encoder_reward_model
-from src.rlhf.reward_model import load_reward_model, train_reward_model
+from src.rlhf.reward_model import train_reward_model
 from src.rlhf.sft import train_sft
 
 log = get_logger("rlhf")

@@ -12,7 +12,7 @@ from src.rlhf.data import PromptFormat
 from src.rlhf.evaluate import preference_baselines
 from src.rlhf.ppo import reward_scores
 from src.rlhf.reward_encoder import EncoderRewardModel, evaluate_text_pairs, train_encoder_reward_model
-from src.rlhf.reward_model import load_reward_model
+from src.rlhf.load import load_reward_model
 
 
 def _toy_pairs(sample_data_dir, n: int) -> list[PreferenceExample]:
