@@ -165,7 +165,7 @@ def test_data_prep_writes_the_sample_data_once_and_never_overwrites_users_files(
     args = ["--data-dir", str(data), "--output-dir", str(tmp_path / "out"), "--stages", "data_prep", "--no-report"]
     first = _rows(full_pipeline.main(args))["data_prep"]
     assert first["status"] == "ran" and first["note"] == "sample data written"
-    assert (data / "manifest.json").is_file() and first["metrics"]["files"] == 12 and first["metrics"]["documents"] > 100
+    assert (data / "manifest.json").is_file() and first["metrics"]["files"] == 14 and first["metrics"]["documents"] > 100
     second = _rows(full_pipeline.main(args))["data_prep"]
     assert second["status"] == "skipped" and second["note"] == "sample data up to date, validated"
 
