@@ -48,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides.append(f"paths.checkpoint_dir={args.output_dir}")
     if args.num_rl_steps is not None:
         overrides.append(f"training.ppo.num_steps={args.num_rl_steps}")
-    if args.method is not None:
-        overrides.append(f"training.method={args.method}")
+    overrides += [f"training.method={args.method}"] if args.method else []
     overrides.append(f"model.base_model={args.base_model}")
     cfg = load_rlhf_config(args.config, overrides)
     return run(cfg, resume=args.resume, evaluate=args.evaluate, skip_sft=args.skip_sft, skip_reward=args.skip_reward)
