@@ -19,7 +19,7 @@ def sample_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding the full sample corpus of ``src.data.prepare`` (about 1 s to build).
 
     It has documents.jsonl, lm_{train,val}.jsonl, classification_{train,val,test}.jsonl,
-    labels.json, rag_eval.jsonl, sft_{train,val}.jsonl, preferences_{train,val}.jsonl and
+    labels.json, rag_eval.jsonl, sft_{train,val,test}.jsonl, preferences_{train,val,test}.jsonl and
     manifest.json. It is shared by the whole session: read it, don't modify it (copy it
     to ``tmp_path`` first when a test needs to change files).
     """

@@ -142,6 +142,18 @@ class ModelRegistry:
             log.info("loaded %s from %s in %.1fs", name, path, seconds)
             return loaded
 
+    def answer_model(self, requested: str | None = None) -> str:
+        """The language model that answers grounded questions: ``requested`` when given (not
+        ``None``/``"auto"``); else the aligned model (``rlhf``, trained on the server's grounded
+        template) when one is trained, else the base ``mamba``."""
+        if requested not in (None, "auto"):
+            return requested
+        try:
+            self.model_path("rlhf")
+        except MarkError:
+            return "mamba"
+        return "rlhf"
+
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 

@@ -171,7 +171,8 @@ class ClassifyResponse(BaseModel):
 class QueryRequest(StrictRequest):
     query: Query
     top_k: int = Field(3, ge=1, le=MAX_QUERY_TOP_K)
-    model: LanguageModelName = "mamba"
+    # None: the aligned (RLHF) model when one is trained, else the base Mamba (ModelRegistry.answer_model).
+    model: Optional[LanguageModelName] = None
     mode: Optional[SearchModeName] = None
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     temperature: Temperature = 0.0

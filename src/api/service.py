@@ -51,6 +51,7 @@ class Answer:
     prompt: str
     hits: list
     used: list[Passage]
+    model: str = "mamba"  # the language model that answered
 
 
 class ModelService:
@@ -137,15 +138,17 @@ class ModelService:
         hits = await run_in_threadpool(retriever.search, query, top_k, mode, vector)
         return mode, hits
 
-    async def answer(self, query: str, top_k: int, model: str, params: GenerationParams, mode: str | None = None) -> Answer:
-        """Retrieve, then generate an answer grounded in the retrieved passages."""
+    async def answer(self, query: str, top_k: int, model: str | None, params: GenerationParams, mode: str | None = None) -> Answer:
+        """Retrieve, then generate an answer grounded in the retrieved passages; ``model`` None
+        or ``"auto"``: the aligned model when trained, else the base model."""
+        model = self.registry.answer_model(model)
         worker = await self.agenerator(model)  # fail fast (503) before searching when the LM is missing
         _, hits = await self.search(query, top_k, mode)
         used = select_passages([Passage(h.doc_id, h.text) for h in hits])
         prompt = grounded_prompt(query, used)
         params = replace(params, stop=tuple(params.stop) + ANSWER_STOP)
         result = await worker.agenerate(self.prompt_ids(worker, prompt), params)
-        return Answer(result=result, prompt=prompt, hits=hits, used=used)
+        return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model)
 
     def generation_stats(self) -> dict[str, dict[str, Any]]:
         stats = {}

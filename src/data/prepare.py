@@ -11,8 +11,8 @@ format MARK trains on (see ``data/README.md`` for what each file holds):
     classification_{train,val,test}.jsonl {text, label}          docstring -> module topic
     labels.json                         ordered label names
     rag_eval.jsonl                      {query, relevant_docs}   question -> module document
-    sft_{train,val}.jsonl               {prompt, response}       "What does X do?" -> summary
-    preferences_{train,val}.jsonl       {prompt, chosen, rejected}
+    sft_{train,val,test}.jsonl          {prompt, response}       "What does X do?" -> summary
+    preferences_{train,val,test}.jsonl  {prompt, chosen, rejected}
     manifest.json                       generator/Python version, per-file counts and sha256
 
 The output is deterministic: the same Python on the same platform writes byte-identical
@@ -59,7 +59,7 @@ from src.data.readers import (
 )
 
 # Bump when the output for a given Python changes, so existing data is rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: sft/preferences test splits
 SOURCE = "python-stdlib-docstrings"
 
 # The classification labels, in index order.
@@ -130,8 +130,10 @@ DATA_FILES: dict[str, str] = {
     "rag_eval": "rag_eval.jsonl",
     "sft_train": "sft_train.jsonl",
     "sft_val": "sft_val.jsonl",
+    "sft_test": "sft_test.jsonl",
     "preferences_train": "preferences_train.jsonl",
     "preferences_val": "preferences_val.jsonl",
+    "preferences_test": "preferences_test.jsonl",
 }
 MANIFEST_FILE = "manifest.json"
 
@@ -146,7 +148,8 @@ MAX_SUMMARY_CHARS = 300
 MAX_RAG_QUERIES_PER_MODULE = 3
 MAX_RAG_QUERIES = 400
 MAX_SFT_EXAMPLES = 1500
-SFT_VAL_FRACTION = 0.1
+SFT_VAL_FRACTION = 0.1  # val: selects checkpoints and tunes settings
+SFT_TEST_FRACTION = 0.1  # test: reported, and nothing else
 GENERIC_ANSWERS = (
     "It is part of the Python standard library.",
     "It does what its name says.",
@@ -588,7 +591,8 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
     The preference prompts are the SFT prompts. ``chosen`` is the right summary;
     ``rejected`` is, for about 80%, the summary of an entry of the same kind from another
     module (plausible but wrong), for about 10% the right summary cut short, and for about
-    10% a generic non-answer. Splits are 90/10 by hashed name.
+    10% a generic non-answer. Splits are train/val/test 80/10/10 by answer (in hashed-name
+    order): a prompt and its chosen answer are in exactly one split.
     """
     entries = []
     seen_prompts: set[str] = set()
@@ -605,10 +609,18 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
     for entry, _, summary in sorted(entries, key=lambda e: e[0].full_name):
         pools.setdefault("class" if entry.kind == "class" else "callable", []).append((entry, summary))
 
-    n_val = max(1, round(len(entries) * SFT_VAL_FRACTION))
-    out: dict[str, list[dict]] = {"sft_train": [], "sft_val": [], "preferences_train": [], "preferences_val": []}
-    for position, (entry, prompt, summary) in enumerate(entries):
-        split = "val" if position < n_val else "train"
+    # Split by answer, not by name: entries that share a docstring (an inherited method under
+    # two classes) share a summary, and one of them in train would give the other's answer away.
+    summaries = list(dict.fromkeys(summary for _, _, summary in entries))
+    n_val = max(1, round(len(summaries) * SFT_VAL_FRACTION))
+    n_test = max(1, round(len(summaries) * SFT_TEST_FRACTION))
+    split_of = {
+        summary: "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+        for rank, summary in enumerate(summaries)
+    }
+    out: dict[str, list[dict]] = {f"{kind}_{split}": [] for kind in ("sft", "preferences") for split in ("train", "val", "test")}
+    for entry, prompt, summary in entries:
+        split = split_of[summary]
         out[f"sft_{split}"].append({"prompt": prompt, "response": summary})
         out[f"preferences_{split}"].append(
             {"prompt": prompt, "chosen": summary, "rejected": _rejected_answer(entry, summary, pools)}
@@ -816,8 +828,10 @@ def validate_data_files(output_dir: str | Path = "data", files: Iterable[str] | 
         "rag_eval": read_rag_eval,
         "sft_train": read_sft,
         "sft_val": read_sft,
+        "sft_test": read_sft,
         "preferences_train": read_preferences,
         "preferences_val": read_preferences,
+        "preferences_test": read_preferences,
     }
     counts: dict[str, int] = {}
     labels: list[str] | None = None

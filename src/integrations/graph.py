@@ -52,7 +52,7 @@ class RAGState(TypedDict, total=False):
 class MARKLangChainGraph:
     """Retrieval-augmented answers and chat with MARK's models, as a LangGraph graph.
 
-    ``llm_model``: ``mamba`` or ``rlhf``. Models come from ``checkpoints_dir`` (or an
+    ``llm_model``: ``auto`` (the aligned ``rlhf`` model when trained, else ``mamba``), ``mamba`` or ``rlhf``. Models come from ``checkpoints_dir`` (or an
     ``export_dir``) through :func:`src.core.load_model`; a model that is not trained is a
     ``NotTrainedError`` naming its training command. ``top_k`` documents are retrieved
     per question; ``max_history_turns`` earlier exchanges of a thread go into the prompt.
@@ -63,7 +63,7 @@ class MARKLangChainGraph:
 
     def __init__(
         self,
-        llm_model: str = "mamba",
+        llm_model: str = "auto",
         checkpoints_dir: str | Path = "checkpoints",
         export_dir: str | Path | None = None,
         top_k: int = 3,
@@ -76,9 +76,10 @@ class MARKLangChainGraph:
         device: str = "auto",
         registry: ModelRegistry | None = None,
     ) -> None:
-        if llm_model not in LANGUAGE_MODELS:
-            raise ConfigError(f"llm_model '{llm_model}': expected one of {', '.join(LANGUAGE_MODELS)}")
+        if llm_model not in (*LANGUAGE_MODELS, "auto"):
+            raise ConfigError(f"llm_model '{llm_model}': expected auto or one of {', '.join(LANGUAGE_MODELS)}")
         self.registry = registry or ModelRegistry(checkpoints_dir, export_dir, device)
+        llm_model = self.registry.answer_model(llm_model)  # auto: the aligned model when trained, else the base
         self.llm_model = llm_model
         self.max_history_turns = max_history_turns
         self._index_lock = threading.RLock()

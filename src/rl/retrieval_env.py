@@ -362,6 +362,21 @@ def split_queries(num_queries: int, heldout_fraction: float, seed: int) -> tuple
     return np.sort(order[num_heldout:]), np.sort(order[:num_heldout])
 
 
+TEST_SPLIT_SEED = 0  # fixed: the test queries must not move with system.seed, or tuning over seeds would see them all
+
+
+def split_test_queries(num_queries: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest, test)`` query indices: a fixed random ``test_fraction`` of the queries (the same
+    for every seed), set aside before anything else is split or fitted; ``test`` is empty for 0."""
+    if test_fraction <= 0:
+        return np.arange(num_queries), np.zeros(0, dtype=np.int64)
+    if num_queries < 3:
+        raise DataError(f"the retrieval environment needs at least 3 queries for a test split (got {num_queries})")
+    order = np.random.default_rng(TEST_SPLIT_SEED).permutation(num_queries)
+    num_test = min(max(1, round(num_queries * test_fraction)), num_queries - 2)
+    return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
 class RetrievalPolicyEnv(gym.Env):
     """Gymnasium environment: each episode is one query; one action chooses how to retrieve.
 

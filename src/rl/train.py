@@ -73,6 +73,7 @@ from src.rl.retrieval_env import (
     action_table,
     load_or_build_retrieval_table,
     split_queries,
+    split_test_queries,
 )
 
 CHECKPOINT_KIND = "rl"
@@ -102,6 +103,8 @@ class EnvSetup:
     observation: QueryObservation | None = None
     train_query_ids: np.ndarray | None = None
     heldout_query_ids: np.ndarray | None = None
+    test_query_ids: np.ndarray | None = None
+    make_test_env: Callable[[], gym.Env] | None = None
 
 
 def build_env_setup(cfg: RLConfig) -> EnvSetup:
@@ -123,7 +126,10 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
         device=cfg.system.device,
         show_progress=cfg.training.show_progress,
     )
-    train_ids, heldout_ids = split_queries(table.num_queries, env_cfg.heldout_fraction, cfg.system.seed)
+    # The test split first, fixed for every seed; then train / val (held-out) from the rest.
+    rest_ids, test_ids = split_test_queries(table.num_queries, env_cfg.test_fraction)
+    train_pos, heldout_pos = split_queries(len(rest_ids), env_cfg.heldout_fraction, cfg.system.seed)
+    train_ids, heldout_ids = rest_ids[train_pos], rest_ids[heldout_pos]
     # Fit on the training queries only: the held-out ones stay unseen.
     observation = QueryObservation.fit(table.embeddings[train_ids], env_cfg.query_embedding_dims)
     options = dict(cost_per_extra_doc=env_cfg.cost_per_extra_doc, observation=observation)
@@ -139,9 +145,10 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
         "table_key": table.key,
         "num_train_queries": int(len(train_ids)),
         "num_heldout_queries": int(len(heldout_ids)),
+        "num_test_queries": int(len(test_ids)),
     }
-    log.info("retrieval env: %d actions (%s), %d train / %d held-out queries",
-             len(actions), ", ".join(a.label for a in actions), len(train_ids), len(heldout_ids))
+    log.info("retrieval env: %d actions (%s), %d train / %d val (held-out) / %d test queries",
+             len(actions), ", ".join(a.label for a in actions), len(train_ids), len(heldout_ids), len(test_ids))
     return EnvSetup(
         make_train_env=lambda rank: RetrievalPolicyEnv(table, train_ids, shuffle=True, **options),
         make_eval_env=lambda: RetrievalPolicyEnv(table, heldout_ids, shuffle=False, **options),
@@ -151,6 +158,8 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
         observation=observation,
         train_query_ids=train_ids,
         heldout_query_ids=heldout_ids,
+        test_query_ids=test_ids,
+        make_test_env=(lambda: RetrievalPolicyEnv(table, test_ids, shuffle=False, **options)) if len(test_ids) else None,
     )
 
 
@@ -175,6 +184,22 @@ def _gym_env_setup(cfg: RLConfig) -> EnvSetup:
         eval_episodes=cfg.training.eval_episodes,
         env_info={"id": cfg.env.id},
     )
+
+
+def test_split_report(results: dict[str, dict[str, float]], val_summary: dict[str, Any], queries: int) -> dict[str, Any]:
+    """The test split's numbers: the trained policy, the best fixed strategy **chosen on the val
+    split** (``val_summary["best_fixed"]``) and the oracle, each measured on the test queries."""
+    fixed = val_summary.get("best_fixed")
+    out: dict[str, Any] = {
+        "queries": queries,
+        "trained_mean_reward": results["trained"]["mean_reward"],
+        "oracle_mean_reward": results["oracle"]["mean_reward"] if "oracle" in results else None,
+        "strategies": results,
+    }
+    if fixed is not None and f"fixed {fixed}" in results:
+        reward = results[f"fixed {fixed}"]["mean_reward"]
+        out.update({"best_fixed": fixed, "best_fixed_mean_reward": reward, "trained_minus_best_fixed": out["trained_mean_reward"] - reward})
+    return out
 
 
 def build_vec_env(setup: EnvSetup, cfg: RLConfig) -> VecEnv:
@@ -523,6 +548,14 @@ def run(cfg: RLConfig, resume: bool = False, evaluate: bool = False) -> dict:
     if cfg.is_retrieval_env:
         report["train_split"] = retrieval_split_summary(policy, setup.table, setup.train_query_ids,
                                                         cfg.env.cost_per_extra_doc, setup.observation)
+    if setup.make_test_env is not None:
+        with single_torch_thread():
+            test_results = evaluate_strategies(policy, setup.make_test_env, len(setup.test_query_ids), cfg.system.seed + 2_000_000,
+                                               reseed=False)
+        report["test_split"] = test_split_report(test_results, summary, len(setup.test_query_ids))
+        test_table = format_strategy_table(test_results)
+        print(f"PPO policy vs baselines on the {len(setup.test_query_ids)} test queries (untouched by training and tuning)\n{test_table}\n")
+        log.info("test split (%d queries):\n%s", len(setup.test_query_ids), test_table)
     if "best_fixed" in summary:
         verdict = "matches or beats" if summary["trained_beats_best_fixed"] else "is below"
         log.info("trained policy (%.4f) %s the best fixed strategy %s (%.4f) by %+.4f", summary["trained_mean_reward"], verdict,
@@ -534,6 +567,8 @@ def run(cfg: RLConfig, resume: bool = False, evaluate: bool = False) -> dict:
     metrics_logger.close()
 
     metrics = {"timesteps": int(model.num_timesteps), "train_seconds": round(train_seconds, 1), **summary}
+    if "test_split" in report:
+        metrics.update({f"test_{k}": v for k, v in report["test_split"].items() if k != "strategies"})
     for key in ("mean_ndcg", "mean_k"):
         if key in results["trained"]:
             metrics[f"trained_{key}"] = results["trained"][key]

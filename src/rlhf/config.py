@@ -8,7 +8,9 @@ Like TRL, every stage is a trainer function with its own typed config, and the s
     ============  ==========================  ===================================
     SFT           ``rlhf.sft.train_sft``      :class:`SFTConfig` (engine keys + SFT keys)
     reward model  ``rlhf.reward_model.train_reward_model``  :class:`RewardConfig` (engine keys + RM keys)
+                  (``backbone: encoder``: ``rlhf.reward_encoder.train_encoder_reward_model``)
     PPO           ``rlhf.ppo.train_ppo``      :class:`PPOConfig`
+    DPO           ``rlhf.dpo.train_dpo``      :class:`DPOConfig` (engine keys + DPO keys)
     evaluation    ``rlhf.evaluation.evaluate_rlhf``  :class:`EvaluationConfig` (``evaluation``)
     ============  ==========================  ===================================
 
@@ -90,14 +92,40 @@ class RewardConfig(TrainingConfig):
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    init_from: Literal["sft", "base"] = Field(
-        "sft", description="backbone the scalar head sits on: the SFT model (InstructGPT) or the base model"
+    backbone: Literal["mamba", "encoder"] = Field(
+        "encoder",
+        description="mamba: the scalar head on the (SFT or base) Mamba LM; encoder: on a pretrained bidirectional "
+        "encoder (encoder_model) reading (prompt, response) as one pair; it scores decoded text",
     )
+    init_from: Literal["sft", "base"] = Field(
+        "sft", description="backbone: mamba only: the SFT model (InstructGPT) or the base model under the head"
+    )
+    encoder_model: str = Field(
+        "minilm-local", description="backbone: encoder only: a local folder, 'minilm-local' (offline) or an HF encoder id"
+    )
+    max_length: int = Field(256, ge=8, description="backbone: encoder only: word-pieces per (prompt, response) pair")
     max_train_examples: Optional[int] = Field(None, gt=0, description="use only the first N training pairs")
     max_val_examples: Optional[int] = Field(None, gt=0, description="use only the first N validation pairs")
     normalization_examples: int = Field(
         256, gt=0, description="training pairs scored after training to centre and scale the reward"
     )
+
+
+class DPOConfig(TrainingConfig):
+    """Direct Preference Optimization (Rafailov et al. 2023) of the SFT model against itself
+    frozen as the reference: the engine's keys plus the DPO keys."""
+
+    batch_size: int = Field(16, gt=0, description="preference pairs per batch (2x sequences)")
+    num_epochs: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed share of flipped preference labels (conservative DPO); 0: plain DPO"
+    )
+    max_train_examples: Optional[int] = Field(None, gt=0, description="use only the first N training pairs")
+    max_val_examples: Optional[int] = Field(None, gt=0, description="use only the first N validation pairs")
 
 
 class KLControlConfig(StrictModel):
@@ -145,25 +173,42 @@ class PPOConfig(StrictModel):
 
 
 class EvaluationConfig(StrictModel):
-    """Held-out comparison of the PPO policy with the SFT model."""
+    """Test-split comparison of the aligned policies (PPO, DPO) with the SFT model."""
 
-    num_prompts: Optional[int] = Field(None, gt=0, description="held-out prompts to sample (null: all of data.sft_val_file)")
+    num_prompts: Optional[int] = Field(None, gt=0, description="test prompts to sample (null: all of data.sft_test_file)")
+    num_pairs: Optional[int] = Field(None, gt=0, description="test preference pairs to rank (null: all of data.preferences_test_file)")
     max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0, description="both models sample at this temperature")
+    temperature: float = Field(1.0, gt=0, description="every model samples at this temperature")
     batch_size: int = Field(32, gt=0, description="responses generated / scored together")
-    samples_in_report: int = Field(5, ge=0, description="example responses written into the Markdown report")
+    samples_in_report: int = Field(10, ge=0, description="test prompts whose answers and rewards go into the Markdown report")
+    cosine_baseline_model: Optional[str] = Field(
+        "minilm-local", description="sentence encoder of the zero-shot cosine(prompt, answer) baseline (null: no cosine baseline)"
+    )
 
 
 class RLHFTrainingConfig(StrictModel):
     """One typed config per trained stage."""
 
+    method: Literal["ppo", "dpo", "both"] = Field(
+        "both", description="alignment stage(s) after SFT and the reward model (--method)"
+    )
+    export: Literal["auto", "ppo", "dpo"] = Field(
+        "auto", description="policy exported as rlhf_final_model.pt (what is served); auto: PPO when it ran, else DPO"
+    )
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
     torch_threads: int = Field(
         0, ge=0, description="CPU threads for torch during the pipeline (0: leave torch's default); "
         "1 is fastest for small models on a busy CPU"
     )
+
+    @model_validator(mode="after")
+    def _export_was_trained(self) -> "RLHFTrainingConfig":
+        if self.export != "auto" and self.method not in (self.export, "both"):
+            raise ValueError(f"export: {self.export} is not trained with method: {self.method}")
+        return self
 
 
 class RLHFDataConfig(StrictModel):
@@ -171,9 +216,12 @@ class RLHFDataConfig(StrictModel):
     model_config = ConfigDict(**StrictModel.model_config, validate_default=True)
 
     sft_train_file: ExistingFile = Path("data/sft_train.jsonl")
+    # val selects checkpoints and tunes settings; test is reported, and nothing else.
     sft_val_file: ExistingFile = Path("data/sft_val.jsonl")
+    sft_test_file: ExistingFile = Path("data/sft_test.jsonl")
     preferences_train_file: ExistingFile = Path("data/preferences_train.jsonl")
     preferences_val_file: ExistingFile = Path("data/preferences_val.jsonl")
+    preferences_test_file: ExistingFile = Path("data/preferences_test.jsonl")
 
 
 class RLHFPathsConfig(PathsConfig):
@@ -193,7 +241,7 @@ class RLHFConfig(StrictModel):
     system: SystemConfig = SystemConfig()
 
 
-StageName = Literal["sft", "reward", "ppo", "evaluation", "export"]
+StageName = Literal["sft", "reward", "ppo", "dpo", "evaluation", "export"]
 
 
 class StageConfig(StrictModel):
@@ -206,7 +254,7 @@ class StageConfig(StrictModel):
     """
 
     stage: StageName
-    training: SerializeAsAny[Union[SFTConfig, RewardConfig, PPOConfig, EvaluationConfig, StrictModel]]
+    training: SerializeAsAny[Union[SFTConfig, RewardConfig, PPOConfig, DPOConfig, EvaluationConfig, StrictModel]]
     model: RLHFModelConfig
     paths: PathsConfig
     system: SystemConfig

@@ -1,20 +1,23 @@
-"""Stage 4, evaluation on held-out prompts: did PPO make responses the reward model prefers,
-and at what distance from the SFT model?
+"""Stage 4, evaluation on the **test** split: did PPO and DPO make answers the reward model
+prefers, at what distance from the SFT model, and is the reward model worth trusting?
 
-For every held-out prompt (``data.sft_val_file``, never seen in SFT, RM or PPO training) the
-SFT model and the PPO policy each sample one response with the same settings and seed. Then:
+Everything here reads ``data.sft_test_file`` and ``data.preferences_test_file``, which no
+stage trains on and nothing selects with (checkpoints are picked on the val split). For every
+test prompt the SFT model and each aligned policy sample one answer with the same settings
+and seed. Then:
 
-* **reward**: the reward model's normalized score of each response; mean for SFT and PPO,
-  and for the dataset's reference responses as an anchor;
-* **win rate**: share of prompts where PPO's response outscores SFT's (ties count half);
-* **KL(PPO || reference)**: mean over prompts of the summed per-token log-ratio of PPO's
-  response under the policy and under the reference (= the SFT model), in nats per response;
-  compared with the configured target;
-* **held-out perplexity** of the reference responses (response tokens only) under the base,
-  SFT and PPO models, and the reward model's pairwise accuracy on held-out preferences.
+* **reward**: the reward model's normalized score of each answer; mean per model, and for the
+  dataset's reference answers as an anchor;
+* **win rate**: share of prompts where the policy's answer outscores SFT's (ties count half);
+* **KL(policy || SFT)**: mean summed per-token log-ratio of the policy's answers, nats per answer;
+* **the reward model against cheap baselines** on the test preference pairs: random (0.5),
+  the longer answer, and zero-shot cosine(prompt, answer) of MiniLM sentence embeddings;
+  DPO's implicit reward ``beta * log(pi / pi_ref)`` ranks the same pairs;
+* **perplexity** of the reference answers under base, SFT and the policies.
 
-Writes ``evaluation.json`` (every number), ``evaluation.md`` (a report with example
-responses) and ``evaluation.png`` (PPO's training curve and the score distributions).
+Writes ``evaluation.json`` (every number), ``evaluation.md`` (the tables, and the answers of
+SFT, PPO and DPO to ``samples_in_report`` test prompts with their rewards) and
+``evaluation.png`` (PPO's training curve and the score distributions).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.config import EvaluationConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat, SFTDataset
 from src.rlhf.ppo import build_response_batch, response_logprobs, reward_scores, sequence_kl
-from src.rlhf.reward_model import RewardModel, evaluate_pairs
+from src.rlhf.reward_model import evaluate_pairs
 from src.rlhf.sft import evaluate_response_loss
 
 KIND = "rlhf_evaluation"
@@ -81,40 +84,83 @@ def win_rate(challenger: torch.Tensor, incumbent: torch.Tensor) -> float:
     return float(((challenger > incumbent).float() + 0.5 * (challenger == incumbent).float()).mean())
 
 
+def preference_baselines(examples: Sequence[PreferenceExample], cosine_model: str | None = "minilm-local") -> dict[str, float]:
+    """Pairwise accuracy of cheap rankers on preference pairs, measured like the reward model's
+    (ties count half): ``random`` (0.5 in expectation), ``length`` (the longer answer wins, in
+    characters) and, when ``cosine_model`` is set, zero-shot ``cosine`` (the answer whose sentence
+    embedding is closer to the prompt's wins)."""
+    def accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+        return win_rate(chosen, rejected)
+
+    out = {
+        "random": 0.5,
+        "length": accuracy(torch.tensor([float(len(e.chosen)) for e in examples]), torch.tensor([float(len(e.rejected)) for e in examples])),
+    }
+    if cosine_model and examples:
+        from sentence_transformers import SentenceTransformer
+
+        from src.core.hub import hub_error, resolve_pretrained
+
+        try:
+            encoder = SentenceTransformer(resolve_pretrained(cosine_model), device="cpu")
+        except Exception as err:  # not a sentence-transformers folder, offline hub miss
+            raise hub_error(cosine_model, "evaluation.cosine_baseline_model", err) from None
+
+        def embed(texts: list[str]) -> torch.Tensor:
+            return torch.from_numpy(encoder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False))
+
+        prompts = embed([e.prompt for e in examples])
+        out["cosine"] = accuracy((prompts * embed([e.chosen for e in examples])).sum(-1), (prompts * embed([e.rejected for e in examples])).sum(-1))
+    return out
+
+
+def reward_model_pair_metrics(reward_model, examples: Sequence[PreferenceExample], fmt: PromptFormat, batch_size: int = 32) -> dict[str, float]:
+    """The reward model's pairwise accuracy / loss / margin on ``examples``, for either backbone."""
+    if getattr(reward_model, "backbone", "mamba") == "encoder":
+        from src.rlhf.reward_encoder import evaluate_text_pairs
+
+        return evaluate_text_pairs(reward_model, examples, batch_size)
+    return evaluate_pairs(reward_model, PreferenceDataset(examples, fmt), fmt.tokenizer.pad_id, batch_size)
+
+
 def evaluate_rlhf(
     sft_lm: MambaLM,
-    policy_lm: MambaLM,
-    reward_model: RewardModel,
+    policies: dict[str, MambaLM],
+    reward_model,
     tokenizer: MambaTokenizer,
-    val_examples: Sequence[SFTExample],
-    preference_val_examples: Sequence[PreferenceExample],
+    test_examples: Sequence[SFTExample],
+    preference_test_examples: Sequence[PreferenceExample],
     stage: StageConfig,
     kl_target: float,
     base_lm: MambaLM | None = None,
     training_curve: Sequence[dict[str, Any]] = (),
+    dpo_config: Any = None,
 ) -> dict[str, Any]:
-    """Compare ``policy_lm`` (PPO) with ``sft_lm`` (SFT, also the KL reference) on held-out prompts.
+    """Compare each aligned policy (``{"ppo": lm, "dpo": lm}``, either or both) with ``sft_lm``
+    (SFT, also the KL reference) on the **test** prompts and preferences, which no stage trained
+    on or selected with.
 
     ``stage.training`` is an :class:`EvaluationConfig`; ``stage.output_file`` is
     ``evaluation.json`` (``evaluation.md`` and ``evaluation.png`` go beside it).
-    ``training_curve``: PPO's per-iteration records, for the plot. Returns
-    ``{"metrics": ..., "outputs": ...}``.
+    ``training_curve``: PPO's per-iteration records, for the plot; ``dpo_config``: the
+    :class:`DPOConfig` (beta) for DPO's implicit-reward accuracy. Returns ``{"metrics", "outputs"}``.
     """
     cfg: EvaluationConfig = stage.training
     log = setup_logging(KIND, stage.paths.log_dir)
     device = resolve_device(stage.system.device)
     seed_everything(stage.system.seed)
-    models = {"sft": sft_lm.to(device).eval(), "ppo": policy_lm.to(device).eval()}
+    models = {"sft": sft_lm.to(device).eval(), **{name: lm.to(device).eval() for name, lm in policies.items()}}
+    preference_test_examples = list(preference_test_examples)[: cfg.num_pairs]
     reward_model = reward_model.to(device).eval()
     fmt = PromptFormat(tokenizer, stage.model.prompt_template, stage.model.max_prompt_tokens, stage.model.max_response_tokens)
 
-    # One reference response per distinct held-out prompt.
+    # One reference response per distinct test prompt.
     by_prompt: dict[str, str] = {}
-    for example in val_examples:
+    for example in test_examples:
         by_prompt.setdefault(example.prompt, example.response)
     prompt_texts = list(by_prompt)[: cfg.num_prompts]
     prompts = [fmt.prompt_ids(p) for p in prompt_texts]
-    log.info("evaluation: %d held-out prompts, %d new tokens at most, temperature %.2f", len(prompts), cfg.max_new_tokens, cfg.temperature)
+    log.info("evaluation: %d test prompts, %d new tokens at most, temperature %.2f", len(prompts), cfg.max_new_tokens, cfg.temperature)
 
     responses = {name: sample_responses(lm, prompts, cfg, tokenizer.eos_id, stage.system.seed) for name, lm in models.items()}
     scores, truncated = {}, {}
@@ -122,110 +168,140 @@ def evaluate_rlhf(
         scores[name], truncated[name] = reward_scores(reward_model, prompts, resp, tokenizer)
     reference_responses = [fmt.response_ids(by_prompt[p]) for p in prompt_texts]
     scores["reference"], _ = reward_scores(reward_model, prompts, reference_responses, tokenizer)
-    kl = response_kl(models["ppo"], models["sft"], prompts, responses["ppo"], tokenizer.pad_id, cfg.temperature, cfg.batch_size)
-    ppo_tokens = sum(len(r) for r in responses["ppo"])
 
-    sft_set = SFTDataset(val_examples, fmt)
+    sft_set = SFTDataset(test_examples, fmt)
     perplexity = {name: evaluate_response_loss(lm, sft_set, tokenizer.pad_id, cfg.batch_size)["val_perplexity"] for name, lm in models.items()}
     if base_lm is not None:
         perplexity["base"] = evaluate_response_loss(base_lm.to(device).eval(), sft_set, tokenizer.pad_id, cfg.batch_size)["val_perplexity"]
-    rm_pairs = evaluate_pairs(reward_model, PreferenceDataset(preference_val_examples, fmt), tokenizer.pad_id, cfg.batch_size)
+    rm_pairs = reward_model_pair_metrics(reward_model, preference_test_examples, fmt, cfg.batch_size)
+    baselines = preference_baselines(preference_test_examples, cfg.cosine_baseline_model)
 
     def std_error(values: torch.Tensor) -> float:
         return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
     metrics: dict[str, Any] = {
+        "split": "test",
         "num_prompts": len(prompts),
-        "reward_ppo_mean": float(scores["ppo"].mean()),
-        "reward_ppo_stderr": std_error(scores["ppo"]),
         "reward_sft_mean": float(scores["sft"].mean()),
         "reward_sft_stderr": std_error(scores["sft"]),
         "reward_reference_mean": float(scores["reference"].mean()),
-        "reward_gain": float(scores["ppo"].mean() - scores["sft"].mean()),
-        "ppo_win_rate_vs_sft": win_rate(scores["ppo"], scores["sft"]),
-        "kl_ppo_to_reference": float(kl.mean()),
-        "kl_ppo_to_reference_per_token": float(kl.sum() / max(1, ppo_tokens)),
-        "kl_target": kl_target,
-        "kl_within_target": bool(float(kl.mean()) <= kl_target),
-        "ppo_beats_sft": bool(scores["ppo"].mean() > scores["sft"].mean()),
-        "response_length_ppo": ppo_tokens / max(1, len(prompts)),
         "response_length_sft": sum(len(r) for r in responses["sft"]) / max(1, len(prompts)),
-        "truncated_rate_ppo": float(truncated["ppo"].float().mean()),
         "truncated_rate_sft": float(truncated["sft"].float().mean()),
         "perplexity_sft": perplexity["sft"],
-        "perplexity_ppo": perplexity["ppo"],
-        "reward_model_val_accuracy": rm_pairs["val_accuracy"],
-        "reward_model_val_pairs": len(preference_val_examples),
+        "kl_target": kl_target,
+        "reward_model_backbone": getattr(reward_model, "backbone", "mamba"),
+        "reward_model_test_accuracy": rm_pairs["val_accuracy"],
+        "reward_model_test_loss": rm_pairs["val_loss"],
+        "reward_model_test_pairs": len(preference_test_examples),
+        **{f"baseline_{name}_test_accuracy": value for name, value in baselines.items()},
     }
+    for name in policies:
+        kl = response_kl(models[name], models["sft"], prompts, responses[name], tokenizer.pad_id, cfg.temperature, cfg.batch_size)
+        tokens = sum(len(r) for r in responses[name])
+        metrics.update({
+            f"reward_{name}_mean": float(scores[name].mean()),
+            f"reward_{name}_stderr": std_error(scores[name]),
+            f"reward_gain_{name}": float(scores[name].mean() - scores["sft"].mean()),
+            f"{name}_win_rate_vs_sft": win_rate(scores[name], scores["sft"]),
+            f"{name}_beats_sft": bool(scores[name].mean() > scores["sft"].mean()),
+            f"kl_{name}_to_reference": float(kl.mean()),
+            f"kl_{name}_to_reference_per_token": float(kl.sum() / max(1, tokens)),
+            f"response_length_{name}": tokens / max(1, len(prompts)),
+            f"truncated_rate_{name}": float(truncated[name].float().mean()),
+            f"perplexity_{name}": perplexity[name],
+        })
+    if "ppo" in policies:
+        metrics["reward_gain"] = metrics["reward_gain_ppo"]
+        metrics["kl_within_target"] = bool(metrics["kl_ppo_to_reference"] <= kl_target)
+    if "dpo" in policies and dpo_config is not None:
+        from src.rlhf.dpo import implicit_reward_accuracy
+
+        implicit = implicit_reward_accuracy(models["dpo"], models["sft"], preference_test_examples, fmt, dpo_config, cfg.batch_size)
+        metrics["dpo_implicit_reward_test_accuracy"] = implicit["val_reward_accuracy"]
+        metrics["dpo_implicit_reward_test_margin"] = implicit["val_reward_margin"]
     if "base" in perplexity:
         metrics["perplexity_base"] = perplexity["base"]
 
-    samples = [
-        {
-            "prompt": prompt_texts[i],
-            "sft": tokenizer.decode(responses["sft"][i]),
-            "sft_reward": float(scores["sft"][i]),
-            "ppo": tokenizer.decode(responses["ppo"][i]),
-            "ppo_reward": float(scores["ppo"][i]),
-            "reference": by_prompt[prompt_texts[i]],
-            "reference_reward": float(scores["reference"][i]),
-        }
-        for i in range(min(cfg.samples_in_report, len(prompts)))
-    ]
+    samples = []
+    for i in range(min(cfg.samples_in_report, len(prompts))):
+        sample = {"prompt": prompt_texts[i], "reference": by_prompt[prompt_texts[i]], "reference_reward": float(scores["reference"][i])}
+        for name in models:
+            sample[name] = tokenizer.decode(responses[name][i])
+            sample[f"{name}_reward"] = float(scores[name][i])
+        samples.append(sample)
     json_path = Path(stage.output_file)
     atomic_write_json(json_path, {"metrics": metrics, "samples": samples, "config": json.loads(stage.model_dump_json())})
     md_path = json_path.with_suffix(".md")
-    atomic_write_text(md_path, render_report(metrics, samples))
+    atomic_write_text(md_path, render_report(metrics, samples, list(policies)))
     png_path = json_path.with_suffix(".png")
-    plot_evaluation(png_path, training_curve, {k: scores[k] for k in ("sft", "ppo", "reference")}, kl_target)
+    plot_evaluation(png_path, training_curve, {k: scores[k] for k in ("sft", *policies, "reference")}, kl_target)
     log.info(
-        "held-out reward: PPO %.3f vs SFT %.3f (reference %.3f) | PPO win rate %.3f | KL %.3f nats (target %.1f) | perplexity SFT %.2f, PPO %.2f",
-        metrics["reward_ppo_mean"], metrics["reward_sft_mean"], metrics["reward_reference_mean"],
-        metrics["ppo_win_rate_vs_sft"], metrics["kl_ppo_to_reference"], kl_target, perplexity["sft"], perplexity["ppo"],
+        "test split: reward model accuracy %.3f (length %.3f, cosine %s) | %s",
+        metrics["reward_model_test_accuracy"], baselines["length"],
+        f"{baselines['cosine']:.3f}" if "cosine" in baselines else "-",
+        " | ".join(f"{n.upper()} reward {metrics[f'reward_{n}_mean']:.3f} vs SFT {metrics['reward_sft_mean']:.3f}, "
+                   f"win rate {metrics[f'{n}_win_rate_vs_sft']:.3f}, KL {metrics[f'kl_{n}_to_reference']:.3f}" for n in policies),
     )
     return {"metrics": metrics, "outputs": {"evaluation_json": str(json_path), "evaluation_md": str(md_path), "evaluation_png": str(png_path)}}
 
 
-def render_report(metrics: dict[str, Any], samples: Sequence[dict[str, Any]]) -> str:
-    """The Markdown report of :func:`evaluate_rlhf`'s metrics and example responses."""
+def render_report(metrics: dict[str, Any], samples: Sequence[dict[str, Any]], policies: Sequence[str] = ("ppo",)) -> str:
+    """The Markdown report of :func:`evaluate_rlhf`'s metrics and example answers."""
     m = metrics
-    verdict = "above" if m["ppo_beats_sft"] else "not above"
-    kl_verdict = "within" if m["kl_within_target"] else "over"
+    names = ["sft", *policies]
+    label = {"sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
+
+    def row(title: str, fmt_cell) -> str:
+        return f"| {title} | " + " | ".join(fmt_cell(n) for n in names) + " |"
+
     lines = [
-        "# RLHF evaluation",
+        "# RLHF evaluation (test split)",
         "",
-        f"{m['num_prompts']} held-out prompts; one sampled response per prompt from each model. "
-        "Rewards are the reward model's normalized scores (0 = the mean score of human-preferred training responses).",
+        f"{m['num_prompts']} test prompts (never trained on, never used to select anything); one sampled answer "
+        "per prompt from each model. Rewards are the reward model's normalized scores (0 = the mean score of "
+        "human-preferred training answers).",
         "",
-        f"PPO's mean reward is **{verdict}** SFT's; its KL to the reference is **{kl_verdict}** the target.",
+        "## Reward model vs cheap baselines",
         "",
-        "| metric | SFT | PPO |",
-        "|---|---:|---:|",
-        f"| mean reward (± std. error) | {m['reward_sft_mean']:.3f} ± {m['reward_sft_stderr']:.3f} | {m['reward_ppo_mean']:.3f} ± {m['reward_ppo_stderr']:.3f} |",
-        f"| KL to reference (nats / response) | 0 (is the reference) | {m['kl_ppo_to_reference']:.3f} (target {m['kl_target']:g}) |",
-        f"| response perplexity, held-out references | {m['perplexity_sft']:.2f} | {m['perplexity_ppo']:.2f} |",
-        f"| mean response length (tokens) | {m['response_length_sft']:.1f} | {m['response_length_ppo']:.1f} |",
-        f"| responses cut off before <\\|eos\\|> | {m['truncated_rate_sft']:.1%} | {m['truncated_rate_ppo']:.1%} |",
+        f"Pairwise accuracy on {m['reward_model_test_pairs']} test preference pairs (ties count half):",
         "",
-        f"- PPO win rate over SFT under the reward model: **{m['ppo_win_rate_vs_sft']:.3f}**",
-        f"- Reward gain PPO - SFT: {m['reward_gain']:+.3f}",
-        f"- Reference (dataset) responses' mean reward: {m['reward_reference_mean']:.3f}",
-        f"- KL per response token: {m['kl_ppo_to_reference_per_token']:.4f} nats",
-        f"- Reward model pairwise accuracy on {m['reward_model_val_pairs']} held-out preference pairs: {m['reward_model_val_accuracy']:.3f}",
+        "| ranker | test accuracy |",
+        "|---|---:|",
+        f"| **reward model ({m['reward_model_backbone']})** | **{m['reward_model_test_accuracy']:.3f}** |",
     ]
+    for name in ("cosine", "length", "random"):
+        key = f"baseline_{name}_test_accuracy"
+        if key in m:
+            desc = {"cosine": "zero-shot cosine(prompt, answer), MiniLM", "length": "longer answer wins", "random": "random"}[name]
+            lines.append(f"| {desc} | {m[key]:.3f} |")
+    if "dpo_implicit_reward_test_accuracy" in m:
+        lines.append(f"| DPO implicit reward β·log(π/π_ref) | {m['dpo_implicit_reward_test_accuracy']:.3f} |")
+    lines += [
+        "",
+        "## Aligned policies vs SFT",
+        "",
+        "| metric | " + " | ".join(label[n] for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+        row("mean reward (± std. error)", lambda n: f"{m[f'reward_{n}_mean']:.3f} ± {m[f'reward_{n}_stderr']:.3f}"),
+        row("win rate vs SFT", lambda n: "-" if n == "sft" else f"**{m[f'{n}_win_rate_vs_sft']:.3f}**"),
+        row("KL to SFT (nats / answer)", lambda n: "0 (reference)" if n == "sft" else f"{m[f'kl_{n}_to_reference']:.3f}"),
+        row("answer perplexity, test references", lambda n: f"{m[f'perplexity_{n}']:.2f}"),
+        row("mean answer length (tokens)", lambda n: f"{m[f'response_length_{n}']:.1f}"),
+        row("answers cut off before <\\|eos\\|>", lambda n: f"{m[f'truncated_rate_{n}']:.1%}"),
+        "",
+        f"- Reference (dataset) answers' mean reward: {m['reward_reference_mean']:.3f}",
+    ]
+    if "kl_within_target" in m:
+        lines.append(f"- PPO's KL is {'within' if m['kl_within_target'] else 'over'} its target ({m['kl_target']:g} nats)")
     if "perplexity_base" in m:
-        lines.append(f"- Base model's response perplexity on the held-out references: {m['perplexity_base']:.2f}")
+        lines.append(f"- Base model's answer perplexity on the test references: {m['perplexity_base']:.2f}")
     if samples:
-        lines += ["", "## Example responses", ""]
+        lines += ["", f"## {len(samples)} test prompts: answers and their rewards", "",
+                  "| prompt | " + " | ".join(label[n] for n in names) + " | reference |",
+                  "|---|" + "---|" * (len(names) + 1)]
         for s in samples:
-            lines += [
-                f"**{_md(s['prompt'])}**",
-                "",
-                f"- SFT ({s['sft_reward']:+.2f}): {_md(s['sft'])}",
-                f"- PPO ({s['ppo_reward']:+.2f}): {_md(s['ppo'])}",
-                f"- reference ({s['reference_reward']:+.2f}): {_md(s['reference'])}",
-                "",
-            ]
+            cells = [f"{_md(s[n])} ({s[f'{n}_reward']:+.2f})" for n in names]
+            lines.append(f"| {_md(s['prompt'])} | " + " | ".join(cells) + f" | {_md(s['reference'])} ({s['reference_reward']:+.2f}) |")
     return "\n".join(lines) + "\n"
 
 

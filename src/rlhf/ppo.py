@@ -53,6 +53,7 @@ from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import save_lm
 from src.rlhf.config import KLControlConfig, PPOConfig, StageConfig
 from src.rlhf.data import PromptFormat, pad_right
+from src.rlhf.reward_encoder import EncoderRewardModel
 from src.rlhf.reward_model import RewardModel
 from src.training.engine import build_optimizer
 
@@ -296,7 +297,7 @@ def scored_sequences(
 
 
 def reward_scores(
-    reward_model: RewardModel,
+    reward_model: RewardModel | EncoderRewardModel,
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     tokenizer: MambaTokenizer,
@@ -305,8 +306,10 @@ def reward_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normalized scores (B,), truncated (B,))`` of ``responses`` to ``prompts`` under the
     reward model, with the missing-``<|eos|>`` penalty and clipping of ``PPOConfig``."""
-    sequences, truncated = scored_sequences(prompts, responses, tokenizer.eos_id)
-    scores = reward_model.normalized(reward_model.score_sequences(sequences, tokenizer.pad_id).to(reward_model.score_mean.device)).cpu()
+    truncated = torch.tensor([len(r) == 0 or r[-1] != tokenizer.eos_id for r in responses])
+    # Each backbone reads the responses its own way: the Mamba RM as ids, the encoder as decoded text.
+    raw = reward_model.score_responses(prompts, responses, tokenizer)
+    scores = reward_model.normalized(raw.to(reward_model.score_mean.device)).cpu()
     if missing_eos_penalty:
         scores = scores - missing_eos_penalty * truncated.float()
     if score_clip:

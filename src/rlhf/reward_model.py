@@ -42,6 +42,8 @@ class RewardModel(nn.Module):
     normalized ones: :meth:`normalized` is ``(score - mean) / std``.
     """
 
+    backbone = "mamba"
+
     def __init__(self, lm: MambaLM) -> None:
         super().__init__()
         self.lm = lm
@@ -72,6 +74,17 @@ class RewardModel(nn.Module):
             scores.append(self(ids.to(device), lengths.to(device)).cpu())
         self.train(was_training)
         return torch.cat(scores)
+
+
+    @torch.no_grad()
+    def score_responses(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], tokenizer: MambaTokenizer) -> torch.Tensor:
+        """Raw scores of responses (token ids) to prompts (``<|bos|> templated prompt`` ids):
+        each read as ``prompt + response + <|eos|>`` (the ``<|eos|>`` added to a response cut off)."""
+        sequences = [
+            list(p) + list(r) + ([] if r and r[-1] == tokenizer.eos_id else [tokenizer.eos_id])
+            for p, r in zip(prompt_ids, response_ids)
+        ]
+        return self.score_sequences(sequences, tokenizer.pad_id)
 
 
 def pairwise_loss(model: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -203,9 +216,12 @@ def save_reward_model(
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, MambaTokenizer]:
-    """``(reward model, tokenizer)`` from ``reward_model.pt``, in eval mode on ``device``."""
+    """``(reward model, tokenizer)`` from a Mamba-backbone ``reward_model.pt``, in eval mode on
+    ``device`` (:func:`src.rlhf.load.load_reward_model` reads either backbone)."""
     state = load_checkpoint(path, map_location="cpu", kind=KIND)
     extra = state.get("extra") or {}
+    if extra.get("backbone") == "encoder":
+        raise CheckpointError(f"{path}: an encoder reward model; load it with src.rlhf.load.load_reward_model")
     if "model_args" not in extra or "tokenizer_json" not in extra:
         raise CheckpointError(f"{path}: not a complete reward-model checkpoint (architecture or tokenizer missing)")
     model = RewardModel(MambaLM(MambaArgs.from_dict(extra["model_args"])))

@@ -1,9 +1,11 @@
-"""The RLHF recipe on MARK's Mamba LM: SFT -> reward model -> PPO -> evaluation -> export.
+"""The RLHF recipe on MARK's Mamba LM: SFT -> reward model -> PPO and/or DPO -> evaluation -> export.
 
 :func:`run` takes a loaded :class:`RLHFConfig` and runs the stages in order, each from its
-own module (``sft.py``, ``reward_model.py``, ``ppo.py``, ``evaluate.py``, ``export.py``).
+own module (``sft.py``, ``reward_model.py`` or ``reward_encoder.py``, ``ppo.py``, ``dpo.py``,
+``evaluate.py``, ``export.py``); ``training.method`` (``--method``) picks PPO, DPO or both.
+Train splits train, val splits select checkpoints, the test splits are only reported.
 Outputs in ``paths.checkpoint_dir``: ``sft_model.pt``, ``reward_model.pt``, ``ppo_policy.pt``,
-``evaluation.json`` / ``.md`` / ``.png``, ``rlhf_final_model.pt``, ``rlhf_summary.json``;
+``dpo_policy.pt``, ``evaluation.json`` / ``.md`` / ``.png``, ``rlhf_final_model.pt``, ``rlhf_summary.json``;
 each trained stage's checkpoints under ``<checkpoint_dir>/<stage>/``; logs under
 ``logs/rlhf/<stage>/``. ``skip_sft`` / ``skip_reward`` load the stage's earlier output;
 ``resume`` reuses every output made with the same settings and inputs and continues an
@@ -28,12 +30,14 @@ from src.data.readers import read_preferences, read_sft
 from src.mamba.load import load_mamba, resolve_checkpoint
 from src.rlhf.checkpoints import file_record, finished_output, output_metrics, require_output
 from src.rlhf.config import RLHFConfig, StageConfig
+from src.rlhf.dpo import train_dpo
 from src.rlhf.evaluate import evaluate_rlhf
 from src.rlhf.export import export_rlhf_model
-from src.rlhf.load import FINAL_MODEL
+from src.rlhf.load import FINAL_MODEL, load_reward_model
 from src.rlhf.ppo import train_ppo
 from src.rlhf.reward_model import KIND as REWARD_KIND
-from src.rlhf.reward_model import load_reward_model, train_reward_model
+from src.rlhf.reward_encoder import train_encoder_reward_model
+from src.rlhf.reward_model import train_reward_model
 from src.rlhf.sft import train_sft
 
 log = get_logger("rlhf")
@@ -62,6 +66,7 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
         "sft_model": out / "sft_model.pt",
         "reward_model": out / "reward_model.pt",
         "ppo_policy": out / "ppo_policy.pt",
+        "dpo_policy": out / "dpo_policy.pt",
         "evaluation": out / "evaluation.json",
         "rlhf_final_model": out / FINAL_MODEL,
     }
@@ -70,13 +75,17 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
         require_output(files["sft_model"], "SFT", "--skip-sft")
     if skip_reward:
         require_output(files["reward_model"], "reward-model", "--skip-reward")
-    needs_base = not skip_sft or (not skip_reward and cfg.training.reward.init_from == "base")
+    reward_cfg = cfg.training.reward
+    methods = ("ppo", "dpo") if cfg.training.method == "both" else (cfg.training.method,)
+    needs_base = not skip_sft or (not skip_reward and reward_cfg.backbone == "mamba" and reward_cfg.init_from == "base")
     if needs_base:
         base_file = resolve_checkpoint(cfg.model.base_checkpoint)  # missing: the error names the training command
     else:  # only for the base model's perplexity in the report
         base_file = _existing_base(cfg.model.base_checkpoint)
-    sft_train, sft_val = read_sft(cfg.data.sft_train_file), read_sft(cfg.data.sft_val_file)
-    pref_train, pref_val = read_preferences(cfg.data.preferences_train_file), read_preferences(cfg.data.preferences_val_file)
+    sft_train, sft_val, sft_test = (read_sft(f) for f in (cfg.data.sft_train_file, cfg.data.sft_val_file, cfg.data.sft_test_file))
+    pref_train, pref_val, pref_test = (
+        read_preferences(f) for f in (cfg.data.preferences_train_file, cfg.data.preferences_val_file, cfg.data.preferences_test_file)
+    )
     data_sha = {name: file_sha256(p) for name, p in cfg.data.model_dump().items()}
 
     _pipeline_logging(logs)
@@ -114,50 +123,74 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
     if skip_reward:
         metrics["reward"] = output_metrics(files["reward_model"], REWARD_KIND)
         log.info("--skip-reward: using %s", files["reward_model"])
+    elif reward_cfg.backbone == "encoder":  # a pretrained encoder: needs neither SFT nor base
+        rm_stage = stage("reward", reward_cfg, files["reward_model"],
+                         {"encoder": reward_cfg.encoder_model, "preferences_train": data_sha["preferences_train_file"],
+                          "preferences_val": data_sha["preferences_val_file"]})
+        metrics["reward"] = _reuse_or(resume, files["reward_model"], rm_stage, REWARD_KIND) or timed(
+            "reward", lambda: train_encoder_reward_model(pref_train, pref_val, rm_stage, resume))["metrics"]
     else:
-        backbone_file = files["sft_model"] if cfg.training.reward.init_from == "sft" else base_file
-        rm_stage = stage("reward", cfg.training.reward, files["reward_model"],
+        backbone_file = files["sft_model"] if reward_cfg.init_from == "sft" else base_file
+        rm_stage = stage("reward", reward_cfg, files["reward_model"],
                          {"backbone": file_sha256(backbone_file), "preferences_train": data_sha["preferences_train_file"],
                           "preferences_val": data_sha["preferences_val_file"]})
         metrics["reward"] = _reuse_or(resume, files["reward_model"], rm_stage, REWARD_KIND) or timed(
             "reward", lambda: train_reward_model(*load_mamba(backbone_file), pref_train, pref_val, rm_stage, resume))["metrics"]
 
     # 3. PPO: policy and frozen reference both start as the SFT model.
-    ppo_stage = stage("ppo", cfg.training.ppo, files["ppo_policy"],
-                      {"sft_model": file_sha256(files["sft_model"]), "reward_model": file_sha256(files["reward_model"]),
-                       "sft_train": data_sha["sft_train_file"]})
+    if "ppo" in methods:
+        ppo_stage = stage("ppo", cfg.training.ppo, files["ppo_policy"],
+                          {"sft_model": file_sha256(files["sft_model"]), "reward_model": file_sha256(files["reward_model"]),
+                           "sft_train": data_sha["sft_train_file"]})
 
-    def run_ppo() -> dict[str, Any]:
-        policy_lm, tokenizer = load_mamba(files["sft_model"])
-        reference, _ = load_mamba(files["sft_model"])
-        reward_model, rm_tokenizer = load_reward_model(files["reward_model"])
-        _check_same_tokenizer(tokenizer, rm_tokenizer, files)
-        prompts = list(dict.fromkeys(e.prompt for e in sft_train))
-        return train_ppo(policy_lm, reference, reward_model, tokenizer, prompts, ppo_stage, resume)
+        def run_ppo() -> dict[str, Any]:
+            policy_lm, tokenizer = load_mamba(files["sft_model"])
+            reference, _ = load_mamba(files["sft_model"])
+            reward_model, rm_tokenizer = load_reward_model(files["reward_model"])
+            _check_same_tokenizer(tokenizer, reward_model, rm_tokenizer, files)
+            prompts = list(dict.fromkeys(e.prompt for e in sft_train))
+            return train_ppo(policy_lm, reference, reward_model, tokenizer, prompts, ppo_stage, resume)
 
-    metrics["ppo"] = _reuse_or(resume, files["ppo_policy"], ppo_stage, "mamba") or timed("ppo", run_ppo)["metrics"]
+        metrics["ppo"] = _reuse_or(resume, files["ppo_policy"], ppo_stage, "mamba") or timed("ppo", run_ppo)["metrics"]
 
-    # 4. Evaluation (always: it is what the run reports).
+    # 3b. DPO: the same start and reference, the preference pairs instead of the reward model.
+    if "dpo" in methods:
+        dpo_stage = stage("dpo", cfg.training.dpo, files["dpo_policy"],
+                          {"sft_model": file_sha256(files["sft_model"]), "preferences_train": data_sha["preferences_train_file"],
+                           "preferences_val": data_sha["preferences_val_file"]})
+
+        def run_dpo() -> dict[str, Any]:
+            policy_lm, tokenizer = load_mamba(files["sft_model"])
+            reference, _ = load_mamba(files["sft_model"])
+            return train_dpo(policy_lm, reference, tokenizer, pref_train, pref_val, dpo_stage, resume)
+
+        metrics["dpo"] = _reuse_or(resume, files["dpo_policy"], dpo_stage, "mamba") or timed("dpo", run_dpo)["metrics"]
+
+    # 4. Evaluation on the test split (always: it is what the run reports).
     def run_evaluation() -> dict[str, Any]:
         sft_lm, tokenizer = load_mamba(files["sft_model"])
-        policy_lm, _ = load_mamba(files["ppo_policy"])
+        policies = {name: load_mamba(files[f"{name}_policy"])[0] for name in methods}
         reward_model, rm_tokenizer = load_reward_model(files["reward_model"])
-        _check_same_tokenizer(tokenizer, rm_tokenizer, files)
+        _check_same_tokenizer(tokenizer, reward_model, rm_tokenizer, files)
         base_lm = load_mamba(base_file)[0] if base_file is not None else None
-        curve = load_checkpoint(files["ppo_policy"], kind="mamba").get("history") or []
-        eval_stage = stage("evaluation", cfg.evaluation, files["evaluation"], {"ppo_policy": file_sha256(files["ppo_policy"])})
-        return evaluate_rlhf(sft_lm, policy_lm, reward_model, tokenizer, sft_val, pref_val, eval_stage,
-                             cfg.training.ppo.kl.target, base_lm, curve)
+        curve = (load_checkpoint(files["ppo_policy"], kind="mamba").get("history") or []) if "ppo" in methods else []
+        eval_stage = stage("evaluation", cfg.evaluation, files["evaluation"],
+                           {f"{name}_policy": file_sha256(files[f"{name}_policy"]) for name in methods})
+        return evaluate_rlhf(sft_lm, policies, reward_model, tokenizer, sft_test, pref_test, eval_stage,
+                             cfg.training.ppo.kl.target, base_lm, curve, cfg.training.dpo)
 
     metrics["evaluation"] = timed("evaluation", run_evaluation)["metrics"]
 
-    # 5. Export, with where every stage's output came from.
-    provenance = {name: file_record(files[name]) for name in ("sft_model", "reward_model", "ppo_policy", "evaluation")}
+    # 5. Export the served policy, with where every stage's output came from.
+    exported = ("ppo" if "ppo" in methods else "dpo") if cfg.training.export == "auto" else cfg.training.export
+    recorded = ("sft_model", "reward_model", *(f"{name}_policy" for name in methods), "evaluation")
+    provenance = {name: file_record(files[name]) for name in recorded}
     if base_file is not None:
         provenance["base_model"] = file_record(base_file)
     provenance["data"] = {name: {"path": str(p), "sha256": data_sha[name]} for name, p in cfg.data.model_dump().items()}
-    export = timed("export", lambda: export_rlhf_model(files["ppo_policy"], files["rlhf_final_model"], config_to_dict(cfg), metrics, provenance))
-    metrics["export"] = export["metrics"]
+    provenance["exported_policy"] = exported
+    export = timed("export", lambda: export_rlhf_model(files[f"{exported}_policy"], files["rlhf_final_model"], config_to_dict(cfg), metrics, provenance))
+    metrics["export"] = {**export["metrics"], "policy": exported}
 
     summary = {
         "metrics": metrics,
@@ -168,9 +201,10 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
     atomic_write_json(out / "rlhf_summary.json", summary)
     ev = metrics["evaluation"]
     log.info(
-        "RLHF done in %.0f s: held-out reward PPO %.3f vs SFT %.3f, win rate %.3f, KL %.3f (target %g): %s",
-        sum(timings.values()), ev["reward_ppo_mean"], ev["reward_sft_mean"], ev["ppo_win_rate_vs_sft"],
-        ev["kl_ppo_to_reference"], ev["kl_target"], files["rlhf_final_model"],
+        "RLHF done in %.0f s (test split): reward model accuracy %.3f | %s: %s",
+        sum(timings.values()), ev["reward_model_test_accuracy"],
+        " | ".join(f"{n.upper()} win rate vs SFT {ev[f'{n}_win_rate_vs_sft']:.3f}, KL {ev[f'kl_{n}_to_reference']:.3f}" for n in methods),
+        files["rlhf_final_model"],
     )
     return summary
 
@@ -186,8 +220,9 @@ def _reuse_or(resume: bool, output: Path, stage: StageConfig, kind: str) -> dict
     return None
 
 
-def _check_same_tokenizer(policy_tokenizer, reward_tokenizer, files: dict[str, Path]) -> None:
-    if policy_tokenizer.fingerprint() != reward_tokenizer.fingerprint():
+def _check_same_tokenizer(policy_tokenizer, reward_model, reward_tokenizer, files: dict[str, Path]) -> None:
+    # An encoder reward model reads decoded text with its own tokenizer; a Mamba one reads the policy's ids.
+    if getattr(reward_model, "backbone", "mamba") == "mamba" and policy_tokenizer.fingerprint() != reward_tokenizer.fingerprint():
         raise CheckpointError(
             f"{files['reward_model']} uses another tokenizer than {files['sft_model']}: retrain the reward model "
             "(run without --skip-reward)"

@@ -1,7 +1,7 @@
-"""The RLHF pipeline on MARK's Mamba LM: SFT -> reward model -> PPO -> evaluation -> export.
+"""The RLHF pipeline on MARK's Mamba LM: SFT -> reward model -> PPO and/or DPO -> evaluation -> export.
 
     python -m src.training.rlhf_pipeline --base-model mamba --config configs/rl_train.yaml \\
-        --output-dir checkpoints/rlhf [--skip-sft] [--skip-reward] [--num-rl-steps N] \\
+        --output-dir checkpoints/rlhf [--skip-sft] [--skip-reward] [--num-rl-steps N] [--method ppo|dpo|both] \\
         [--device cpu] [--resume] [key.sub=value ...]
 
 Settings: the ``rlhf:`` section of ``--config`` when it has one; a file that is itself an
@@ -28,13 +28,14 @@ DEFAULT_CONFIG = "configs/rl_train.yaml"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m src.training.rlhf_pipeline",
-        description="RLHF on the Mamba LM: SFT -> reward model -> PPO -> evaluation -> export.",
+        description="RLHF on the Mamba LM: SFT -> reward model -> PPO and/or DPO -> evaluation -> export.",
     )
     parser.add_argument("--base-model", choices=["mamba"], default="mamba", help="the model RLHF starts from")
     parser.add_argument("--output-dir", help="where every stage's output goes (overrides paths.checkpoint_dir)")
     parser.add_argument("--skip-sft", action="store_true", help="use <output-dir>/sft_model.pt from an earlier run")
     parser.add_argument("--skip-reward", action="store_true", help="use <output-dir>/reward_model.pt from an earlier run")
     parser.add_argument("--num-rl-steps", type=int, help="PPO iterations (overrides training.ppo.num_steps)")
+    parser.add_argument("--method", choices=["ppo", "dpo", "both"], help="alignment stage(s) after SFT (overrides training.method)")
     add_common_args(parser, DEFAULT_CONFIG, evaluate=True)
     return parser
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides.append(f"paths.checkpoint_dir={args.output_dir}")
     if args.num_rl_steps is not None:
         overrides.append(f"training.ppo.num_steps={args.num_rl_steps}")
+    overrides += [f"training.method={args.method}"] if args.method else []
     overrides.append(f"model.base_model={args.base_model}")
     cfg = load_rlhf_config(args.config, overrides)
     return run(cfg, resume=args.resume, evaluate=args.evaluate, skip_sft=args.skip_sft, skip_reward=args.skip_reward)

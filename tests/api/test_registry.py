@@ -51,3 +51,19 @@ def test_a_model_trained_after_startup_is_found_on_the_next_request(tiny_checkpo
         registry.get("mamba")
     shutil.copytree(tiny_checkpoints / "mamba", tmp_path / "mamba")
     assert registry.get("mamba").details["d_model"] == 32
+
+
+def test_grounded_answers_use_the_aligned_model_when_one_is_trained(tiny_checkpoints, tmp_path):
+    from src.core.checkpoint import load_checkpoint, save_checkpoint
+
+    registry = ModelRegistry(tiny_checkpoints, device="cpu")
+    assert registry.answer_model() == registry.answer_model("auto") == "mamba"  # no rlhf/ here
+    assert registry.answer_model("rlhf") == "rlhf"  # an explicit choice is kept
+    # An aligned model (any Mamba saved as the RLHF export) switches "auto" to it.
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(tiny_checkpoints, checkpoints)
+    base = load_checkpoint(checkpoints / "mamba" / "best_model.pt")
+    save_checkpoint({"kind": "rlhf", "model": base["model"], "extra": base["extra"]}, checkpoints / "rlhf" / "rlhf_final_model.pt")
+    aligned = ModelRegistry(checkpoints, device="cpu")
+    assert aligned.answer_model() == "rlhf" and aligned.answer_model("mamba") == "mamba"
+    assert aligned.get("rlhf").model.num_parameters() == aligned.get("mamba").model.num_parameters()

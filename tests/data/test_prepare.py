@@ -65,8 +65,10 @@ def test_counts_and_sizes_are_in_the_promised_ranges(sample_data_dir: Path) -> N
     n_classification = sum(counts[f"classification_{s}.jsonl"] for s in ("train", "val", "test"))
     assert 500 <= n_classification <= 2000
     assert 200 <= counts["rag_eval.jsonl"] <= 500
-    assert 800 <= counts["sft_train.jsonl"] + counts["sft_val.jsonl"] <= 2000
-    assert counts["preferences_train.jsonl"] == counts["sft_train.jsonl"]
+    assert 800 <= sum(counts[f"sft_{s}.jsonl"] for s in ("train", "val", "test")) <= 2000
+    for split in ("train", "val", "test"):
+        assert counts[f"preferences_{split}.jsonl"] == counts[f"sft_{split}.jsonl"]
+    assert 120 <= counts["sft_val.jsonl"] <= 180 and 120 <= counts["sft_test.jsonl"] <= 180
     assert counts["labels.json"] == 3
 
     total_bytes = sum(entry["bytes"] for entry in manifest["files"].values())
@@ -147,7 +149,7 @@ def test_rag_eval_points_at_real_documents_and_hides_names(sample_data_dir: Path
 
 
 def test_sft_and_preferences_share_prompts_and_differ_in_the_right_way(sample_data_dir: Path) -> None:
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         sft = _records(sample_data_dir, f"sft_{split}")
         preferences = _records(sample_data_dir, f"preferences_{split}")
         assert [ex["prompt"] for ex in sft] == [ex["prompt"] for ex in preferences]
@@ -159,8 +161,21 @@ def test_sft_and_preferences_share_prompts_and_differ_in_the_right_way(sample_da
     all_summaries = {ex["chosen"] for ex in train}
     wrong_summaries = sum(ex["rejected"] in all_summaries for ex in train)
     assert wrong_summaries / len(train) > 0.6  # mostly another entry's real summary
-    val_prompts = {ex["prompt"] for ex in _records(sample_data_dir, "sft_val")}
-    assert not val_prompts & {ex["prompt"] for ex in _records(sample_data_dir, "sft_train")}
+
+
+def test_sft_and_preference_splits_are_disjoint(sample_data_dir: Path) -> None:
+    """train / val / test share no prompt, and no chosen answer (the same summary under
+    another name would leak the answer): val selects, test is only reported."""
+    for kind, answer in (("sft", "response"), ("preferences", "chosen")):
+        splits = {s: _records(sample_data_dir, f"{kind}_{s}") for s in ("train", "val", "test")}
+        prompts = {s: {ex["prompt"] for ex in records} for s, records in splits.items()}
+        assert all(len(prompts[s]) == len(splits[s]) for s in splits), "a prompt repeats inside a split"
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            assert not prompts[a] & prompts[b], (kind, a, b)
+        assert len(splits["test"]) >= 100 and len(splits["val"]) >= 100
+        answers = {s: {ex[answer] for ex in records} for s, records in splits.items()}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            assert not answers[a] & answers[b], (kind, a, b)
 
 
 def test_prepare_does_nothing_when_up_to_date_and_rebuilds_when_stale(data_copy: Path) -> None:

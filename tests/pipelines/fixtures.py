@@ -45,7 +45,8 @@ def make_tiny_data(sample_data_dir: Path, out: Path) -> Path:
     rag = [ex for ex in _jsonl(sample_data_dir / "rag_eval.jsonl") if set(ex["relevant_docs"]) <= ids]
     _write_jsonl(out / "rag_eval.jsonl", rag)
     for name, count in (("classification_train", 48), ("classification_val", 24), ("classification_test", 24),
-                        ("sft_train", 48), ("sft_val", 16), ("preferences_train", 48), ("preferences_val", 16)):
+                        ("sft_train", 48), ("sft_val", 16), ("sft_test", 16),
+                        ("preferences_train", 48), ("preferences_val", 16), ("preferences_test", 16)):
         _write_jsonl(out / f"{name}.jsonl", _jsonl(sample_data_dir / f"{name}.jsonl")[:count])
     shutil.copy(sample_data_dir / "labels.json", out / "labels.json")
     return out
@@ -95,16 +96,17 @@ def tiny_configs(data_dir: Path, work: Path) -> dict[str, dict]:
                       "max_prompt_tokens": 24, "max_response_tokens": 16},
             "training": {
                 "sft": {"batch_size": 8, "num_epochs": 1, "max_train_examples": 32, "max_val_examples": 8, "log_steps": 2},
-                "reward": {"batch_size": 8, "num_epochs": 1, "max_train_examples": 32, "max_val_examples": 8,
+                "method": "ppo",  # the RLHF tests cover DPO and the encoder reward model
+                "reward": {"backbone": "mamba", "batch_size": 8, "num_epochs": 1, "max_train_examples": 32, "max_val_examples": 8,
                            "normalization_examples": 16, "log_steps": 2},
                 "ppo": {"num_steps": 2, "rollout_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1,
                         "max_new_tokens": 8, "save_steps": 0},
                 "torch_threads": 1,
             },
-            "evaluation": {"num_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "samples_in_report": 2},
-            "data": {"sft_train_file": str(data_dir / "sft_train.jsonl"), "sft_val_file": str(data_dir / "sft_val.jsonl"),
-                     "preferences_train_file": str(data_dir / "preferences_train.jsonl"),
-                     "preferences_val_file": str(data_dir / "preferences_val.jsonl")},
+            "evaluation": {"num_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "samples_in_report": 2,
+                           "cosine_baseline_model": None},
+            "data": {**{f"sft_{s}_file": str(data_dir / f"sft_{s}.jsonl") for s in ("train", "val", "test")},
+                     **{f"preferences_{s}_file": str(data_dir / f"preferences_{s}.jsonl") for s in ("train", "val", "test")}},
             "paths": paths("rlhf"), "system": system,
         },
     }

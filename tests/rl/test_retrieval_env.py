@@ -20,6 +20,7 @@ from src.rl.retrieval_env import (
     load_or_build_retrieval_table,
     retrieval_signals,
     split_queries,
+    split_test_queries,
 )
 
 
@@ -116,6 +117,18 @@ def test_query_order_visits_each_query_once_per_pass_and_is_resumable(rl_table):
 
     ordered = RetrievalPolicyEnv(rl_table, [7, 2, 9], shuffle=False)
     assert [ordered.reset()[1]["query_id"] for _ in range(4)] == [7, 2, 9, 7]
+
+
+def test_test_split_is_fixed_disjoint_and_independent_of_the_seed():
+    rest, test = split_test_queries(100, 0.2)
+    assert len(test) == 20 and set(rest).isdisjoint(test) and set(rest) | set(test) == set(range(100))
+    assert np.array_equal(split_test_queries(100, 0.2)[1], test)  # no seed: the same for every run
+    for seed in (0, 1, 42):  # train / val come from the rest only
+        train, val = split_queries(len(rest), 0.2, seed)
+        assert set(rest[train]).isdisjoint(test) and set(rest[val]).isdisjoint(test)
+    assert len(split_test_queries(10, 0.0)[1]) == 0
+    with pytest.raises(DataError):
+        split_test_queries(2, 0.2)
 
 
 def test_split_is_seeded_disjoint_and_complete():

@@ -17,7 +17,7 @@ from src.core.checkpoint import load_checkpoint, write_latest_pointer
 from src.core.errors import CheckpointError, ConfigError
 from src.rl.load import load_rl_policy
 from src.rl.model import RLPolicy, choose_retrieval_action, retrieval_actions, retrieval_observation
-from src.rl.retrieval_env import TABLE_FILE, QueryObservation, split_queries
+from src.rl.retrieval_env import TABLE_FILE, QueryObservation, split_queries, split_test_queries
 from src.scripts import train_rl
 from src.training import orchestrator
 from tests.rl.fixtures import rl_data_dir, rl_rag_index, rl_retriever, rl_run_args, rl_table  # noqa: F401
@@ -69,7 +69,8 @@ def test_evaluation_compares_on_held_out_queries(trained_run, rl_table):
     results = report["strategies"]
     labels = [a.label for a in rl_table.actions]
     assert set(results) == {"trained", "random", "oracle"} | {f"fixed {label}" for label in labels}
-    _, heldout = split_queries(rl_table.num_queries, 0.2, seed=42)
+    rest, test = split_test_queries(rl_table.num_queries, 0.2)
+    heldout = rest[split_queries(len(rest), 0.2, seed=42)[1]]
     rewards = rl_table.rewards(0.02)[heldout]
     for i, label in enumerate(labels):  # every fixed strategy scored on exactly the held-out queries
         assert results[f"fixed {label}"]["mean_reward"] == pytest.approx(float(rewards[:, i].mean()), abs=1e-6)
@@ -83,7 +84,19 @@ def test_evaluation_compares_on_held_out_queries(trained_run, rl_table):
     assert trained > results["random"]["mean_reward"] + 0.05
     assert trained <= results["oracle"]["mean_reward"] + 1e-9
     assert summary["metrics"]["trained_mean_reward"] == pytest.approx(trained)
-    assert report["train_split"]["queries"] == rl_table.num_queries - len(heldout)
+    assert report["train_split"]["queries"] == rl_table.num_queries - len(heldout) - len(test)
+
+    # The test split: untouched by training and tuning, scored the same way; the best fixed
+    # strategy is the one the val (held-out) split picked, measured on the test queries.
+    split = report["test_split"]
+    test_rewards = rl_table.rewards(0.02)[test]
+    assert split["queries"] == len(test) == summary["metrics"]["test_queries"]
+    assert split["best_fixed"] == report["summary"]["best_fixed"]
+    picked = labels.index(split["best_fixed"])
+    assert split["best_fixed_mean_reward"] == pytest.approx(float(test_rewards[:, picked].mean()), abs=1e-6)
+    assert split["oracle_mean_reward"] == pytest.approx(float(test_rewards.max(axis=1).mean()), abs=1e-6)
+    assert split["trained_mean_reward"] == pytest.approx(summary["metrics"]["test_trained_mean_reward"])
+    assert split["trained_mean_reward"] > split["strategies"]["random"]["mean_reward"]
 
 
 def test_final_model_picks_retrieval_strategies_for_query_strings(trained_run, rl_table, rl_retriever):

@@ -1,11 +1,12 @@
-"""Fixtures of the RLHF tests: a tiny trained Mamba base model (once per session) and tiny
-RLHF configs that run every stage in seconds."""
+"""Fixtures of the RLHF tests: a tiny trained Mamba base model (once per session), a tiny
+BERT-style encoder for the encoder reward model, and tiny RLHF configs that run every stage in seconds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from src.scripts import train_mamba
@@ -27,24 +28,46 @@ def tiny_base_model(sample_data_dir: Path, tmp_path_factory: pytest.TempPathFact
     return work / "mamba" / "best_model.pt"
 
 
-def tiny_rlhf_config(base_model: Path, data_dir: Path, work: Path, **sections) -> dict:
-    """An RLHF config that runs every stage at test size (a few seconds each)."""
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a 2-layer, 32-wide BERT (random weights) with MiniLM's word-piece
+    tokenizer: the encoder reward model's code path at test size (MiniLM itself is 22M parameters)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from src.core.hub import minilm_local_path
+
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_local_path()))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_rlhf_config(base_model: Path, data_dir: Path, work: Path, encoder: Path | None = None, **sections) -> dict:
+    """An RLHF config that runs every stage at test size (a few seconds each); the reward
+    model is the Mamba one, or the encoder one on ``encoder`` (a folder) when given."""
+    reward_backbone = {"backbone": "mamba"} if encoder is None else {
+        "backbone": "encoder", "encoder_model": str(encoder), "max_length": 64, "learning_rate": 0.0005}
     config = {
         "model": {"base_checkpoint": str(base_model), "max_prompt_tokens": 24, "max_response_tokens": 16},
         "training": {
             "sft": {"batch_size": 8, "num_epochs": 1, "max_train_examples": 48, "max_val_examples": 16,
                     "learning_rate": 0.003, "log_steps": 2},
             "reward": {"batch_size": 8, "num_epochs": 1, "max_train_examples": 48, "max_val_examples": 16,
-                       "learning_rate": 0.001, "normalization_examples": 16, "log_steps": 2},
+                       "learning_rate": 0.001, "normalization_examples": 16, "log_steps": 2, **reward_backbone},
+            "dpo": {"batch_size": 8, "num_epochs": 1, "max_train_examples": 32, "max_val_examples": 8,
+                    "learning_rate": 0.001, "beta": 0.1, "log_steps": 2},
             "ppo": {"num_steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
                     "learning_rate": 0.0003, "max_new_tokens": 8, "save_steps": 1},
             "torch_threads": 1,
         },
-        "evaluation": {"num_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "samples_in_report": 2},
+        "evaluation": {"num_prompts": 8, "num_pairs": 24, "max_new_tokens": 8, "batch_size": 8, "samples_in_report": 2},
         "data": {
-            "sft_train_file": str(data_dir / "sft_train.jsonl"), "sft_val_file": str(data_dir / "sft_val.jsonl"),
-            "preferences_train_file": str(data_dir / "preferences_train.jsonl"),
-            "preferences_val_file": str(data_dir / "preferences_val.jsonl"),
+            **{f"sft_{s}_file": str(data_dir / f"sft_{s}.jsonl") for s in ("train", "val", "test")},
+            **{f"preferences_{s}_file": str(data_dir / f"preferences_{s}.jsonl") for s in ("train", "val", "test")},
         },
         "paths": {"checkpoint_dir": str(work / "rlhf"), "log_dir": str(work / "logs")},
         "system": {"device": "cpu", "seed": 0},

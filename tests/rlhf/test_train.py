@@ -1,6 +1,6 @@
 """The whole RLHF pipeline (src/training/rlhf_pipeline.py) at tiny size: every stage's output,
 evaluation and export (src/rlhf/evaluate.py, src/rlhf/export.py), skip flags, resume,
-config selection and command-line errors."""
+determinism, config selection and command-line errors."""
 
 import json
 import os
@@ -22,16 +22,16 @@ from src.training import rlhf_pipeline
 from tests.rlhf.conftest import tiny_rlhf_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[2]
-STAGE_FILES = ("sft_model.pt", "reward_model.pt", "ppo_policy.pt", "evaluation.json", "evaluation.md",
+STAGE_FILES = ("sft_model.pt", "reward_model.pt", "ppo_policy.pt", "dpo_policy.pt", "evaluation.json", "evaluation.md",
                "evaluation.png", "rlhf_final_model.pt", "rlhf_summary.json", "config.yaml")
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tiny_base_model, sample_data_dir, tmp_path_factory):
-    """One full tiny run: ``{"work", "config", "out", "summary"}``."""
+def pipeline_run(tiny_base_model, tiny_encoder_dir, sample_data_dir, tmp_path_factory):
+    """One full tiny run (encoder reward model, PPO and DPO): ``{"work", "config", "out", "summary"}``."""
     work = tmp_path_factory.mktemp("rlhf_run")
-    config = write_yaml(work / "rlhf.yaml", tiny_rlhf_config(tiny_base_model, sample_data_dir, work))
-    summary = rlhf_pipeline.main(["--base-model", "mamba", "--config", str(config), "--device", "cpu"])
+    config = write_yaml(work / "rlhf.yaml", tiny_rlhf_config(tiny_base_model, sample_data_dir, work, encoder=tiny_encoder_dir))
+    summary = rlhf_pipeline.main(["--base-model", "mamba", "--config", str(config), "--device", "cpu", "--method", "both"])
     return {"work": work, "config": config, "out": work / "rlhf", "summary": summary}
 
 
@@ -39,9 +39,9 @@ def test_every_stage_writes_its_output(pipeline_run):
     out, logs = pipeline_run["out"], pipeline_run["work"] / "logs"
     for name in STAGE_FILES:
         assert (out / name).is_file(), name
-    for stage in ("sft", "reward", "ppo", "evaluation"):
+    for stage in ("sft", "reward", "ppo", "dpo", "evaluation"):
         assert (logs / stage / "train.log").is_file(), stage
-    for stage in ("sft", "reward", "ppo"):
+    for stage in ("sft", "reward", "ppo", "dpo"):
         assert (logs / stage / "metrics.jsonl").read_text().strip(), stage
     ppo_records = [json.loads(line) for line in (logs / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ppo_records] == [1, 2, 3]
@@ -50,19 +50,26 @@ def test_every_stage_writes_its_output(pipeline_run):
 
 def test_summary_and_evaluation_report_the_same_computed_numbers(pipeline_run):
     metrics = pipeline_run["summary"]["metrics"]
-    assert set(metrics) == {"sft", "reward", "ppo", "evaluation", "export"}
+    assert set(metrics) == {"sft", "reward", "ppo", "dpo", "evaluation", "export"}
     evaluation = json.loads((pipeline_run["out"] / "evaluation.json").read_text())
     assert evaluation["metrics"] == metrics["evaluation"]
     ev = metrics["evaluation"]
-    assert ev["num_prompts"] == 8
-    assert 0.0 <= ev["ppo_win_rate_vs_sft"] <= 1.0 and 0.0 <= ev["reward_model_val_accuracy"] <= 1.0
-    assert ev["reward_gain"] == pytest.approx(ev["reward_ppo_mean"] - ev["reward_sft_mean"])
+    assert ev["split"] == "test" and ev["num_prompts"] == 8 and ev["reward_model_test_pairs"] == 24
+    assert metrics["reward"]["backbone"] == ev["reward_model_backbone"] == "encoder"
+    for name in ("ppo", "dpo"):
+        assert 0.0 <= ev[f"{name}_win_rate_vs_sft"] <= 1.0 and ev[f"kl_{name}_to_reference"] == ev[f"kl_{name}_to_reference"]
+        assert ev[f"reward_gain_{name}"] == pytest.approx(ev[f"reward_{name}_mean"] - ev["reward_sft_mean"])
+        assert ev[f"perplexity_{name}"] > 1
+    assert 0.0 <= ev["reward_model_test_accuracy"] <= 1.0 and 0.0 <= ev["dpo_implicit_reward_test_accuracy"] <= 1.0
+    assert ev["baseline_random_test_accuracy"] == 0.5 and 0.0 <= ev["baseline_length_test_accuracy"] <= 1.0
+    assert ev["baseline_cosine_test_accuracy"] > 0.6  # zero-shot MiniLM already ranks most test pairs right
     assert ev["kl_within_target"] == (ev["kl_ppo_to_reference"] <= ev["kl_target"])
-    assert ev["perplexity_sft"] > 1 and ev["perplexity_ppo"] > 1 and ev["perplexity_base"] > 1
+    assert ev["perplexity_sft"] > 1 and ev["perplexity_base"] > 1
     assert metrics["sft"]["val_loss"] < metrics["sft"]["base_val_loss"]
     report = (pipeline_run["out"] / "evaluation.md").read_text()
-    assert f"{ev['ppo_win_rate_vs_sft']:.3f}" in report and "## Example responses" in report
-    assert len(evaluation["samples"]) == 2
+    assert f"{ev['ppo_win_rate_vs_sft']:.3f}" in report and f"{ev['dpo_win_rate_vs_sft']:.3f}" in report
+    assert f"{ev['baseline_cosine_test_accuracy']:.3f}" in report and "## 2 test prompts: answers and their rewards" in report
+    assert len(evaluation["samples"]) == 2 and {"sft", "ppo", "dpo", "dpo_reward"} <= set(evaluation["samples"][0])
 
 
 def test_exported_model_loads_generates_and_names_its_sources(pipeline_run):
@@ -83,7 +90,7 @@ def test_exported_model_loads_generates_and_names_its_sources(pipeline_run):
 
 def test_resume_reuses_finished_stages(pipeline_run):
     out = pipeline_run["out"]
-    before = {name: file_sha256(out / name) for name in ("sft_model.pt", "reward_model.pt", "ppo_policy.pt")}
+    before = {name: file_sha256(out / name) for name in ("sft_model.pt", "reward_model.pt", "ppo_policy.pt", "dpo_policy.pt")}
     summary = rlhf_pipeline.main(["--config", str(pipeline_run["config"]), "--resume"])
     assert {name: file_sha256(out / name) for name in before} == before
     assert set(summary["seconds"]) == {"evaluation", "export"}  # nothing retrained
@@ -108,6 +115,32 @@ def test_ppo_resumes_exactly_from_its_checkpoint(pipeline_run, tmp_path):
     assert diff < 1e-6
     with pytest.raises(CheckpointError, match="past training.ppo.num_steps=4"):
         rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "resumed"), "--num-rl-steps", "4", "--resume"])
+
+
+def test_two_identical_runs_give_identical_metrics(pipeline_run, tmp_path):
+    """Same seed, same machine, same config: every number of the run is the same, exactly."""
+    again = rlhf_pipeline.main(["--config", str(pipeline_run["config"]), "--output-dir", str(tmp_path / "again")])
+    first = pipeline_run["summary"]["metrics"]
+    assert again["metrics"] == first
+    for name in ("sft_model.pt", "ppo_policy.pt", "dpo_policy.pt"):
+        a, b = load_checkpoint(pipeline_run["out"] / name), load_checkpoint(tmp_path / "again" / name)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+
+
+def test_dpo_only_run_exports_the_dpo_policy(pipeline_run, tmp_path):
+    out = tmp_path / "dpo_only"
+    for file in ("sft_model.pt", "reward_model.pt"):
+        (out).mkdir(exist_ok=True)
+        shutil.copy(pipeline_run["out"] / file, out / file)
+    summary = rlhf_pipeline.main(["--config", str(pipeline_run["config"]), "--output-dir", str(out),
+                                  "--skip-sft", "--skip-reward", "--method", "dpo"])
+    assert "ppo" not in summary["metrics"] and not (out / "ppo_policy.pt").exists()
+    assert summary["metrics"]["export"]["policy"] == "dpo" and "ppo_win_rate_vs_sft" not in summary["metrics"]["evaluation"]
+    model, _ = load_rlhf_model(out, "cpu")
+    dpo = load_checkpoint(out / "dpo_policy.pt", kind="mamba")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dpo["model"].items())
+    with pytest.raises(ConfigError, match="export: ppo is not trained with method: dpo"):
+        rlhf_pipeline.main(["--config", str(pipeline_run["config"]), "--method", "dpo", "training.export=ppo"])
 
 
 def test_skip_flags_need_the_earlier_outputs(rlhf_config_file, tmp_path):
@@ -161,3 +194,23 @@ def test_config_from_an_rlhf_section_or_the_rlhf_yaml_beside_it(tiny_base_model,
 
 def test_win_rate_counts_ties_half():
     assert win_rate(torch.tensor([1.0, 2.0, 0.0, 3.0]), torch.tensor([0.0, 2.0, 1.0, 1.0])) == pytest.approx(2.5 / 4)
+
+
+def test_reward_scorer_scores_texts_with_either_backbone(pipeline_run, tiny_base_model, sample_data_dir, tmp_path):
+    from src.rlhf.load import load_reward_scorer
+
+    scorer = load_reward_scorer(pipeline_run["out"], "cpu")  # the encoder reward model of the run
+    assert scorer.backbone == "encoder"
+    scores = scorer.score(["What does json.dumps do?"] * 2, ["Serialize obj to a JSON formatted str.", "It does what its name says."])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores) and scores[0] != scores[1]
+    assert scorer.score([], []) == []
+
+    # The Mamba backbone: a short run with only the reward stage's choice changed.
+    config = write_yaml(tmp_path / "rlhf.yaml", tiny_rlhf_config(tiny_base_model, sample_data_dir, tmp_path))
+    rlhf_pipeline.main(["--config", str(config), "--method", "dpo", "training.dpo.max_train_examples=8"])
+    mamba_scorer = load_reward_scorer(tmp_path / "rlhf" / "reward_model.pt")
+    assert mamba_scorer.backbone == "mamba"
+    again = mamba_scorer.score(["What does json.dumps do?"], ["Serialize obj to a JSON formatted str."])
+    assert len(again) == 1 and again == mamba_scorer.score(["What does json.dumps do?"], ["Serialize obj to a JSON formatted str."])
+    with pytest.raises(NotTrainedError, match="no reward model"):
+        load_reward_scorer(tmp_path / "nowhere")

@@ -162,7 +162,7 @@ async def query(body: QueryRequest, request: Request) -> QueryResponse:
         answer=answer.result.text.strip(),
         doc_ids=[p.doc_id for p in answer.used],
         sources=[search_hit(h) for h in answer.hits],
-        model=body.model,
+        model=answer.model,
         finish_reason=answer.result.finish_reason,
         took_ms=_ms(start),
     )
