@@ -50,3 +50,42 @@ def read_rlhf_metadata(path_or_dir: str | Path = "checkpoints/rlhf") -> dict[str
     """The exported model's ``config``, ``metrics`` and ``provenance`` (no weights built)."""
     state = load_checkpoint(resolve_final_model(path_or_dir), map_location="cpu", kind=KIND)
     return {key: state.get(key) for key in ("config", "metrics", "provenance")}
+
+
+class RewardScorer:
+    """The reward model's normalized score of ``(prompt, response)`` pairs, each read as in
+    training: ``<|bos|>`` + the templated prompt + the response + ``<|eos|>`` (cut to the
+    trained lengths)."""
+
+    def __init__(self, model, tokenizer: MambaTokenizer, fmt) -> None:
+        self.model, self.tokenizer, self.fmt = model, tokenizer, fmt
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One normalized score per pair, in order (higher: preferred)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        sequences = [self.fmt.prompt_ids(p) + self.fmt.response_ids(r) for p, r in zip(prompts, responses)]
+        with torch.inference_mode():
+            raw = self.model.score_sequences(sequences, self.tokenizer.pad_id)
+            return self.model.normalized(raw).tolist()
+
+
+def load_reward_scorer(path: str | Path, device: str | torch.device = "cpu") -> RewardScorer:
+    """A :class:`RewardScorer` over ``reward_model.pt`` (or the folder holding it); missing is
+    a ``NotTrainedError`` naming the pipeline command."""
+    from src.rlhf.data import PromptFormat
+    from src.rlhf.reward_model import KIND as REWARD_KIND, load_reward_model
+
+    path = Path(path)
+    path = path / "reward_model.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise NotTrainedError(f"{path}: no reward model; run `{PIPELINE_COMMAND}`")
+    model, tokenizer = load_reward_model(path, device)
+    settings = (load_checkpoint(path, map_location="cpu", kind=REWARD_KIND).get("config") or {}).get("model") or {}
+    fmt = PromptFormat(
+        tokenizer,
+        settings.get("prompt_template", PromptFormat.template),
+        settings.get("max_prompt_tokens", PromptFormat.max_prompt_tokens),
+        settings.get("max_response_tokens", PromptFormat.max_response_tokens),
+    )
+    return RewardScorer(model, tokenizer, fmt)
