@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from src.api.generation import GenerationTimeoutError, PrefillError, ServerBusyError
 from src.api.metrics import Metrics, MetricsMiddleware
 from src.api.registry import LANGUAGE_MODELS, SERVED_MODELS
-from src.api.schemas import EMBEDDING_DIM_MARK, MAX_SEED, TOKEN_ID_MARK
+from src.api.schemas import EMBEDDING_DIM_MARK, EMBEDDING_MODEL_MARK, MAX_SEED, TOKEN_ID_MARK, embedding_model_ids
 from src.api.service import ModelService, PromptTooLongError, ServerSettings
 from src.core.errors import CheckpointError, MarkError, NotTrainedError
 from src.api.errors import APIError, error_body, error_response
@@ -195,7 +195,9 @@ def _served_limits(service: ModelService) -> dict[str, int]:
     if vocab:
         limits[TOKEN_ID_MARK] = min(vocab) - 1
     if registry.is_loaded("rag"):
-        limits[EMBEDDING_DIM_MARK] = registry.get("rag").model.index.dim
+        encoder = registry.get("rag").model.index.encoder
+        limits[EMBEDDING_DIM_MARK] = encoder.dim
+        limits[EMBEDDING_MODEL_MARK] = embedding_model_ids(encoder.name)
     return limits
 
 
@@ -216,10 +218,15 @@ def _fill_limits(node, limits: dict[str, int]) -> None:
             for key in ("minimum", "maximum"):
                 if isinstance(node.get(key), float):
                     node[key] = MAX_SEED if node[key] >= MAX_SEED else int(node[key])
-        if TOKEN_ID_MARK in node and TOKEN_ID_MARK in limits:
-            node["maximum"] = limits[TOKEN_ID_MARK]
-        if EMBEDDING_DIM_MARK in node and EMBEDDING_DIM_MARK in limits:
-            node["minimum"] = node["maximum"] = limits[EMBEDDING_DIM_MARK]
+        # A marked optional field (anyOf [type, null]) gets the limit on its non-null branch.
+        targets = [b for b in node.get("anyOf", []) if b.get("type") not in (None, "null")] or [node]
+        for target in targets:
+            if TOKEN_ID_MARK in node and TOKEN_ID_MARK in limits:
+                target["maximum"] = limits[TOKEN_ID_MARK]
+            if EMBEDDING_MODEL_MARK in node and EMBEDDING_MODEL_MARK in limits:
+                target["enum"] = limits[EMBEDDING_MODEL_MARK]
+            if EMBEDDING_DIM_MARK in node and EMBEDDING_DIM_MARK in limits:
+                target["minimum"] = target["maximum"] = limits[EMBEDDING_DIM_MARK]
         for value in node.values():
             _fill_limits(value, limits)
     elif isinstance(node, list):

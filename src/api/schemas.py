@@ -36,6 +36,8 @@ MAX_SCORE_PAIRS = 64
 # JSON-schema extension keys: /openapi.json fills in the loaded models' numbers (src/api/app.py).
 TOKEN_ID_MARK = "x-mark-token-id"
 EMBEDDING_DIM_MARK = "x-mark-embedding-dim"
+EMBEDDING_MODEL_MARK = "x-mark-embedding-model"
+LANGUAGE_MODEL_IDS = ["mamba", "rlhf"]
 
 LanguageModelName = Literal["mamba", "rlhf"]
 SearchModeName = Literal["dense", "bm25", "hybrid"]
@@ -336,8 +338,13 @@ class StreamOptions(BaseModel):
     include_usage: Optional[bool] = Field(None, description="a last chunk with the usage of the whole request")
 
 
+# The OpenAI routes answer an unknown model with 404 (OpenAI's NotFoundError), not 422, so the
+# field is a string; the schema lists the ids served.
+OpenAILanguageModel = Annotated[str, Field(json_schema_extra={"enum": LANGUAGE_MODEL_IDS}, description="mamba or rlhf")]
+
+
 class CompletionRequest(OpenAIRequest):
-    model: str
+    model: OpenAILanguageModel
     prompt: Union[
         Prompt,
         Annotated[list[Prompt], Field(min_length=1, max_length=MAX_CHOICES)],
@@ -403,7 +410,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(OpenAIRequest):
-    model: str
+    model: OpenAILanguageModel
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Optional[Int] = Field(None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: Optional[Int] = Field(None, ge=1, le=MAX_NEW_TOKENS)
@@ -455,8 +462,16 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+def embedding_model_ids(encoder_name: str) -> list[str]:
+    """The model ids ``/v1/embeddings`` accepts: ``minilm`` and the encoder's names."""
+    return list(dict.fromkeys(["minilm", encoder_name, encoder_name.rsplit("/", 1)[-1]]))
+
+
 class EmbeddingRequest(OpenAIRequest):
-    model: str
+    model: Annotated[str, Field(
+        json_schema_extra={EMBEDDING_MODEL_MARK: True},
+        description="minilm, or the RAG encoder's name (/openapi.json lists them once it is loaded)",
+    )]
     input: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=256)]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[Int] = Field(

@@ -10,6 +10,7 @@ loads a model does not stall the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import threading
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,7 @@ class ServerSettings:
 
 
 MAX_EVIDENCE_CANDIDATES = 64
+SENTENCE_CACHE_SIZE = 20_000
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -85,6 +87,7 @@ class ModelService:
         self.registry = registry or ModelRegistry(settings.checkpoints_dir, settings.export_dir, settings.device)
         self._workers: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._sentence_vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ workers (created once)
     def _worker(self, key: str, build):
@@ -224,9 +227,19 @@ class ModelService:
         if k <= 0 or not candidates:
             return []
         embedder = await self.aembedder()
-        rows = await embedder.arun([query] + [sentence for _, sentence in candidates])
-        vectors = np.stack([np.asarray(vector, dtype=np.float32) for vector, _ in rows])
-        scores = vectors[1:] @ vectors[0]
+        # The index's chunks are fixed, so their sentences' vectors are kept (LRU) across queries.
+        missing = [sentence for _, sentence in candidates if sentence not in self._sentence_vectors]
+        rows = await embedder.arun([query] + missing)
+        with self._lock:
+            for sentence, (vector, _) in zip(missing, rows[1:]):
+                self._sentence_vectors[sentence] = np.asarray(vector, dtype=np.float32)
+            vectors = []
+            for _, sentence in candidates:
+                self._sentence_vectors.move_to_end(sentence)
+                vectors.append(self._sentence_vectors[sentence])
+            while len(self._sentence_vectors) > SENTENCE_CACHE_SIZE:
+                self._sentence_vectors.popitem(last=False)
+        scores = np.stack(vectors) @ np.asarray(rows[0][0], dtype=np.float32)
         order = np.argsort(-scores, kind="stable")[:k]
         return [Evidence(candidates[i][0], candidates[i][1], round(float(scores[i]), 6)) for i in order]
 

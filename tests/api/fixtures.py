@@ -192,8 +192,11 @@ def server(tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def full_server(full_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
     """The server over every tiny model (RLHF and reward model too), without an API key."""
+    # --max-prompt-tokens: every prompt within the schema's length limits fits (a character is
+    # at most 4 UTF-8 bytes, a byte-level BPE token at least one byte), so the fuzzer's longest
+    # valid prompts are served rather than refused.
     running = RunningServer(
-        full_checkpoints, tmp_path_factory.mktemp("full_server") / "server.log",
+        full_checkpoints, tmp_path_factory.mktemp("full_server") / "server.log", "--max-prompt-tokens", "70000",
         wait_for=("mamba", "rlhf", "rag", "transformer"),
     )
     yield running

@@ -45,6 +45,7 @@ from src.api.schemas import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    embedding_model_ids,
 )
 from src.core.errors import NotTrainedError
 
@@ -389,7 +390,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
             raise APIError(404, f"model '{body.model}' is not served here; embedding model: {EMBEDDING_MODEL_ID}", "invalid_request_error", "model") from None
         raise
     encoder = service.retriever().index.encoder
-    if body.model not in (EMBEDDING_MODEL_ID, encoder.name, encoder.name.rsplit("/", 1)[-1]):
+    if body.model not in embedding_model_ids(encoder.name):
         raise APIError(404, f"model '{body.model}' is not served here; embedding model: {EMBEDDING_MODEL_ID}", "invalid_request_error", "model")
     if body.dimensions is not None and body.dimensions != encoder.dim:
         raise APIError(400, f"dimensions: {EMBEDDING_MODEL_ID} embeddings have {encoder.dim} dimensions", "invalid_request_error", "dimensions")
