@@ -204,23 +204,31 @@ def _served_limits(service: ModelService) -> dict[str, int]:
 JSON_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
 
 
+def _integer_bounds(node: dict) -> None:
+    """Bounds of an integer node as exact JSON-Schema integers."""
+    if node.get("type") != "integer":
+        return
+    # Bounds of an integer with a before-validator (src.api.schemas.Int) come out of
+    # pydantic under their Python names; JSON Schema's are these.
+    for python_name, json_name in JSON_BOUNDS.items():
+        if python_name in node:
+            node[json_name] = node.pop(python_name)
+    # FastAPI's OpenAPI model writes bounds as floats; integers above 2**53 lose digits
+    # (2**63 - 1 became 2**63), so integer bounds are written back as exact integers.
+    for key in ("minimum", "maximum"):
+        if isinstance(node.get(key), float):
+            node[key] = MAX_SEED if node[key] >= MAX_SEED else int(node[key])
+
+
 def _fill_limits(node, limits: dict[str, int]) -> None:
-    """Write ``limits`` into the schema nodes marked with their key (see src.api.schemas)."""
+    """Exact integer bounds everywhere, and ``limits`` written into the schema nodes marked
+    with their key (see src.api.schemas)."""
     if isinstance(node, dict):
-        if node.get("type") == "integer":
-            # Bounds of an integer with a before-validator (src.api.schemas.Int) come out of
-            # pydantic under their Python names; JSON Schema's are these.
-            for python_name, json_name in JSON_BOUNDS.items():
-                if python_name in node:
-                    node[json_name] = node.pop(python_name)
-            # FastAPI's OpenAPI model writes bounds as floats; integers above 2**53 lose digits
-            # (2**63 - 1 became 2**63), so integer bounds are written back as exact integers.
-            for key in ("minimum", "maximum"):
-                if isinstance(node.get(key), float):
-                    node[key] = MAX_SEED if node[key] >= MAX_SEED else int(node[key])
+        _integer_bounds(node)
         # A marked optional field (anyOf [type, null]) gets the limit on its non-null branch.
         targets = [b for b in node.get("anyOf", []) if b.get("type") not in (None, "null")] or [node]
         for target in targets:
+            _integer_bounds(target)
             if TOKEN_ID_MARK in node and TOKEN_ID_MARK in limits:
                 target["maximum"] = limits[TOKEN_ID_MARK]
             if EMBEDDING_MODEL_MARK in node and EMBEDDING_MODEL_MARK in limits:
