@@ -79,8 +79,9 @@ class TokenLogprobs:
 class GenerationResult:
     """A finished generation. ``finish_reason``: ``stop`` (end of text or a stop string),
     ``length`` (``max_new_tokens`` reached) or ``cancelled``. With ``params.logprobs``,
-    ``logprobs`` covers the generated tokens (``completion_tokens`` of them, the end-of-text
-    token excluded); with ``params.echo``, ``prompt_logprobs`` covers the prompt's."""
+    ``logprobs`` covers the generated tokens (``completion_tokens`` of them, and the
+    end-of-text token when it ended the text); with ``params.echo``, ``prompt_logprobs``
+    covers the prompt's."""
 
     text: str
     finish_reason: str
@@ -216,14 +217,16 @@ class GenerationJob:
     def accept(self, token_id: int, eos_id: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         """Record one sampled token (and its logprob and top-N, when asked for); emits
         text and, when the job ends, its result."""
-        if token_id == eos_id:
-            return self.finish("stop")
         if logprob is not None and self.logprobs is not None:
+            # The end-of-text token is listed too (as OpenAI lists <|endoftext|>): scoring
+            # clients count positions, and it is the model's choice like any other token.
             self.logprobs.ids.append(token_id)
             self.logprobs.logprobs.append(logprob[0])
             self.logprobs.top.append(logprob[1])
             if self.pieces:  # streamed: the logprobs go out with (before) the text they belong to
                 self._emit("logprobs", (token_id, logprob[0], logprob[1]))
+        if token_id == eos_id:
+            return self.finish("stop")
         piece = self.stream.push(token_id)
         if piece and self.pieces:
             self._emit("text", piece)

@@ -24,6 +24,7 @@ MAX_QUERY_TOP_K = 20
 MAX_NEW_TOKENS = 512
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 4
+MAX_PROMPTS = 32  # prompts in one completions request (evaluation harnesses batch them)
 MAX_MESSAGES = 64
 MAX_STOP_CHARS = 100
 MAX_SEED = 2**63 - 1  # torch generators take a 64-bit seed
@@ -347,9 +348,9 @@ class CompletionRequest(OpenAIRequest):
     model: OpenAILanguageModel
     prompt: Union[
         Prompt,
-        Annotated[list[Prompt], Field(min_length=1, max_length=MAX_CHOICES)],
+        Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)],
         TokenIds,
-        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)],
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)],
     ] = Field(description="a string, a list of strings, a list of token ids, or a list of such lists")
     max_tokens: Optional[Int] = Field(16, ge=0, le=MAX_NEW_TOKENS, description="0 with echo: only score the prompt")
     temperature: Optional[Temperature] = 1.0
