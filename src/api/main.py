@@ -3,10 +3,11 @@
     python -m src.api.main [--host 127.0.0.1] [--port 8000] [--api-key KEY]
         [--checkpoints-dir checkpoints] [--export-dir DIR] [--device auto|cpu|cuda]
 
-Endpoints: ``GET /health``, ``GET /models``, ``POST /rag-search``, ``POST /generate``,
-``POST /classify``, ``POST /query``, and OpenAI-compatible ``/v1/models``,
-``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``. Interactive docs at
-``/docs``. With ``--api-key`` (or ``MARK_API_KEY``) every request but ``/health`` needs
+Endpoints: ``GET /health``, ``GET /models``, ``GET /metrics`` (Prometheus), ``POST /rag-search``,
+``POST /generate``, ``POST /classify``, ``POST /query``, ``POST /tokenize``, ``POST /detokenize``,
+``GET /tokenizer_info``, and OpenAI-compatible ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``, ``/v1/embeddings``, plus ``/v1/score`` (reward model). Interactive
+docs at ``/docs``; the contract at ``/openapi.json``. With ``--api-key`` (or ``MARK_API_KEY``) every request but ``/health`` needs
 ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
 """
 
