@@ -173,6 +173,19 @@ def _chat_logprobs(tokenizer, part: TokenLogprobs) -> ChatLogprobs:
     ])
 
 
+async def _all_or_none(coroutines: list) -> list:
+    """The results of all ``coroutines`` (run concurrently); when one fails, the others are
+    cancelled (their generations stop) and the error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 # ------------------------------------------------------------------------------ streaming
 async def _open_streams(worker: GenerationWorker, jobs: list[tuple[list[int], GenerationParams]]) -> list:
     """Start every job's stream; an error before any event (queue full, ...) closes the
@@ -292,7 +305,7 @@ async def completions(body: CompletionRequest, request: Request):
 
         return _event_stream(events())
 
-    results = await asyncio.gather(*[worker.agenerate(prompt.ids, params) for prompt, params in jobs])
+    results = await _all_or_none([worker.agenerate(prompt.ids, params) for prompt, params in jobs])
     choices = []
     for i, ((prompt, params), result) in enumerate(zip(jobs, results)):
         text = (prompt.text if echo else "") + result.text
@@ -368,7 +381,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
         return _event_stream(events())
 
-    results = await asyncio.gather(*[worker.agenerate(ids, params(i)) for i in range(n)])
+    results = await _all_or_none([worker.agenerate(ids, params(i)) for i in range(n)])
     choices = [
         ChatChoice(
             index=i, message=ChatChoiceMessage(content=r.text.strip()), finish_reason=r.finish_reason,
