@@ -9,6 +9,12 @@ one more slice of the batch, and a finished row is dropped with ``cache.select``
 Concurrent requests therefore share the model's matrix products instead of queueing
 behind each other, and the server's event loop never runs the model.
 
+No request waits forever: a prompt whose prefill fails fails alone and at once (the batch
+goes on), and with ``request_timeout_s`` every request fails with
+:class:`GenerationTimeoutError` once it has waited and run that long. With
+``GenerationParams.logprobs`` / ``echo`` the worker also reports the model's logprobs of the
+generated and prompt tokens (what OpenAI's ``logprobs`` and lm-evaluation-harness read).
+
 Each request gets its text as it is produced (``TextStream``: incremental decoding of
 byte-level BPE, stop strings) through a callback, so asyncio handlers (the API server)
 and plain threads (the LangChain integration) consume the same engine.
