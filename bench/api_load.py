@@ -9,7 +9,7 @@ errors (any non-2xx status or transport error), throughput, p50/p99/max latency.
 Goal: 0 errors at 64 clients.
 
     python bench/api_load.py --checkpoints-dir checkpoints [--clients 64] [--duration 30]
-        [--max-requests 5000] [--endpoints health rag-search generate classify query chat embeddings]
+        [--max-requests 5000] [--endpoints health rag-search generate classify query chat completions embeddings tokenize score]
     python bench/api_load.py --url http://127.0.0.1:8000 ...     # a server already running here
 
 Writes ``bench/results/api_load.json`` and prints a table.
@@ -70,7 +70,10 @@ ENDPOINTS = {
     "classify": ("POST", "/classify", "transformer"),
     "query": ("POST", "/query", "mamba+rag"),
     "chat": ("POST", "/v1/chat/completions", "mamba"),
+    "completions": ("POST", "/v1/completions", "mamba"),
     "embeddings": ("POST", "/v1/embeddings", "rag"),
+    "tokenize": ("POST", "/tokenize", "mamba"),
+    "score": ("POST", "/v1/score", "rlhf"),
 }
 
 
@@ -87,8 +90,14 @@ def request_body(endpoint: str, n: int, max_new_tokens: int) -> dict | None:
         return {"query": query, "top_k": 3, "max_new_tokens": max_new_tokens}
     if endpoint == "chat":
         return {"model": "mamba", "messages": [{"role": "user", "content": query}], "max_tokens": max_new_tokens, "temperature": 0.7}
+    if endpoint == "completions":  # with logprobs and echo, as evaluation harnesses ask
+        return {"model": "mamba", "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0.7, "seed": n, "logprobs": 1, "echo": n % 2 == 0}
     if endpoint == "embeddings":
         return {"model": "minilm", "input": [query, text]}
+    if endpoint == "tokenize":
+        return {"prompt": query}
+    if endpoint == "score":
+        return {"input": [{"prompt": query, "response": text}]}
     return None
 
 

@@ -8,6 +8,7 @@ message names the command that trains it) or a full queue, and 500 only for a bu
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
 import threading
@@ -18,8 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from src.api.generation import ServerBusyError
+from src.api.generation import GenerationTimeoutError, PrefillError, ServerBusyError
+from src.api.metrics import Metrics, MetricsMiddleware
 from src.api.registry import LANGUAGE_MODELS, SERVED_MODELS
+from src.api.schemas import EMBEDDING_DIM_MARK, EMBEDDING_MODEL_MARK, MAX_SEED, TOKEN_ID_MARK, embedding_model_ids
 from src.api.service import ModelService, PromptTooLongError, ServerSettings
 from src.core.errors import CheckpointError, MarkError, NotTrainedError
 from src.api.errors import APIError, error_body, error_response
@@ -145,6 +148,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _busy(request: Request, err: ServerBusyError):
         return error_response(503, str(err), "server_busy", headers={"Retry-After": "1"})
 
+    @app.exception_handler(GenerationTimeoutError)
+    async def _timeout(request: Request, err: GenerationTimeoutError):
+        return error_response(504, str(err), "timeout")
+
+    @app.exception_handler(PrefillError)
+    async def _prefill(request: Request, err: PrefillError):
+        log.warning("%s %s: %s", request.method, request.url.path, err)
+        return error_response(500, str(err), "internal_error")
+
     @app.exception_handler(PromptTooLongError)
     async def _too_long(request: Request, err: PromptTooLongError):
         return error_response(400, str(err), "invalid_request_error", "prompt")
@@ -174,6 +186,76 @@ def _warm_up(service: ModelService) -> None:
     log.info("models ready: %s", ", ".join(n for n in SERVED_MODELS if service.registry.is_loaded(n)) or "none")
 
 
+def _served_limits(service: ModelService) -> dict[str, int]:
+    """The numbers of the loaded models that bound some request fields: the largest token id
+    every loaded language model knows, and the embedding size."""
+    limits: dict[str, int] = {}
+    registry = service.registry
+    vocab = [registry.get(n).tokenizer.vocab_size for n in LANGUAGE_MODELS if registry.is_loaded(n)]
+    if vocab:
+        limits[TOKEN_ID_MARK] = min(vocab) - 1
+    if registry.is_loaded("rag"):
+        encoder = registry.get("rag").model.index.encoder
+        limits[EMBEDDING_DIM_MARK] = encoder.dim
+        limits[EMBEDDING_MODEL_MARK] = embedding_model_ids(encoder.name)
+    return limits
+
+
+JSON_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _integer_bounds(node: dict) -> None:
+    """Bounds of an integer node as exact JSON-Schema integers."""
+    if node.get("type") != "integer":
+        return
+    # Bounds of an integer with a before-validator (src.api.schemas.Int) come out of
+    # pydantic under their Python names; JSON Schema's are these.
+    for python_name, json_name in JSON_BOUNDS.items():
+        if python_name in node:
+            node[json_name] = node.pop(python_name)
+    # FastAPI's OpenAPI model writes bounds as floats; integers above 2**53 lose digits
+    # (2**63 - 1 became 2**63), so integer bounds are written back as exact integers.
+    for key in ("minimum", "maximum"):
+        if isinstance(node.get(key), float):
+            node[key] = MAX_SEED if node[key] >= MAX_SEED else int(node[key])
+
+
+def _fill_limits(node, limits: dict[str, int]) -> None:
+    """Exact integer bounds everywhere, and ``limits`` written into the schema nodes marked
+    with their key (see src.api.schemas)."""
+    if isinstance(node, dict):
+        _integer_bounds(node)
+        # A marked optional field (anyOf [type, null]) gets the limit on its non-null branch.
+        targets = [b for b in node.get("anyOf", []) if b.get("type") not in (None, "null")] or [node]
+        for target in targets:
+            _integer_bounds(target)
+            if TOKEN_ID_MARK in node and TOKEN_ID_MARK in limits:
+                target["maximum"] = limits[TOKEN_ID_MARK]
+            if EMBEDDING_MODEL_MARK in node and EMBEDDING_MODEL_MARK in limits:
+                target["enum"] = limits[EMBEDDING_MODEL_MARK]
+            if EMBEDDING_DIM_MARK in node and EMBEDDING_DIM_MARK in limits:
+                target["minimum"] = target["maximum"] = limits[EMBEDDING_DIM_MARK]
+        for value in node.values():
+            _fill_limits(value, limits)
+    elif isinstance(node, list):
+        for value in node:
+            _fill_limits(value, limits)
+
+
+def install_openapi(app: FastAPI, service: ModelService) -> None:
+    """``/openapi.json`` with the loaded models' limits filled in: token ids below the
+    vocabulary size, embedding ``dimensions`` equal to the encoder's. Validation enforces
+    the same numbers (400 naming the field), so the contract states what is accepted."""
+    base_openapi = app.openapi
+
+    def openapi() -> dict:
+        schema = copy.deepcopy(base_openapi())  # FastAPI caches the base schema
+        _fill_limits(schema, _served_limits(service))
+        return schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: ServerSettings | None = None, service: ModelService | None = None) -> FastAPI:
     """The API application over ``settings`` (checkpoints or export dir, key, limits)."""
     from src.api.routes import mark, openai_compat
@@ -198,8 +280,11 @@ def create_app(settings: ServerSettings | None = None, service: ModelService | N
     app.state.settings = settings
     app.state.service = service
     app.state.started = time.time()
+    app.state.metrics = Metrics(service)
     install_error_handlers(app)
     app.include_router(mark.router)
     app.include_router(openai_compat.router)
+    install_openapi(app, service)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 401s and 413s too
     return app

@@ -63,6 +63,11 @@ class MicroBatcher(Generic[Item, Result]):
         """Awaitable: the results of ``items``."""
         return await asyncio.wrap_future(self.submit(items))
 
+    @property
+    def pending(self) -> int:
+        """Requests waiting for the worker."""
+        return self._pending.qsize()
+
     def close(self) -> None:
         self._closed = True
         try:

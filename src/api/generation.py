@@ -9,6 +9,12 @@ one more slice of the batch, and a finished row is dropped with ``cache.select``
 Concurrent requests therefore share the model's matrix products instead of queueing
 behind each other, and the server's event loop never runs the model.
 
+No request waits forever: a prompt whose prefill fails fails alone and at once (the batch
+goes on), and with ``request_timeout_s`` every request fails with
+:class:`GenerationTimeoutError` once it has waited and run that long. With
+``GenerationParams.logprobs`` / ``echo`` the worker also reports the model's logprobs of the
+generated and prompt tokens (what OpenAI's ``logprobs`` and lm-evaluation-harness read).
+
 Each request gets its text as it is produced (``TextStream``: incremental decoding of
 byte-level BPE, stop strings) through a callback, so asyncio handlers (the API server)
 and plain threads (the LangChain integration) consume the same engine.
@@ -17,6 +23,7 @@ and plain threads (the LangChain integration) consume the same engine.
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -40,6 +47,14 @@ class ServerBusyError(Exception):
     """The generation queue is full: the caller should retry later (HTTP 503)."""
 
 
+class GenerationTimeoutError(Exception):
+    """A request ran past the server's request timeout (HTTP 504)."""
+
+
+class PrefillError(Exception):
+    """Reading one request's prompt failed; only that request fails (HTTP 500)."""
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """How to continue one prompt. ``temperature <= 0`` is greedy decoding; ``stop`` strings
@@ -50,18 +65,51 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Logprobs are of the model's own distribution (before temperature and top-p), as in
+    # OpenAI's and vLLM's APIs. ``logprobs``: None for none, else the top-N kept per position
+    # (0: only the chosen token's). ``echo``: also the logprobs of the prompt's tokens.
+    logprobs: int | None = None
+    echo: bool = False
+
+
+@dataclass
+class TokenLogprobs:
+    """Per position: the token id, its logprob (``None`` when nothing precedes it) and the
+    top-N ``(token id, logprob)`` pairs, most likely first."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
 class GenerationResult:
     """A finished generation. ``finish_reason``: ``stop`` (end of text or a stop string),
-    ``length`` (``max_new_tokens`` reached) or ``cancelled``."""
+    ``length`` (``max_new_tokens`` reached) or ``cancelled``. With ``params.logprobs``,
+    ``logprobs`` covers the generated tokens (``completion_tokens`` of them, and the
+    end-of-text token when it ended the text); with ``params.echo``, ``prompt_logprobs``
+    covers the prompt's."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     seconds: float = 0.0
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
+
+
+def position_logprobs(logits: torch.Tensor, chosen: Sequence[int], top_n: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """The logprob of ``chosen[i]`` under row ``i`` of ``logits`` (rows, vocab), and the
+    ``top_n`` most likely ``(id, logprob)`` of each row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(list(chosen), dtype=torch.long, device=logits.device)[:, None]
+    picked = logp.gather(-1, index)[:, 0].tolist()
+    if top_n <= 0:
+        return picked, [[] for _ in picked]
+    values, ids = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
+    top = [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    return picked, top
 
 
 class TextStream:
@@ -161,8 +209,11 @@ class GenerationJob:
     generator: torch.Generator | None = None
     pieces: bool = True  # report ("text", piece) events; False: only the result
     started: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # time.perf_counter() value past which the job fails
     cancelled: bool = False
     done: bool = False
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -173,8 +224,17 @@ class GenerationJob:
         except Exception:  # a consumer that went away must not stop the worker
             log.debug("generation event dropped", exc_info=True)
 
-    def accept(self, token_id: int, eos_id: int) -> None:
-        """Record one sampled token; emits text and, when the job ends, its result."""
+    def accept(self, token_id: int, eos_id: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> None:
+        """Record one sampled token (and its logprob and top-N, when asked for); emits
+        text and, when the job ends, its result."""
+        if logprob is not None and self.logprobs is not None:
+            # The end-of-text token is listed too (as OpenAI lists <|endoftext|>): scoring
+            # clients count positions, and it is the model's choice like any other token.
+            self.logprobs.ids.append(token_id)
+            self.logprobs.logprobs.append(logprob[0])
+            self.logprobs.top.append(logprob[1])
+            if self.pieces:  # streamed: the logprobs go out with (before) the text they belong to
+                self._emit("logprobs", (token_id, logprob[0], logprob[1]))
         if token_id == eos_id:
             return self.finish("stop")
         piece = self.stream.push(token_id)
@@ -198,6 +258,8 @@ class GenerationJob:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.stream.ids),
             seconds=time.perf_counter() - self.started,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
         self._emit("done", result)
 
@@ -223,11 +285,14 @@ class GenerationWorker:
         max_batch_size: int = 32,
         max_pending: int = 256,
         compile_step: bool = False,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.model = model.eval()
         # The decoding step updates the batch's state in place; compiled, it is compiled
         # once on this worker's thread before the first request is served.
         self.decoder = Decoder(self.model, compile=compile_step)
+        # Every request fails with GenerationTimeoutError once it has waited and run this long.
+        self.request_timeout_s = request_timeout_s
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_size = max_batch_size
@@ -240,6 +305,11 @@ class GenerationWorker:
         self.max_rows = 0
         self.active = 0  # requests decoding right now
         self.cancelled = 0  # requests dropped because their client left
+        self.timed_out = 0  # requests failed by the request timeout
+        self.failed = 0  # requests failed by an error in their prefill or a decoding step
+        self.tokens_generated = 0
+        self.prompt_tokens_read = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of recent steps
         self._thread = threading.Thread(target=self._run, name=f"generate-{name}", daemon=True)
         self._thread.start()
 
@@ -260,6 +330,10 @@ class GenerationWorker:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stream = TextStream(self.tokenizer, params.stop, incremental=pieces)
         job = GenerationJob(list(prompt_ids), params, stream, on_event, generator, pieces=pieces)
+        if self.request_timeout_s is not None:
+            job.deadline = job.started + self.request_timeout_s
+        if params.logprobs is not None:
+            job.logprobs = TokenLogprobs()
         try:
             self._pending.put_nowait(job)
         except queue.Full:
@@ -274,22 +348,42 @@ class GenerationWorker:
         job = self.submit(self.encode_prompt(prompt), params, lambda kind, payload: events.put((kind, payload)))
         try:
             while True:
-                kind, payload = events.get()
+                kind, payload = self._next_event(events, job)
                 if kind == "text":
                     yield payload
                 elif kind == "error":
                     raise payload
-                else:
+                elif kind == "done":
                     return
         finally:
             job.cancel()
 
+    def _timeout_error(self) -> GenerationTimeoutError:
+        return GenerationTimeoutError(
+            f"the request ran past the server's request timeout of {self.request_timeout_s:g} s; "
+            "ask for fewer tokens or retry when the server is less busy"
+        )
+
+    def _wait_seconds(self, job: GenerationJob) -> float | None:
+        """How long a consumer waits for the next event: until the job's deadline, plus a
+        grace second for the worker to fail it itself (it checks between steps)."""
+        if job.deadline is None:
+            return None
+        return max(0.0, job.deadline - time.perf_counter()) + 1.0
+
+    def _next_event(self, events: queue.Queue, job: GenerationJob) -> tuple[str, object]:
+        try:
+            return events.get(timeout=self._wait_seconds(job))
+        except queue.Empty:  # the worker is stuck in a step longer than the deadline allows
+            job.cancel()
+            raise self._timeout_error() from None
+
     def generate(self, prompt: str, params: GenerationParams) -> GenerationResult:
         """The whole continuation of ``prompt`` (blocking)."""
         events: queue.Queue = queue.Queue()
-        self.submit(self.encode_prompt(prompt), params, lambda kind, payload: events.put((kind, payload)), pieces=False)
+        job = self.submit(self.encode_prompt(prompt), params, lambda kind, payload: events.put((kind, payload)), pieces=False)
         while True:
-            kind, payload = events.get()
+            kind, payload = self._next_event(events, job)
             if kind == "error":
                 raise payload
             if kind == "done":
@@ -297,8 +391,10 @@ class GenerationWorker:
 
     async def astream(self, prompt_ids: list[int], params: GenerationParams, pieces: bool = True) -> AsyncIterator[tuple[str, object]]:
         """Async iterator of ``("text", str)`` events ending with ``("done", GenerationResult)``
-        (only the latter with ``pieces=False``). Leaving the iteration early (client gone)
-        cancels the job."""
+        (only the latter with ``pieces=False``); with ``params.logprobs``, each generated
+        token's ``("logprobs", (id, logprob, top))`` comes before the text it ends. Errors
+        (a failed prefill, the request timeout) are raised. Leaving the iteration early
+        (client gone) cancels the job."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -308,7 +404,10 @@ class GenerationWorker:
         job = self.submit(prompt_ids, params, deliver, pieces)
         try:
             while True:
-                kind, payload = await events.get()
+                try:
+                    kind, payload = await asyncio.wait_for(events.get(), self._wait_seconds(job))
+                except asyncio.TimeoutError:  # the worker is stuck in a step longer than the deadline allows
+                    raise self._timeout_error() from None
                 if kind == "error":
                     raise payload
                 yield kind, payload
@@ -328,6 +427,18 @@ class GenerationWorker:
     def pending(self) -> int:
         return self._pending.qsize()
 
+    def tokens_per_second(self, window_s: float = 10.0) -> float:
+        """Tokens generated per second over the last ``window_s`` seconds."""
+        now = time.perf_counter()
+        recent = list(self._recent)  # a copy: the worker thread appends to it
+        return sum(n for t, n in recent if now - t <= window_s) / window_s
+
+    def _record_step(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > 60.0:
+            self._recent.popleft()
+
     def close(self) -> None:
         """Stop the thread after the current step; waiting jobs get an error."""
         self._closed = True
@@ -339,9 +450,56 @@ class GenerationWorker:
 
     # ------------------------------------------------------------------ the loop
     def _prefill(self, job: GenerationJob) -> tuple[MambaCache, torch.Tensor]:
+        """Read the job's prompt: its recurrent state and the logits of its next token (and,
+        with ``echo``, the logprobs of the prompt's own tokens)."""
         ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
         out = self.model(ids, return_cache=True)
+        if job.params.echo:
+            # Position t's logits predict token t+1; the first token has nothing before it.
+            picked, top = position_logprobs(out.logits[0, :-1], job.prompt_ids[1:], job.params.logprobs or 0)
+            job.prompt_logprobs = TokenLogprobs(list(job.prompt_ids), [None] + picked, [[]] + top)
         return out.cache, out.logits[:, -1]
+
+    def _expire(self, jobs: list[GenerationJob]) -> None:
+        """Fail the jobs past their deadline (they leave the batch at the next select)."""
+        now = time.perf_counter()
+        for job in jobs:
+            if job.deadline is not None and now > job.deadline and not job.done:
+                self.timed_out += 1
+                job.fail(self._timeout_error())
+
+    def _prefill_all(self, new_jobs: list[GenerationJob]) -> list[tuple[GenerationJob, MambaCache, torch.Tensor]]:
+        """Prefill each admitted job; a job whose prefill fails is failed at once (its
+        caller gets the error now), the others go on. Jobs that asked for no new token
+        (``max_new_tokens=0``: only the prompt's logprobs) are finished here."""
+        ready = []
+        for job in new_jobs:
+            try:
+                cache, logits = self._prefill(job)
+            except Exception as err:
+                log.exception("prefill failed for a %s request (%d prompt tokens)", self.name, len(job.prompt_ids))
+                self.failed += 1
+                job.fail(PrefillError(f"reading the prompt failed: {type(err).__name__}: {err}"))
+                continue
+            self.prompt_tokens_read += len(job.prompt_ids)
+            if job.prompt_logprobs is not None and job.pieces:
+                job._emit("prompt", job.prompt_logprobs)  # streamed echo: the prompt goes first
+            if job.params.max_new_tokens <= 0:
+                job.finish("length")
+                continue
+            ready.append((job, cache, logits))
+        return ready
+
+    def _logprob_rows(self, logits: torch.Tensor, jobs: list[GenerationJob], tokens: list[int]) -> list:
+        """``(logprob, top)`` of each row's sampled token for the jobs that asked, else None."""
+        rows = [i for i, job in enumerate(jobs) if job.params.logprobs is not None]
+        out: list = [None] * len(jobs)
+        if rows:
+            top_n = max(jobs[i].params.logprobs or 0 for i in rows)
+            picked, top = position_logprobs(logits[rows], [tokens[i] for i in rows], top_n)
+            for k, i in enumerate(rows):
+                out[i] = (picked[k], top[k][: jobs[i].params.logprobs or 0])
+        return out
 
     def _admit(self, active: list[GenerationJob], block: bool) -> list[GenerationJob]:
         """Take waiting jobs (blocking for the first one when nothing is active)."""
@@ -373,22 +531,27 @@ class GenerationWorker:
                     break
                 try:
                     new_jobs = self._admit(active, block=True)
-                    if new_jobs:
-                        prefilled = [self._prefill(job) for job in new_jobs]
-                        caches = ([cache] if cache is not None else []) + [c for c, _ in prefilled]
+                    self._expire(new_jobs)  # waited in the queue past their deadline
+                    prefilled = self._prefill_all([job for job in new_jobs if not job.done])
+                    if prefilled:
+                        caches = ([cache] if cache is not None else []) + [c for _, c, _ in prefilled]
                         cache = MambaCache.concat(caches)
-                        rows = ([logits] if logits is not None else []) + [l for _, l in prefilled]
+                        rows = ([logits] if logits is not None else []) + [l for _, _, l in prefilled]
                         logits = torch.cat(rows)
-                        active = active + new_jobs
+                        active = active + [job for job, _, _ in prefilled]
                     if not active:
                         continue
                     tokens = sample_batch(logits, active)
-                    for job, token in zip(active, tokens):
+                    token_logprobs = self._logprob_rows(logits, active, tokens)
+                    self._record_step(sum(1 for t in tokens if t != self.tokenizer.eos_id))
+                    for job, token, logprob in zip(active, tokens, token_logprobs):
                         if job.cancelled:
                             job.finish("cancelled")
                             self.cancelled += 1
-                        else:
-                            job.accept(token, self.tokenizer.eos_id)
+                        elif not job.done:
+                            job.accept(token, self.tokenizer.eos_id, logprob)
+                            self.tokens_generated += token != self.tokenizer.eos_id
+                    self._expire(active)
                     keep = [row for row, job in enumerate(active) if not job.done]
                     self.active = len(keep)
                     if not keep:
@@ -407,6 +570,8 @@ class GenerationWorker:
                 except Exception as err:  # a failed step fails its batch, not the server
                     log.exception("generation step failed for %s", self.name)
                     for job in active:
+                        if not job.done:
+                            self.failed += 1
                         job.fail(err)
                     active, cache, logits = [], None, None
                     self.active = 0

@@ -3,10 +3,11 @@
     python -m src.api.main [--host 127.0.0.1] [--port 8000] [--api-key KEY]
         [--checkpoints-dir checkpoints] [--export-dir DIR] [--device auto|cpu|cuda]
 
-Endpoints: ``GET /health``, ``GET /models``, ``POST /rag-search``, ``POST /generate``,
-``POST /classify``, ``POST /query``, and OpenAI-compatible ``/v1/models``,
-``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``. Interactive docs at
-``/docs``. With ``--api-key`` (or ``MARK_API_KEY``) every request but ``/health`` needs
+Endpoints: ``GET /health``, ``GET /models``, ``GET /metrics`` (Prometheus), ``POST /rag-search``,
+``POST /generate``, ``POST /classify``, ``POST /query``, ``POST /tokenize``, ``POST /detokenize``,
+``GET /tokenizer_info``, and OpenAI-compatible ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``, ``/v1/embeddings``, plus ``/v1/score`` (reward model). Interactive
+docs at ``/docs``; the contract at ``/openapi.json``. With ``--api-key`` (or ``MARK_API_KEY``) every request but ``/health`` needs
 ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
 """
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pending", type=int, default=512, help="requests waiting per model before 503 busy")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
     parser.add_argument("--max-request-bytes", type=int, default=1_000_000)
+    parser.add_argument("--request-timeout", type=float, default=300.0,
+                        help="seconds a generation request may wait and run before it fails with 504 (0: no limit)")
     parser.add_argument("--keep-alive", type=int, default=30, help="seconds an idle client connection stays open")
     parser.add_argument("--no-preload", action="store_true", help="load each model on its first request instead of at startup")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -48,6 +51,8 @@ def settings_from_args(args: argparse.Namespace):
     for name in ("max_batch_size", "max_pending", "max_prompt_tokens", "max_request_bytes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.request_timeout < 0:
+        raise ConfigError(f"--request-timeout must be 0 (no limit) or more seconds (got {args.request_timeout})")
     if args.export_dir is not None and not args.export_dir.is_dir():
         raise ConfigError(f"--export-dir {args.export_dir}: no such folder")
     return ServerSettings(
@@ -60,6 +65,7 @@ def settings_from_args(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         max_pending=args.max_pending,
         preload=not args.no_preload,
+        request_timeout_s=args.request_timeout or None,
     )
 
 

@@ -9,8 +9,11 @@ loads a model does not stall the others.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import re
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,17 +44,40 @@ class ServerSettings:
     max_batch_size: int = 32
     max_pending: int = 512
     preload: bool = True
+    request_timeout_s: Optional[float] = 300.0  # None: no limit
+
+
+MAX_EVIDENCE_CANDIDATES = 64
+SENTENCE_CACHE_SIZE = 20_000
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A sentence of a retrieved chunk and its cosine similarity to the query."""
+
+    doc_id: str
+    sentence: str
+    score: float
 
 
 @dataclass
 class Answer:
-    """A grounded answer: the generation, the prompt it read, what was retrieved and used."""
+    """A grounded answer: the generation, the prompt it read, what was retrieved and used,
+    and the retrieved sentences that best match the query (``evidence``)."""
 
     result: GenerationResult
     prompt: str
     hits: list
     used: list[Passage]
     model: str = "mamba"  # the language model that answered
+    evidence: list[Evidence] = field(default_factory=list)
+
+
+def split_sentences(text: str, min_chars: int = 12) -> list[str]:
+    """``text``'s sentences (split after . ! ? and at line breaks), without the very short ones."""
+    sentences = (" ".join(part.split()) for part in _SENTENCE_END.split(text))
+    return [s for s in sentences if len(s) >= min_chars]
 
 
 class ModelService:
@@ -62,6 +88,7 @@ class ModelService:
         self.registry = registry or ModelRegistry(settings.checkpoints_dir, settings.export_dir, settings.device)
         self._workers: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._sentence_vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ workers (created once)
     def _worker(self, key: str, build):
@@ -73,6 +100,10 @@ class ModelService:
                     worker = self._workers[key] = build()
         return worker
 
+    def workers(self) -> dict[str, Any]:
+        """The workers started so far, by key (``generate:mamba``, ``embed``, ``classify``, ...)."""
+        return dict(self._workers)
+
     def generator(self, name: str) -> GenerationWorker:
         """The generation worker of language model ``name`` (loads the model on first use)."""
         if name not in LANGUAGE_MODELS:
@@ -81,7 +112,7 @@ class ModelService:
         s = self.settings
         return self._worker(
             f"generate:{name}",
-            lambda: GenerationWorker(loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending),
+            lambda: GenerationWorker(loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending, s.request_timeout_s),
         )
 
     def retriever(self):
@@ -108,6 +139,32 @@ class ModelService:
         model = self.registry.get("transformer").model
         return self._worker("classify", lambda: MicroBatcher(model.predict, "classification", 64, self.settings.max_pending))
 
+    def reward_source(self) -> Path:
+        """The reward model file: ``reward_model.pt`` next to the RLHF model (in the
+        checkpoints folder or the export's ``rlhf/``)."""
+        from src.core.load_model import is_export_dir
+
+        source = self.registry.source("rlhf")
+        if is_export_dir(source):
+            source = source / "rlhf"
+        return source / "reward_model.pt"
+
+    def scorer(self) -> MicroBatcher:
+        """``(prompt, response)`` pairs -> the reward model's normalized scores."""
+        def build() -> MicroBatcher:
+            from src.core.runtime import resolve_device
+            from src.rlhf.load import load_reward_scorer
+
+            scorer = load_reward_scorer(self.reward_source(), str(resolve_device(self.settings.device)))
+            return MicroBatcher(
+                lambda pairs: scorer.score([p for p, _ in pairs], [r for _, r in pairs]), "score", 64, self.settings.max_pending,
+            )
+
+        return self._worker("score", build)
+
+    async def ascorer(self) -> MicroBatcher:
+        return await run_in_threadpool(self.scorer)
+
     async def agenerator(self, name: str) -> GenerationWorker:
         return await run_in_threadpool(self.generator, name)
 
@@ -121,11 +178,15 @@ class ModelService:
     def prompt_ids(self, worker: GenerationWorker, prompt: str) -> list[int]:
         """``prompt`` as the model reads it; longer than ``max_prompt_tokens`` is ``PromptTooLongError``."""
         ids = worker.encode_prompt(prompt)
+        self.check_prompt_length(ids)
+        return ids
+
+    def check_prompt_length(self, ids: list[int]) -> None:
+        """``PromptTooLongError`` when ``ids`` is longer than ``max_prompt_tokens``."""
         if len(ids) > self.settings.max_prompt_tokens:
             raise PromptTooLongError(
                 f"the prompt is {len(ids)} tokens; this server reads at most {self.settings.max_prompt_tokens}"
             )
-        return ids
 
     async def search(self, query: str, top_k: int, mode: str | None = None) -> tuple[str, list]:
         """``(mode used, SearchResults)`` for ``query``; the query is embedded by the shared encoder worker."""
@@ -138,7 +199,9 @@ class ModelService:
         hits = await run_in_threadpool(retriever.search, query, top_k, mode, vector)
         return mode, hits
 
-    async def answer(self, query: str, top_k: int, model: str | None, params: GenerationParams, mode: str | None = None) -> Answer:
+    async def answer(
+        self, query: str, top_k: int, model: str | None, params: GenerationParams, mode: str | None = None, evidence_k: int = 3
+    ) -> Answer:
         """Retrieve, then generate an answer grounded in the retrieved passages; ``model`` None
         or ``"auto"``: the aligned model when trained, else the base model."""
         model = self.registry.answer_model(model)
@@ -147,8 +210,41 @@ class ModelService:
         used = select_passages([Passage(h.doc_id, h.text) for h in hits])
         prompt = grounded_prompt(query, used)
         params = replace(params, stop=tuple(params.stop) + ANSWER_STOP)
-        result = await worker.agenerate(self.prompt_ids(worker, prompt), params)
-        return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model)
+        result, evidence = await asyncio.gather(
+            worker.agenerate(self.prompt_ids(worker, prompt), params),
+            self.evidence(query, hits, evidence_k),
+        )
+        return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence)
+
+    async def evidence(self, query: str, hits: list, k: int) -> list[Evidence]:
+        """The ``k`` sentences of the retrieved chunks most similar to ``query`` under the RAG
+        encoder (cosine of the normalized embeddings), best first: an extractive answer that
+        does not depend on the language model."""
+        candidates: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for hit in hits:
+            for sentence in split_sentences(hit.text):
+                if sentence not in seen and len(candidates) < MAX_EVIDENCE_CANDIDATES:
+                    seen.add(sentence)
+                    candidates.append((hit.doc_id, sentence))
+        if k <= 0 or not candidates:
+            return []
+        embedder = await self.aembedder()
+        # The index's chunks are fixed, so their sentences' vectors are kept (LRU) across queries.
+        missing = [sentence for _, sentence in candidates if sentence not in self._sentence_vectors]
+        rows = await embedder.arun([query] + missing)
+        with self._lock:
+            for sentence, (vector, _) in zip(missing, rows[1:]):
+                self._sentence_vectors[sentence] = np.asarray(vector, dtype=np.float32)
+            vectors = []
+            for _, sentence in candidates:
+                self._sentence_vectors.move_to_end(sentence)
+                vectors.append(self._sentence_vectors[sentence])
+            while len(self._sentence_vectors) > SENTENCE_CACHE_SIZE:
+                self._sentence_vectors.popitem(last=False)
+        scores = np.stack(vectors) @ np.asarray(rows[0][0], dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [Evidence(candidates[i][0], candidates[i][1], round(float(scores[i]), 6)) for i in order]
 
     def generation_stats(self) -> dict[str, dict[str, Any]]:
         stats = {}

@@ -7,6 +7,11 @@
     graph.chat("What does json.dumps do?", thread_id="t1")   # remembers earlier turns of "t1"
     graph.get_conversation_history("t1"); graph.clear_memory("t1")
 
+    # The language model behind a MARK server instead (any LangChain LLM or chat model):
+    from langchain_openai import OpenAI
+    remote = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY", model="mamba", temperature=0, max_tokens=64)
+    graph = MARKLangChainGraph(llm=remote)
+
 The graph's state is the question, the retrieved documents, the prompt and the answer,
 plus ``history``: the turns of the conversation, kept per ``thread_id`` by a LangGraph
 checkpointer (in memory) and written into the next prompt. Everything runs offline.
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypedDict
 
 from langchain_core.documents import Document as LCDocument
+from langchain_core.language_models import BaseLanguageModel
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
@@ -57,8 +63,11 @@ class MARKLangChainGraph:
     ``NotTrainedError`` naming its training command. ``top_k`` documents are retrieved
     per question; ``max_history_turns`` earlier exchanges of a thread go into the prompt.
     Generation settings (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``) are the
-    LLM's; ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``. ``retriever``,
-    ``llm`` and ``graph`` are the LangChain / LangGraph objects.
+    LLM's; ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``. ``llm``: any
+    LangChain LLM or chat model to generate with instead of the local one (for example
+    ``langchain_openai.OpenAI`` pointed at a MARK server's ``/v1``; then no language model is
+    loaded here and the generation settings are that LLM's). ``retriever``, ``llm`` and
+    ``graph`` are the LangChain / LangGraph objects.
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class MARKLangChainGraph:
         max_history_turns: int = 4,
         device: str = "auto",
         registry: ModelRegistry | None = None,
+        llm: BaseLanguageModel | None = None,
     ) -> None:
         if llm_model not in (*LANGUAGE_MODELS, "auto"):
             raise ConfigError(f"llm_model '{llm_model}': expected auto or one of {', '.join(LANGUAGE_MODELS)}")
@@ -84,14 +94,18 @@ class MARKLangChainGraph:
         self.max_history_turns = max_history_turns
         self._index_lock = threading.RLock()
         rag = self.registry.get("rag")
-        lm = self.registry.get(llm_model)
         self.index = rag.model.index
         self.retriever = MARKRetriever(retriever=rag.model, top_k=top_k, mode=search_mode, lock=self._index_lock)
-        self._worker = GenerationWorker(lm.model, lm.tokenizer, llm_model)
-        self.llm = MARKLLM(
-            worker=self._worker, model_name=llm_model, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, seed=seed,
-        )
+        self._worker: GenerationWorker | None = None
+        if llm is not None:
+            self.llm = llm
+        else:
+            lm = self.registry.get(llm_model)
+            self._worker = GenerationWorker(lm.model, lm.tokenizer, llm_model)
+            self.llm = MARKLLM(
+                worker=self._worker, model_name=llm_model, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, seed=seed,
+            )
         self.memory = InMemorySaver()
         self._threads: set[str] = set()
         builder = self._builder()
@@ -116,7 +130,8 @@ class MARKLangChainGraph:
         turns = [(t["role"], t["content"]) for t in history[-2 * self.max_history_turns :]] if self.max_history_turns else []
         passages = select_passages([Passage(d.metadata["doc_id"], d.page_content) for d in state.get("documents") or []])
         prompt = grounded_prompt(state["question"], passages, turns)
-        answer = self.llm.invoke(prompt, config=config, stop=list(ANSWER_STOP)).strip()
+        output = self.llm.invoke(prompt, config=config, stop=list(ANSWER_STOP))
+        answer = (output.content if hasattr(output, "content") else output).strip()  # a chat model answers a message
         return {
             "prompt": prompt,
             "answer": answer,
@@ -205,8 +220,9 @@ class MARKLangChainGraph:
             return self.index.save(checkpoint_dir)
 
     def close(self) -> None:
-        """Stop the generation thread."""
-        self._worker.close()
+        """Stop the generation thread (if this graph runs the language model itself)."""
+        if self._worker is not None:
+            self._worker.close()
 
 
 def _check_text(value: str, name: str) -> None:

@@ -92,6 +92,39 @@ def tiny_checkpoints(sample_data_dir: Path, tmp_path_factory: pytest.TempPathFac
     return _BUILT["checkpoints"]
 
 
+def build_rlhf_models(sample_data_dir: Path, checkpoints: Path, root: Path) -> Path:
+    """``root/checkpoints``: the tiny models of ``checkpoints`` plus ``rlhf/`` (the RLHF
+    pipeline at test size on the tiny Mamba: SFT, reward model, PPO, export)."""
+    import yaml
+
+    from src.training import rlhf_pipeline
+    from tests.rlhf.conftest import tiny_rlhf_config
+
+    full = root / "checkpoints"
+    full.mkdir(parents=True, exist_ok=True)
+    for name in ("mamba", "rag", "transfer"):
+        (full / name).symlink_to(checkpoints / name, target_is_directory=True)
+    config = tiny_rlhf_config(checkpoints / "mamba" / "best_model.pt", sample_data_dir, root)
+    config["paths"] = {"checkpoint_dir": str(full / "rlhf"), "log_dir": str(root / "logs")}
+    config_file = root / "rlhf.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rlhf_pipeline.main(["--base-model", "mamba", "--config", str(config_file), "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    return full
+
+
+@pytest.fixture(scope="session")
+def full_checkpoints(sample_data_dir: Path, tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``checkpoints/`` with every served model: the tiny ones and a tiny RLHF run (reward model included)."""
+    if "full" not in _BUILT:
+        _BUILT["full"] = build_rlhf_models(sample_data_dir, tiny_checkpoints, tmp_path_factory.mktemp("full_models"))
+    return _BUILT["full"]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -151,6 +184,20 @@ def server(tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
     running = RunningServer(
         tiny_checkpoints, tmp_path_factory.mktemp("server") / "server.log",
         wait_for=("mamba", "rag", "transformer"),
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def full_server(full_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The server over every tiny model (RLHF and reward model too), without an API key."""
+    # --max-prompt-tokens: every prompt within the schema's length limits fits (a character is
+    # at most 4 UTF-8 bytes, a byte-level BPE token at least one byte), so the fuzzer's longest
+    # valid prompts are served rather than refused.
+    running = RunningServer(
+        full_checkpoints, tmp_path_factory.mktemp("full_server") / "server.log", "--max-prompt-tokens", "70000",
+        wait_for=("mamba", "rlhf", "rag", "transformer"),
     )
     yield running
     running.stop()

@@ -3,13 +3,15 @@ real tiny Mamba, and micro-batching (src/api/generation.py, src/api/batching.py)
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import pytest
+import torch
 
 from src.api.batching import MicroBatcher
-from src.api.generation import GenerationParams, GenerationWorker, ServerBusyError, TextStream
+from src.api.generation import GenerationParams, GenerationTimeoutError, GenerationWorker, ServerBusyError, TextStream
 from src.mamba import generate, load_mamba
 
 
@@ -164,3 +166,78 @@ def test_micro_batcher_gives_each_caller_the_batch_error():
             batcher.run(["y"])  # the worker is still alive
     finally:
         batcher.close()
+
+
+class FaultyLM(torch.nn.Module):
+    """A real tiny Mamba whose prefill fails for prompts holding ``poison`` and whose decoding
+    steps take at least ``step_delay`` seconds (a slow machine)."""
+
+    def __init__(self, lm, poison: int, step_delay: float = 0.0) -> None:
+        super().__init__()
+        self.lm, self.poison, self.step_delay = lm, poison, step_delay
+
+    def forward(self, ids, **kwargs):
+        if bool((ids == self.poison).any()):
+            raise RuntimeError("prefill exploded")
+        return self.lm(ids, **kwargs)
+
+    def step(self, tokens, cache):
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        return self.lm.step(tokens, cache)
+
+
+def test_a_failed_prefill_fails_only_its_request_at_once(tiny_lm):
+    model, tokenizer = tiny_lm
+    poison = tokenizer.unk_id  # never produced by encoding text
+    params = GenerationParams(max_new_tokens=60, temperature=0)
+    solo = {p: generate(model, tokenizer, p, max_new_tokens=60, temperature=0) for p in ("import", "class", "def")}
+    worker = GenerationWorker(FaultyLM(model, poison, step_delay=0.002), tokenizer, "mamba", max_batch_size=8)
+    log: list[tuple[str, str, object]] = []  # (request, kind, payload) in the order the worker reported them
+    lock, finished = threading.Lock(), threading.Event()
+
+    def recorder(name: str):
+        def on_event(kind, payload):
+            with lock:
+                log.append((name, kind, payload))
+                if name == "import" and kind == "text" and sum(1 for n, k, _ in log if n == "import" and k == "text") == 3:
+                    # "import" is decoding: now a poisoned request and a good one arrive together.
+                    worker.submit([tokenizer.bos_id, poison] + tokenizer.encode("oops"), params, recorder("poisoned"))
+                    worker.submit(worker.encode_prompt("def"), params, recorder("def"))
+                if sum(1 for _, k, _ in log if k in ("done", "error")) == 4:
+                    finished.set()
+        return on_event
+
+    try:
+        worker.submit(worker.encode_prompt("import"), params, recorder("import"))
+        worker.submit(worker.encode_prompt("class"), params, recorder("class"))
+        assert finished.wait(60), log
+    finally:
+        worker.close()
+    ends = [(name, kind) for name, kind, _ in log if kind in ("done", "error")]
+    assert ends[0] == ("poisoned", "error")  # answered before any other request finished
+    error = next(p for n, k, p in log if n == "poisoned")
+    assert "prefill exploded" in str(error) and worker.failed == 1
+    results = {n: p for n, k, p in log if k == "done"}
+    assert set(results) == {"import", "class", "def"}
+    for name, result in results.items():  # the others went on, unaffected
+        assert result.text == solo[name]
+
+
+def test_request_timeout_bounds_every_generation(tiny_lm):
+    model, tokenizer = tiny_lm
+    worker = GenerationWorker(FaultyLM(model, -1, step_delay=0.01), tokenizer, "mamba", request_timeout_s=0.3)
+    long_run = GenerationParams(max_new_tokens=500, temperature=1.0, seed=1)  # 5 s at 10 ms a step
+    try:
+        began = time.monotonic()
+        with pytest.raises(GenerationTimeoutError, match="0.3 s"):
+            worker.generate("import", long_run)
+        assert time.monotonic() - began < 2.0 and worker.timed_out == 1
+        began = time.monotonic()
+        with pytest.raises(GenerationTimeoutError):
+            asyncio.run(worker.agenerate(worker.encode_prompt("class"), long_run))
+        assert time.monotonic() - began < 2.0
+        short = worker.generate("import", GenerationParams(max_new_tokens=5, temperature=0))  # the worker goes on
+        assert short.completion_tokens >= 1 and worker.active == 0
+    finally:
+        worker.close()

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from src.mamba import generate, generate_ids, load_mamba
@@ -180,3 +181,48 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(server, tiny_lm):
     after = stats()
     print(f"prompt {prompt!r}; cancelled {time.monotonic() - began:.1f}s after the request")
     assert after["cancelled"] == before + 1 and after["active"] == 0
+
+
+def test_query_says_when_the_answer_is_empty_or_cut_off_and_gives_evidence(server, tiny_checkpoints):
+    from src.rag.load import load_rag_index
+
+    doc = indexed_docs(tiny_checkpoints)[2]
+    question = " ".join(doc["text"].split()[:12])
+    body = post(server, "/query", {"query": question, "top_k": 3, "max_new_tokens": 4, "evidence_k": 4}).json()
+    assert body["answer_empty"] == (body["answer"] == "")
+    assert body["answer_cut_off"] == (body["finish_reason"] == "length")
+    evidence = body["evidence"]
+    assert 1 <= len(evidence) <= 4
+    sources = {s["doc_id"]: " ".join(s["text"].split()) for s in body["sources"]}
+    for item in evidence:  # extractive: sentences of the retrieved chunks, with their documents
+        assert item["doc_id"] in sources and item["sentence"] in sources[item["doc_id"]]
+    scores = [e["score"] for e in evidence]
+    assert scores == sorted(scores, reverse=True)
+    # The scores are the RAG encoder's cosine similarities.
+    encoder = load_rag_index(tiny_checkpoints / "rag", device="cpu").index.encoder
+    vectors = encoder.encode([question] + [e["sentence"] for e in evidence])
+    np.testing.assert_allclose(scores, vectors[1:] @ vectors[0], atol=1e-4)
+    assert evidence[0]["doc_id"] == doc["id"]  # the question's own document holds the best sentence
+
+    cut = post(server, "/query", {"query": question, "max_new_tokens": 1, "temperature": 0}).json()
+    if cut["finish_reason"] == "length":
+        assert cut["answer_cut_off"] is True
+    none = post(server, "/query", {"query": question, "evidence_k": 0, "max_new_tokens": 2}).json()
+    assert none["evidence"] == []
+
+
+def test_tokenize_and_detokenize_round_trip(server, tiny_lm):
+    _, tokenizer = tiny_lm
+    text = "import json\nnaïve → ✓"
+    body = post(server, "/tokenize", {"prompt": text}).json()
+    assert body["tokens"] == [tokenizer.bos_id] + tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 4096 and body["token_strs"][0] == "<|bos|>"
+    bare = post(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == body["tokens"][1:]
+    assert post(server, "/detokenize", {"tokens": bare["tokens"]}).json()["prompt"] == text
+    assert post(server, "/detokenize", {"tokens": body["tokens"]}).json()["prompt"] == "<|bos|>" + text
+    out_of_vocab = post(server, "/detokenize", {"tokens": [tokenizer.vocab_size]})
+    assert out_of_vocab.status_code == 400 and out_of_vocab.json()["error"]["param"] == "tokens"
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"], info["vocab_size"]) == ("<|bos|>", "<|eos|>", tokenizer.vocab_size)
+    assert post(server, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"] == [tokenizer.eos_id]

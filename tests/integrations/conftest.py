@@ -1,3 +1,3 @@
 """The LangChain tests use the serving tests' tiny models (tests/api/fixtures.py)."""
 
-from tests.api.fixtures import tiny_checkpoints  # noqa: F401
+from tests.api.fixtures import full_checkpoints, full_server, server, tiny_checkpoints  # noqa: F401

@@ -7,14 +7,18 @@ import time
 from typing import AsyncGenerator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
+from src.api.errors import APIError
 from src.api.generation import GenerationParams, GenerationWorker
 from src.api.registry import SERVED_MODELS
 from src.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
+    EvidenceSentence,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
@@ -24,9 +28,14 @@ from src.api.schemas import (
     QueryRequest,
     QueryResponse,
     RagSearchRequest,
+    LanguageModelName,
     RagSearchResponse,
     SearchHit,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
+from src.mamba.tokenizer import BOS, EOS, PAD, UNK
 from src.api.service import ModelService
 
 ERRORS = {
@@ -34,6 +43,21 @@ ERRORS = {
     422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
 }
 router = APIRouter(responses=ERRORS)
+GENERATION_ERRORS = {
+    500: {"model": ErrorResponse, "description": "a generation failed inside the server (its prompt could not be read)"},
+    504: {"model": ErrorResponse, "description": "the request ran past the server's request timeout"},
+}
+# One server-sent event: its ``data`` is a JSON object, or ``[DONE]`` last.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+SSE_OR_JSON = {
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+          "description": "JSON, or with stream: true server-sent events ending in [DONE]"},
+    **GENERATION_ERRORS,
+}
 
 
 def service_of(request: Request) -> ModelService:
@@ -124,7 +148,7 @@ async def _generation_stream(worker: GenerationWorker, ids: list[int], params: G
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/generate", response_model=GenerateResponse, tags=["generation"])
+@router.post("/generate", response_model=GenerateResponse, tags=["generation"], responses=SSE_OR_JSON)
 async def generate(body: GenerateRequest, request: Request):
     """Continue ``prompt`` with the Mamba or the RLHF model (``stream: true`` for server-sent events)."""
     start = time.perf_counter()
@@ -150,19 +174,75 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     return ClassifyResponse(predictions=[Prediction(**p) for p in predictions], took_ms=_ms(start))
 
 
-@router.post("/query", response_model=QueryResponse, tags=["retrieval", "generation"])
+@router.post("/query", response_model=QueryResponse, tags=["retrieval", "generation"], responses=GENERATION_ERRORS)
 async def query(body: QueryRequest, request: Request) -> QueryResponse:
     """Retrieve ``top_k`` documents, then answer ``query`` from their text; ``doc_ids`` are the
-    documents whose text the model read."""
+    documents whose text the model read. ``answer_empty`` / ``answer_cut_off`` say when the
+    generated answer is empty or stopped at ``max_new_tokens``; ``evidence`` always holds the
+    retrieved sentences that best match the query (scored by the RAG encoder)."""
     start = time.perf_counter()
     params = GenerationParams(body.max_new_tokens, body.temperature, body.top_p, (), body.seed)
-    answer = await service_of(request).answer(body.query, body.top_k, body.model, params, body.mode)
+    answer = await service_of(request).answer(body.query, body.top_k, body.model, params, body.mode, body.evidence_k)
+    text = answer.result.text.strip()
     return QueryResponse(
         query=body.query,
-        answer=answer.result.text.strip(),
+        answer=text,
+        answer_empty=not text,
+        answer_cut_off=answer.result.finish_reason == "length",
+        evidence=[EvidenceSentence(doc_id=e.doc_id, sentence=e.sentence, score=e.score) for e in answer.evidence],
         doc_ids=[p.doc_id for p in answer.used],
         sources=[search_hit(h) for h in answer.hits],
         model=answer.model,
         finish_reason=answer.result.finish_reason,
         took_ms=_ms(start),
     )
+
+
+# ------------------------------------------------------------------------------ tokenizer (vLLM-style)
+@router.post("/tokenize", response_model=TokenizeResponse, tags=["tokenizer"])
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """The token ids of ``prompt`` for ``model`` (``<|bos|>`` first unless ``add_special_tokens`` is false)."""
+    service = service_of(request)
+    worker = await service.agenerator(body.model)
+    tokenizer = worker.tokenizer
+    ids = ([tokenizer.bos_id] if body.add_special_tokens else []) + tokenizer.encode(body.prompt)
+    return TokenizeResponse(
+        tokens=ids, token_strs=[tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+        count=len(ids), max_model_len=service.settings.max_prompt_tokens,
+    )
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, tags=["tokenizer"])
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """The text of token ids ``tokens`` (special tokens written out, so that the text encodes back to them)."""
+    worker = await service_of(request).agenerator(body.model)
+    tokenizer = worker.tokenizer
+    bad = [t for t in body.tokens if t >= tokenizer.vocab_size]
+    if bad:
+        raise APIError(400, f"tokens: id {bad[0]} is not in the vocabulary (ids 0..{tokenizer.vocab_size - 1})", "invalid_request_error", "tokens")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
+async def tokenizer_info(request: Request, model: LanguageModelName = "mamba") -> TokenizerInfo:
+    """The language model's tokenizer: special tokens and sizes (what lm-evaluation-harness's
+    remote tokenizer reads)."""
+    service = service_of(request)
+    worker = await service.agenerator(model)
+    tokenizer = worker.tokenizer
+    return TokenizerInfo(
+        model=model, tokenizer_class=type(tokenizer).__name__, vocab_size=tokenizer.vocab_size,
+        bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=service.settings.max_prompt_tokens,
+    )
+
+
+# ------------------------------------------------------------------------------ metrics
+@router.get(
+    "/metrics", tags=["status"], response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests by route and status, latency histograms, prompt and
+    generated tokens, tokens/s, queue depth and running batch size."""
+    exposition = request.app.state.metrics
+    return Response(exposition.render(), media_type=exposition.content_type)
