@@ -221,22 +221,29 @@ def bench_llama_cpp(model, tokenizer, prompt: list[int], opts) -> dict:
         n_threads=opts.threads, n_threads_batch=opts.threads, verbose=False,
     )
 
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        # Without logits_all (which would make the prefill compute the logits of every
+        # prompt position), llama-cpp-python leaves ``scores`` empty: read the last logits.
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+
     def prefill():
         llm.reset()
         llm.eval(prompt)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return next_token()
 
     p_wall, p_cpu, first = _best(prefill, opts.repeats, "cpu")
 
     def decode():
         llm.reset()
         llm.eval(prompt)
-        token, out = int(np.argmax(llm.scores[llm.n_tokens - 1])), []
+        token, out = next_token(), []
         out.append(token)
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(opts.new_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = next_token()
             out.append(token)
         return out, time.perf_counter() - w0, time.process_time() - c0
 
