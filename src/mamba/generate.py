@@ -26,26 +26,39 @@ class Decoder:
 
     ``Decoder(model).step(tokens, cache)`` is :meth:`MambaLM.step_`: logits (batch, vocab) for
     one token per row, ``cache`` updated in place. With ``compile=True`` the step goes through
-    ``torch.compile`` (batch size dynamic, so any number of rows uses the same code); the
-    compilation happens on the first call of each kind (batch of 1, batch of several), or up
-    front in :meth:`warmup`, whose time is ``compile_seconds``. A server calls ``warmup`` at
-    start-up so that no request pays it. The compiled step is *frozen*: inductor folds the
-    weights in as constants (and prepacks them for the CPU's matmul library), so it serves
-    the weights it was compiled with; build a new Decoder after the weights change (the
-    eager one, the default, always reads the current weights, as RLHF needs).
+    ``torch.compile``; the compilation happens on the first call of each kind (batch of 1,
+    batch of several: the first is specialised to one row, the second has a dynamic batch
+    size, so any number of rows uses the same code), or up front in :meth:`warmup`, whose
+    time is ``compile_seconds``. A server calls ``warmup`` at start-up so that no request
+    pays it. The compiled step multiplies by transposed copies of the weight matrices
+    (:meth:`MambaLM.transposed_weights`, 2x faster matrix-vector products on the CPU), taken
+    when the Decoder is built: build a new Decoder after the weights change (the eager one,
+    the default, always reads the current weights, as RLHF needs).
     """
 
     def __init__(self, model: MambaLM, compile: bool = False) -> None:
         self.model = model
         self.compiled = compile
         self.compile_seconds = 0.0
-        self._step = torch.compile(model.step_, dynamic=True, options={"freezing": True}) if compile else model.step_
+        if compile:
+            transposed = model.transposed_weights()
+
+            def step(token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+                return model.step_(token_ids, cache, transposed)
+
+            # dynamic=None: the first graph (batch 1) is static, a second batch size
+            # recompiles once with a symbolic batch.
+            self._step = torch.compile(step, dynamic=None)
+        else:
+            self._step = model.step_
 
     def step(self, token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """Logits (batch, vocab) after feeding ``token_ids`` (batch,); ``cache`` updated in place.
 
         Runs in inference mode, as ``generate_ids`` and the API's worker do: the compiled step
         is specialised on it, and a caller in plain ``no_grad`` would compile it again."""
+        if torch.is_inference_mode_enabled():  # the decoding loops: no per-token re-entry
+            return self._step(token_ids, cache)
         with torch.inference_mode():
             return self._step(token_ids, cache)
 
