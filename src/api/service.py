@@ -41,6 +41,7 @@ class ServerSettings:
     max_batch_size: int = 32
     max_pending: int = 512
     preload: bool = True
+    compile_decoder: bool = False  # torch.compile the decoding step, once per worker at start-up
 
 
 @dataclass
@@ -80,7 +81,7 @@ class ModelService:
         s = self.settings
         return self._worker(
             f"generate:{name}",
-            lambda: GenerationWorker(loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending),
+            lambda: GenerationWorker(loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending, s.compile_decoder),
         )
 
     def retriever(self):
