@@ -151,6 +151,14 @@ def test_compiled_decoder_gives_the_eager_tokens(model):
     eager = generate_ids(model, prompts, max_new_tokens=12, temperature=0)
     assert generate_ids(model, prompts, max_new_tokens=12, temperature=0, decoder=decoder) == eager
     assert generate_ids(model, prompts[:1], max_new_tokens=12, temperature=0, decoder=decoder) == eager[:1]
+    # The compiled greedy loop (blocks of Decoder.block steps in one graph, then single steps).
+    for batch in (1, 3):
+        with torch.inference_mode():
+            start = model(torch.tensor([[1, 5, 9]] * batch), return_cache=True)
+            first = start.logits[:, -1].argmax(-1)
+            tokens = decoder.greedy(first, MambaCache.concat([start.cache]), 2 * decoder.block + 3)
+            expected = _greedy_one_at_a_time(model, first, MambaCache.concat([start.cache]), 2 * decoder.block + 3)
+        assert torch.equal(tokens, expected)
 
 
 def test_step_with_transposed_weights_gives_the_same_logits_and_tokens(model):
@@ -171,3 +179,27 @@ def test_step_with_transposed_weights_gives_the_same_logits_and_tokens(model):
             a, b = la.argmax(-1), lb.argmax(-1)
             assert torch.equal(a, b)
         torch.testing.assert_close(fast.ssm[-1], plain.ssm[-1], rtol=1e-5, atol=1e-6)
+
+
+def _greedy_one_at_a_time(model, token, cache, steps):
+    out = []
+    for _ in range(steps):
+        token = model.step_(token, cache).argmax(-1)
+        out.append(token)
+    return torch.stack(out, 1)
+
+
+def test_decoder_greedy_equals_one_step_at_a_time(model):
+    """``Decoder.greedy`` (eager here; the compiled one in the slow test above) gives the
+    tokens and final state of feeding back the argmax one step at a time."""
+    from src.mamba.generate import Decoder
+
+    with torch.inference_mode():
+        start = model(torch.tensor([[1, 2, 3], [1, 4, 5]]), return_cache=True)
+        first = start.logits[:, -1].argmax(-1)
+        mine, ref = MambaCache.concat([start.cache]), MambaCache.concat([start.cache])
+        tokens = Decoder(model).greedy(first, mine, 11)
+        assert tokens.shape == (2, 11)
+        assert torch.equal(tokens, _greedy_one_at_a_time(model, first, ref, 11))
+        assert all(torch.equal(a, b) for a, b in zip(mine.ssm + mine.conv, ref.ssm + ref.conv))
+        assert Decoder(model).greedy(first, mine, 0).shape == (2, 0)
