@@ -12,6 +12,8 @@ source) runs in three engines in one process, on the same threads:
 * ``mark``: :class:`src.mamba.generate.Decoder` eager, the fused in-place step;
 * ``mark_compiled``: the same step through ``torch.compile`` (the compile time is reported
   separately, it is paid once per process: the API server pays it at start-up);
+* ``mark_greedy``: the compiled Decoder's ``greedy`` (``Decoder.block`` steps with the argmax
+  inside one compiled graph; its extra compile time is reported too);
 * ``transformers``: ``Mamba2ForCausalLM`` with the same state dict (or the HF export of
   ``src.mamba.export`` when it exists), ``generate(do_sample=False)`` on its default path
   (pure PyTorch here: no ``mamba_ssm`` kernels);
@@ -55,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (best kept), after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd MARK step")
-    parser.add_argument("--engines", nargs="+", default=["mark", "mark_compiled", "transformers", "llama.cpp"])
+    parser.add_argument("--engines", nargs="+", default=["mark", "mark_compiled", "mark_greedy", "transformers", "llama.cpp"])
     parser.add_argument("--checkpoint", help="a MARK mamba checkpoint dir (default: seeded random weights)")
     parser.add_argument("--config", default="configs/mamba_train.yaml", help="seed config whose model section is used")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -125,8 +127,10 @@ def _row(engine: str, batch: int, opts, prefill, decode, tokens) -> dict:
 
 
 @torch.inference_mode()
-def bench_mark(model, decoder, prompts: torch.Tensor, opts, engine: str) -> dict:
-    """Prefill with the chunked scan, then ``new_tokens`` greedy steps of ``decoder``."""
+def bench_mark(model, decoder, prompts: torch.Tensor, opts, engine: str, greedy: bool = False) -> dict:
+    """Prefill with the chunked scan, then ``new_tokens`` greedy steps of ``decoder`` (one
+    ``step`` + argmax per token, as the API's worker decodes; with ``greedy``,
+    ``decoder.greedy``)."""
     from src.mamba.model import MambaCache
 
     def prefill():
@@ -138,6 +142,8 @@ def bench_mark(model, decoder, prompts: torch.Tensor, opts, engine: str) -> dict
     def decode():
         state = MambaCache.concat([cache])  # a fresh copy: the steps update it in place
         token = first.argmax(-1)
+        if greedy:  # Decoder.greedy: compiled, blocks of steps with the argmax in the graph
+            return torch.cat([token[:, None], decoder.greedy(token, state, opts.new_tokens - 1)], 1)
         out = [token]
         for _ in range(opts.new_tokens - 1):
             token = decoder.step(token, state).argmax(-1)
@@ -221,22 +227,29 @@ def bench_llama_cpp(model, tokenizer, prompt: list[int], opts) -> dict:
         n_threads=opts.threads, n_threads_batch=opts.threads, verbose=False,
     )
 
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        # Without logits_all (which would make the prefill compute the logits of every
+        # prompt position), llama-cpp-python leaves ``scores`` empty: read the last logits.
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+
     def prefill():
         llm.reset()
         llm.eval(prompt)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return next_token()
 
     p_wall, p_cpu, first = _best(prefill, opts.repeats, "cpu")
 
     def decode():
         llm.reset()
         llm.eval(prompt)
-        token, out = int(np.argmax(llm.scores[llm.n_tokens - 1])), []
+        token, out = next_token(), []
         out.append(token)
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(opts.new_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = next_token()
             out.append(token)
         return out, time.perf_counter() - w0, time.process_time() - c0
 
@@ -261,7 +274,7 @@ def summarize(rows: list[dict], batches: list[int]) -> dict:
     by = {(r["engine"], r["batch"]): r for r in rows}
     summary: dict = {}
     for batch in batches:
-        for mark in ("mark", "mark_compiled"):
+        for mark in ("mark", "mark_compiled", "mark_greedy"):
             ours = by.get((mark, batch))
             if ours is None:
                 continue
@@ -313,6 +326,10 @@ def main(argv=None) -> dict:
         notes["compile_seconds"] = round(decoder.compile_seconds, 1)
         print(f"  torch.compile of the decoding step: {decoder.compile_seconds:.1f} s (once per process)", file=sys.stderr)
         decoders["mark_compiled"] = decoder
+        if "mark_greedy" in opts.engines:
+            seconds = decoder.warmup(tuple(sorted({1 if b == 1 else 2 for b in opts.batches})), greedy=True)
+            notes["compile_seconds_greedy_block"] = round(seconds, 1)
+            print(f"  torch.compile of the {decoder.block}-step greedy loop: {seconds:.1f} s", file=sys.stderr)
     elif "mark_compiled" in opts.engines:
         skipped["mark_compiled"] = "--no-compile"
 
@@ -325,8 +342,11 @@ def main(argv=None) -> dict:
 
     for batch in opts.batches:
         prompts = all_prompts[:batch]
-        for engine, decoder in decoders.items():
-            rows.append(bench_mark(model, decoder, prompts, opts, engine))
+        runs = list(decoders.items())
+        if "mark_compiled" in decoders and "mark_greedy" in opts.engines:
+            runs.append(("mark_greedy", decoders["mark_compiled"]))
+        for engine, decoder in runs:
+            rows.append(bench_mark(model, decoder, prompts, opts, engine, greedy=engine == "mark_greedy"))
             print(f"  {engine} batch {batch}: {rows[-1]['decode_tokens_per_s']:.0f} decode tok/s", file=sys.stderr, flush=True)
         if hf is not None:
             rows.append(bench_transformers(hf, prompts, opts))

@@ -46,6 +46,7 @@ class ServerSettings:
     preload: bool = True
     request_timeout_s: Optional[float] = 300.0  # None: no limit
 
+    compile_decoder: bool = False  # torch.compile the decoding step, once per worker at start-up
 
 MAX_EVIDENCE_CANDIDATES = 64
 SENTENCE_CACHE_SIZE = 20_000
@@ -112,7 +113,10 @@ class ModelService:
         s = self.settings
         return self._worker(
             f"generate:{name}",
-            lambda: GenerationWorker(loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending, s.request_timeout_s),
+            lambda: GenerationWorker(
+                loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending,
+                compile_step=s.compile_decoder, request_timeout_s=s.request_timeout_s,
+            ),
         )
 
     def retriever(self):

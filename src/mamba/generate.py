@@ -26,38 +26,82 @@ class Decoder:
 
     ``Decoder(model).step(tokens, cache)`` is :meth:`MambaLM.step_`: logits (batch, vocab) for
     one token per row, ``cache`` updated in place. With ``compile=True`` the step goes through
-    ``torch.compile`` (batch size dynamic, so any number of rows uses the same code); the
-    compilation happens on the first call of each kind (batch of 1, batch of several), or up
-    front in :meth:`warmup`, whose time is ``compile_seconds``. A server calls ``warmup`` at
-    start-up so that no request pays it. The compiled step is *frozen*: inductor folds the
-    weights in as constants (and prepacks them for the CPU's matmul library), so it serves
-    the weights it was compiled with; build a new Decoder after the weights change (the
-    eager one, the default, always reads the current weights, as RLHF needs).
+    ``torch.compile``; the compilation happens on the first call of each kind (batch of 1,
+    batch of several: the first is specialised to one row, the second has a dynamic batch
+    size, so any number of rows uses the same code), or up front in :meth:`warmup`, whose
+    time is ``compile_seconds``. A server calls ``warmup`` at start-up so that no request
+    pays it. The compiled step multiplies by transposed copies of the weight matrices
+    (:meth:`MambaLM.transposed_weights`, 2x faster matrix-vector products on the CPU), taken
+    when the Decoder is built: build a new Decoder after the weights change (the eager one,
+    the default, always reads the current weights, as RLHF needs).
     """
 
     def __init__(self, model: MambaLM, compile: bool = False) -> None:
         self.model = model
         self.compiled = compile
         self.compile_seconds = 0.0
-        self._step = torch.compile(model.step_, dynamic=True, options={"freezing": True}) if compile else model.step_
+        if compile:
+            transposed = model.transposed_weights()
+
+            def step(token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+                return model.step_(token_ids, cache, transposed)
+
+            def greedy_block(token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+                out = []
+                for _ in range(self.block):
+                    token_ids = model.step_(token_ids, cache, transposed).argmax(-1)
+                    out.append(token_ids)
+                return torch.stack(out, 1)
+
+            # dynamic=None: the first graph (batch 1) is static, a second batch size
+            # recompiles once with a symbolic batch.
+            self._step = torch.compile(step, dynamic=None)
+            self._greedy_block = torch.compile(greedy_block, dynamic=None)
+        else:
+            self._step = model.step_
+            self._greedy_block = None
+
+    block = 8  # greedy tokens per call of the compiled greedy loop
+
+    @torch.inference_mode()
+    def greedy(self, token_ids: torch.Tensor, cache: MambaCache, steps: int) -> torch.Tensor:
+        """Feed ``token_ids`` (batch,) and the argmax of each step's logits back in, ``steps``
+        times: the greedy tokens (batch, steps), ``cache`` updated in place. The same tokens as
+        ``step`` + ``argmax`` one at a time; compiled, ``block`` steps (argmax included) run
+        as one graph, so the per-call costs (guards, wrapper) are paid once per block."""
+        out = []
+        if self._greedy_block is not None:
+            for _ in range(steps // self.block):
+                out.append(self._greedy_block(token_ids, cache))
+                token_ids = out[-1][:, -1]
+            steps -= steps // self.block * self.block
+        for _ in range(steps):
+            token_ids = self._step(token_ids, cache).argmax(-1)
+            out.append(token_ids[:, None])
+        return torch.cat(out, 1) if out else token_ids.new_zeros(token_ids.shape[0], 0)
 
     def step(self, token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """Logits (batch, vocab) after feeding ``token_ids`` (batch,); ``cache`` updated in place.
 
         Runs in inference mode, as ``generate_ids`` and the API's worker do: the compiled step
         is specialised on it, and a caller in plain ``no_grad`` would compile it again."""
+        if torch.is_inference_mode_enabled():  # the decoding loops: no per-token re-entry
+            return self._step(token_ids, cache)
         with torch.inference_mode():
             return self._step(token_ids, cache)
 
     @torch.inference_mode()
-    def warmup(self, batch_sizes: Sequence[int] = (1, 2)) -> float:
+    def warmup(self, batch_sizes: Sequence[int] = (1, 2), greedy: bool = False) -> float:
         """Run the step once per batch size on a throw-away state (compiling it when
-        ``compile`` is on); returns the seconds it took, added to ``compile_seconds``."""
+        ``compile`` is on; with ``greedy`` also the greedy loop of :meth:`greedy`); returns
+        the seconds it took, added to ``compile_seconds``."""
         device = next(self.model.parameters()).device
         started = time.perf_counter()
         for batch in batch_sizes:
             cache = self.model.empty_cache(batch, device)
             self.step(torch.zeros(batch, dtype=torch.long, device=device), cache)
+            if greedy and self._greedy_block is not None:
+                self._greedy_block(torch.zeros(batch, dtype=torch.long, device=device), cache)
         seconds = time.perf_counter() - started
         self.compile_seconds += seconds
         return seconds

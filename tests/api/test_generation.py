@@ -241,3 +241,29 @@ def test_request_timeout_bounds_every_generation(tiny_lm):
         assert short.completion_tokens >= 1 and worker.active == 0
     finally:
         worker.close()
+
+
+@pytest.mark.slow
+def test_compile_decoder_setting_compiles_once_at_worker_start(tiny_checkpoints):
+    """``--compile-decoder``: the service's generation worker compiles its decoding step on
+    its own thread before serving, the first request pays nothing more, and the greedy text
+    is the eager one."""
+    from src.api.main import build_parser, settings_from_args
+    from src.api.service import ModelService
+
+    settings = settings_from_args(build_parser().parse_args(["--checkpoints-dir", str(tiny_checkpoints), "--compile-decoder"]))
+    assert settings.compile_decoder and not settings_from_args(build_parser().parse_args([])).compile_decoder
+    service = ModelService(settings)
+    try:
+        worker = service.generator("mamba")
+        assert worker.decoder.compiled
+        params = GenerationParams(max_new_tokens=16, temperature=0)
+        model, tokenizer = worker.model, worker.tokenizer
+        first = worker.generate("import", params)
+        compiled_in = worker.decoder.compile_seconds
+        assert compiled_in > 0  # warmup ran (on the worker thread) before the request was served
+        assert first.text == generate(model, tokenizer, "import", max_new_tokens=16, temperature=0)
+        worker.generate("Return the value of", params)
+        assert worker.decoder.compile_seconds == compiled_in
+    finally:
+        service.close()

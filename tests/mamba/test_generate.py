@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from src.mamba.generate import generate, generate_ids, sample_next, token_logprobs
-from src.mamba.model import MambaArgs, MambaLM
+from src.mamba.model import MambaArgs, MambaCache, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 
 
@@ -151,3 +151,55 @@ def test_compiled_decoder_gives_the_eager_tokens(model):
     eager = generate_ids(model, prompts, max_new_tokens=12, temperature=0)
     assert generate_ids(model, prompts, max_new_tokens=12, temperature=0, decoder=decoder) == eager
     assert generate_ids(model, prompts[:1], max_new_tokens=12, temperature=0, decoder=decoder) == eager[:1]
+    # The compiled greedy loop (blocks of Decoder.block steps in one graph, then single steps).
+    for batch in (1, 3):
+        with torch.inference_mode():
+            start = model(torch.tensor([[1, 5, 9]] * batch), return_cache=True)
+            first = start.logits[:, -1].argmax(-1)
+            tokens = decoder.greedy(first, MambaCache.concat([start.cache]), 2 * decoder.block + 3)
+            expected = _greedy_one_at_a_time(model, first, MambaCache.concat([start.cache]), 2 * decoder.block + 3)
+        assert torch.equal(tokens, expected)
+
+
+def test_step_with_transposed_weights_gives_the_same_logits_and_tokens(model):
+    """``step_(..., transposed=model.transposed_weights())`` (the compiled Decoder's faster
+    matrix layout) gives the plain step's logits to float32 rounding and the same 20 greedy
+    tokens for a batch of 2; the copies are copies (changing them leaves the model alone)."""
+    transposed = model.transposed_weights()
+    assert len(transposed) == 2 * model.args.n_layers + 1
+    assert transposed[-1].shape == model.lm_head.weight.t().shape and transposed[-1].is_contiguous()
+    assert transposed[-1].data_ptr() != model.lm_head.weight.data_ptr()
+    with torch.inference_mode():
+        start = model(torch.tensor([[1, 2, 3], [1, 4, 5]]), return_cache=True)
+        plain, fast = MambaCache.concat([start.cache]), MambaCache.concat([start.cache])
+        a = b = start.logits[:, -1].argmax(-1)
+        for _ in range(20):
+            la, lb = model.step_(a, plain), model.step_(b, fast, transposed)
+            torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+            a, b = la.argmax(-1), lb.argmax(-1)
+            assert torch.equal(a, b)
+        torch.testing.assert_close(fast.ssm[-1], plain.ssm[-1], rtol=1e-5, atol=1e-6)
+
+
+def _greedy_one_at_a_time(model, token, cache, steps):
+    out = []
+    for _ in range(steps):
+        token = model.step_(token, cache).argmax(-1)
+        out.append(token)
+    return torch.stack(out, 1)
+
+
+def test_decoder_greedy_equals_one_step_at_a_time(model):
+    """``Decoder.greedy`` (eager here; the compiled one in the slow test above) gives the
+    tokens and final state of feeding back the argmax one step at a time."""
+    from src.mamba.generate import Decoder
+
+    with torch.inference_mode():
+        start = model(torch.tensor([[1, 2, 3], [1, 4, 5]]), return_cache=True)
+        first = start.logits[:, -1].argmax(-1)
+        mine, ref = MambaCache.concat([start.cache]), MambaCache.concat([start.cache])
+        tokens = Decoder(model).greedy(first, mine, 11)
+        assert tokens.shape == (2, 11)
+        assert torch.equal(tokens, _greedy_one_at_a_time(model, first, ref, 11))
+        assert all(torch.equal(a, b) for a, b in zip(mine.ssm + mine.conv, ref.ssm + ref.conv))
+        assert Decoder(model).greedy(first, mine, 0).shape == (2, 0)
