@@ -186,6 +186,12 @@ class FaultyLM(torch.nn.Module):
             time.sleep(self.step_delay)
         return self.lm.step(tokens, cache)
 
+    def step_(self, tokens, cache, *args):
+        # The in-place step the worker's Decoder calls (eager: no transposed weights).
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        return self.lm.step_(tokens, cache, *args)
+
 
 def test_a_failed_prefill_fails_only_its_request_at_once(tiny_lm):
     model, tokenizer = tiny_lm
