@@ -47,9 +47,11 @@ def build_task(cfg: TransferConfig) -> tuple[TrainTask, dict]:
     model, tokenizer = build_model_and_tokenizer(cfg.model, label_names)
     train_set = build_dataset(tokenizer, splits["train"], cfg.model)
     val_set = build_dataset(tokenizer, splits["val"], cfg.model) if "val" in splits else None
-    cross_entropy = nn.CrossEntropyLoss()
+    cross_entropy = nn.CrossEntropyLoss(reduction="sum")
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
+        # Summed over documents; the engine divides by the documents of the whole step
+        # (a short last micro-batch then weighs per document, as in one big batch).
         return cross_entropy(document_logits(model, batch), batch["labels"])
 
     def eval_step(model: nn.Module, batch: dict) -> dict[str, list]:
@@ -91,6 +93,7 @@ def build_task(cfg: TransferConfig) -> tuple[TrainTask, dict]:
         extra_state=extra_state,
         check_resume=check_resume,
         count_tokens=lambda batch: int(batch["attention_mask"].sum()),
+        count_items=lambda batch: int(batch["labels"].shape[0]),
         # Batches of documents of similar length: far less padding than random batches.
         example_lengths=[sum(len(w) for w in windows) for windows in train_set.windows],
     )

@@ -24,7 +24,7 @@ from src.data.readers import read_documents
 from src.mamba.config import MambaTrainConfig
 from src.mamba.data import TokenWindows, collate_windows, pack_documents
 from src.mamba.evaluate import unigram_cross_entropy
-from src.mamba.loss import IGNORE_INDEX, token_cross_entropy
+from src.mamba.loss import IGNORE_INDEX
 from src.mamba.model import MambaArgs, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 from src.training.engine import TrainTask, fit
@@ -115,18 +115,22 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
         if checkpoint_extra.get("model_args") != args.to_dict():
             raise CheckpointError("the checkpoint's architecture differs from the config's")
 
+    def count_labels(batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
     def loss_fn(m, batch):
-        return m(batch["input_ids"], labels=batch["labels"]).loss
+        # The model's loss is the mean over the batch's labels; the engine wants the sum (it
+        # divides by the labels of the whole optimizer step: a padded last window weighs per token).
+        labels = batch["labels"]
+        return m(batch["input_ids"], labels=labels).loss * (labels != IGNORE_INDEX).sum()
 
     def eval_step(m, batch):
-        hidden = m(batch["input_ids"], compute_logits=False).hidden_states
+        # Through the (possibly wrapped) model's forward, never a weight read off the unwrapped
+        # model: under FSDP the LM head is sharded outside forward.
         labels = batch["labels"]
-        weight = model.lm_head.weight  # the unwrapped model's (same tensor under DDP)
-        losses = token_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
-        return {
-            "loss_sum": losses.view(labels.shape).sum(1).tolist(),
-            "tokens": (labels != IGNORE_INDEX).sum(1).tolist(),
-        }
+        tokens = count_labels(batch)
+        loss = m(batch["input_ids"], labels=labels).loss
+        return {"loss_sum": [float(loss) * tokens], "tokens": [tokens]}
 
     def compute_metrics(outputs: dict[str, list]) -> dict[str, float]:
         val_loss = sum(outputs["loss_sum"]) / max(1, sum(outputs["tokens"]))
@@ -153,7 +157,8 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
             "max_length": cfg.model.max_length,
         },
         check_resume=check_resume,
-        count_tokens=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),
+        count_tokens=count_labels,
+        count_items=count_labels,
     )
     facts = {
         "tokenizer": tokenizer,
