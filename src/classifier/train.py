@@ -140,7 +140,8 @@ def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> di
     if result.best_metric is not None:
         metrics["best_val_macro_f1"] = result.best_metric
     if "test" in splits:
-        report = evaluate_on_test(best_path, splits["train"].labels, splits["test"], task.extra_state["label_names"], cfg)
+        report = evaluate_on_test(best_path, splits["train"].labels, splits["test"], task.extra_state["label_names"], cfg,
+                                  train=splits["train"], val=splits.get("val"))
         outputs["test_metrics"] = str(atomic_write_json(log_dir / TEST_METRICS_FILE, report))
         outputs["confusion_matrix"] = str(
             plot_confusion_matrix(
@@ -153,6 +154,9 @@ def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> di
             "test_macro_f1": report["macro_f1"],
             "majority_accuracy": report["majority_baseline"]["accuracy"],
             "majority_macro_f1": report["majority_baseline"]["macro_f1"],
+            "tfidf_accuracy": report["tfidf_baseline"]["accuracy"],
+            "tfidf_macro_f1": report["tfidf_baseline"]["macro_f1"],
+            "margin_over_tfidf_macro_f1": report["margin_over_tfidf"]["macro_f1"],
         })
         metrics_logger = MetricsLogger(log_dir, "transfer", use_tensorboard=cfg.system.use_tensorboard,
                                        use_wandb=cfg.system.use_wandb, wandb_project=cfg.system.wandb_project)
