@@ -23,7 +23,7 @@ from src.core.runtime import seed_everything
 from src.data.readers import read_documents
 from src.mamba.config import MambaTrainConfig
 from src.mamba.data import TokenWindows, collate_windows, pack_documents
-from src.mamba.evaluate import unigram_cross_entropy
+from src.mamba.evaluate import kneser_ney_cross_entropy, unigram_cross_entropy
 from src.mamba.loss import IGNORE_INDEX
 from src.mamba.model import MambaArgs, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
@@ -99,10 +99,12 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
     train_set = TokenWindows(train_stream, cfg.model.max_length, tokenizer.pad_id)
     val_set = TokenWindows(val_stream, cfg.model.max_length, tokenizer.pad_id)
     unigram_loss = unigram_cross_entropy(train_stream, val_stream[1:], tokenizer.vocab_size)
+    kn3_loss = kneser_ney_cross_entropy(train_stream, val_stream, tokenizer.vocab_size)
     log.info(
-        "train: %d documents, %d tokens, %d windows of %d | val: %d documents, %d tokens | unigram val loss %.4f (ppl %.1f)",
+        "train: %d documents, %d tokens, %d windows of %d | val: %d documents, %d tokens | unigram val loss %.4f (ppl %.1f)"
+        " | Kneser-Ney 3-gram val loss %.4f (ppl %.1f)",
         len(train_docs), train_stream.numel(), len(train_set), cfg.model.max_length, len(val_docs),
-        val_stream.numel(), unigram_loss, math.exp(unigram_loss),
+        val_stream.numel(), unigram_loss, math.exp(unigram_loss), kn3_loss, math.exp(kn3_loss),
     )
 
     seed_everything(cfg.system.seed)
@@ -139,6 +141,8 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
             "val_perplexity": math.exp(min(val_loss, 50.0)),
             "unigram_val_loss": unigram_loss,
             "unigram_val_perplexity": math.exp(unigram_loss),
+            "kn3_val_loss": kn3_loss,
+            "kn3_val_perplexity": math.exp(kn3_loss),
         }
 
     task = TrainTask(
@@ -167,6 +171,7 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
         "train_windows": len(train_set),
         "parameters": model.num_parameters(),
         "unigram_val_loss": unigram_loss,
+        "kn3_val_loss": kn3_loss,
     }
     return task, facts
 
