@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.core.checkpoint import atomic_write_json, save_checkpoint
+from src.core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from src.core.config import config_to_dict
 from src.core.errors import CheckpointError
 from src.core.logging import MetricsLogger, setup_logging
@@ -128,8 +128,13 @@ def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> di
     if task.val_dataset is None:
         # No validation set: the last weights are the best model there is (and replace
         # any best_model.pt an earlier run left in this folder).
+        # The engine's last checkpoint holds the full state dict (gathered under FSDP), which
+        # task.model, the unwrapped module, need not (its parameters may be shards).
+        final = load_checkpoint(result.last_checkpoint, kind=CHECKPOINT_KIND)["model"] if result.last_checkpoint else None
+        if final is None:
+            raise CheckpointError(f"{checkpoint_dir}: training wrote no checkpoint to take the final weights from")
         save_checkpoint(
-            {"kind": CHECKPOINT_KIND, "model": task.model.state_dict(), "config": config_to_dict(cfg),
+            {"kind": CHECKPOINT_KIND, "model": final, "config": config_to_dict(cfg),
              "extra": task.extra_state, "metrics": {}, "step": result.global_step, "epoch": result.epochs_completed},
             best_path,
         )

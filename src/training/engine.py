@@ -286,6 +286,21 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         total_steps = min(total_steps, tcfg.max_steps)
     warmup = tcfg.warmup_steps or int(tcfg.warmup_ratio * total_steps)
 
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_step": None}
+    last_checkpoint: Path | None = None
+    ckpt = None
+    if resume:
+        last_checkpoint = find_latest_checkpoint(ckpt_dir)
+        if last_checkpoint is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+        else:
+            ckpt = load_checkpoint(last_checkpoint, kind=kind)
+            if task.check_resume is not None:
+                task.check_resume(ckpt.get("extra", {}))
+            # Into the plain module, before accelerator.prepare wraps it: a full state dict
+            # cannot be loaded into FSDP's sharded (flattened) parameters afterwards.
+            load_state_dict_checked(task.model, ckpt["model"], last_checkpoint)
+
     model = task.model
     optimizer = build_optimizer(model, tcfg.learning_rate, tcfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -293,27 +308,16 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
         lr_lambda(tcfg.lr_scheduler, warmup, total_steps),
     )
-
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_step": None}
-    last_checkpoint: Path | None = None
-    if resume:
-        latest = find_latest_checkpoint(ckpt_dir)
-        if latest is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        else:
-            ckpt = load_checkpoint(latest, kind=kind)
-            if task.check_resume is not None:
-                task.check_resume(ckpt.get("extra", {}))
-            load_state_dict_checked(accelerator.unwrap_model(model), ckpt["model"], latest)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if accelerator.scaler is not None and ckpt.get("scaler"):
-                accelerator.scaler.load_state_dict(ckpt["scaler"])
-            rng = ckpt["rng"]
-            restore_rng_state(rng[rank] if len(rng) == world else rng[0])
-            state.update(ckpt["progress"])
-            last_checkpoint = latest
-            log.info("resumed from %s at epoch %d, step %d", latest, state["epoch"] + 1, state["step"])
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if accelerator.scaler is not None and ckpt.get("scaler"):
+            accelerator.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        restore_rng_state(rng[rank] if len(rng) == world else rng[0])
+        state.update(ckpt["progress"])
+        log.info("resumed from %s at epoch %d, step %d", last_checkpoint, state["epoch"] + 1, state["step"])
+        del ckpt
 
     # Only now, after a checkpoint refused on resume could have stopped the run: nothing is overwritten before.
     if is_main:
