@@ -73,7 +73,7 @@ def sft_task(data_dir: Path, out: Path, batch: int, accum: int) -> tuple[TrainTa
     from src.rlhf.sft import count_response_tokens, response_loss_sum
 
     tokenizer = MambaTokenizer.train((d.text for d in read_documents(data_dir / "lm_train.jsonl")), 300, 2)
-    train_set = SFTDataset(read_sft(data_dir / "sft_train.jsonl")[:WINDOWS], PromptFormat(tokenizer, "{prompt}\n", 24, 24))
+    train_set = SFTDataset(read_sft(data_dir / "sft_train.jsonl")[:WINDOWS], PromptFormat(tokenizer, "{prompt}\n", 24, 96))
     responses = sorted({len(r) for _, r in train_set.items})
     assert len(responses) > 3, responses  # responses of many different lengths
     seed_everything(3)
