@@ -16,11 +16,9 @@ import torch
 
 from src.core.checkpoint import load_checkpoint
 
+from tests.training.exact_loss_script import train
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "training"))
-
-from exact_loss_script import train  # noqa: E402
-
 SCRIPT = str(REPO / "tests" / "training" / "exact_loss_script.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
