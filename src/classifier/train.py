@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.core.checkpoint import atomic_write_json, save_checkpoint
+from src.core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from src.core.config import config_to_dict
 from src.core.errors import CheckpointError
 from src.core.logging import MetricsLogger, setup_logging
@@ -47,9 +47,11 @@ def build_task(cfg: TransferConfig) -> tuple[TrainTask, dict]:
     model, tokenizer = build_model_and_tokenizer(cfg.model, label_names)
     train_set = build_dataset(tokenizer, splits["train"], cfg.model)
     val_set = build_dataset(tokenizer, splits["val"], cfg.model) if "val" in splits else None
-    cross_entropy = nn.CrossEntropyLoss()
+    cross_entropy = nn.CrossEntropyLoss(reduction="sum")
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
+        # Summed over documents; the engine divides by the documents of the whole step
+        # (a short last micro-batch then weighs per document, as in one big batch).
         return cross_entropy(document_logits(model, batch), batch["labels"])
 
     def eval_step(model: nn.Module, batch: dict) -> dict[str, list]:
@@ -91,6 +93,7 @@ def build_task(cfg: TransferConfig) -> tuple[TrainTask, dict]:
         extra_state=extra_state,
         check_resume=check_resume,
         count_tokens=lambda batch: int(batch["attention_mask"].sum()),
+        count_items=lambda batch: int(batch["labels"].shape[0]),
         # Batches of documents of similar length: far less padding than random batches.
         example_lengths=[sum(len(w) for w in windows) for windows in train_set.windows],
     )
@@ -125,8 +128,13 @@ def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> di
     if task.val_dataset is None:
         # No validation set: the last weights are the best model there is (and replace
         # any best_model.pt an earlier run left in this folder).
+        # The engine's last checkpoint holds the full state dict (gathered under FSDP), which
+        # task.model, the unwrapped module, need not (its parameters may be shards).
+        final = load_checkpoint(result.last_checkpoint, kind=CHECKPOINT_KIND)["model"] if result.last_checkpoint else None
+        if final is None:
+            raise CheckpointError(f"{checkpoint_dir}: training wrote no checkpoint to take the final weights from")
         save_checkpoint(
-            {"kind": CHECKPOINT_KIND, "model": task.model.state_dict(), "config": config_to_dict(cfg),
+            {"kind": CHECKPOINT_KIND, "model": final, "config": config_to_dict(cfg),
              "extra": task.extra_state, "metrics": {}, "step": result.global_step, "epoch": result.epochs_completed},
             best_path,
         )
@@ -137,7 +145,8 @@ def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> di
     if result.best_metric is not None:
         metrics["best_val_macro_f1"] = result.best_metric
     if "test" in splits:
-        report = evaluate_on_test(best_path, splits["train"].labels, splits["test"], task.extra_state["label_names"], cfg)
+        report = evaluate_on_test(best_path, splits["train"].labels, splits["test"], task.extra_state["label_names"], cfg,
+                                  train=splits["train"], val=splits.get("val"))
         outputs["test_metrics"] = str(atomic_write_json(log_dir / TEST_METRICS_FILE, report))
         outputs["confusion_matrix"] = str(
             plot_confusion_matrix(
@@ -150,6 +159,9 @@ def run(cfg: TransferConfig, resume: bool = False, evaluate: bool = False) -> di
             "test_macro_f1": report["macro_f1"],
             "majority_accuracy": report["majority_baseline"]["accuracy"],
             "majority_macro_f1": report["majority_baseline"]["macro_f1"],
+            "tfidf_accuracy": report["tfidf_baseline"]["accuracy"],
+            "tfidf_macro_f1": report["tfidf_baseline"]["macro_f1"],
+            "margin_over_tfidf_macro_f1": report["margin_over_tfidf"]["macro_f1"],
         })
         metrics_logger = MetricsLogger(log_dir, "transfer", use_tensorboard=cfg.system.use_tensorboard,
                                        use_wandb=cfg.system.use_wandb, wandb_project=cfg.system.wandb_project)

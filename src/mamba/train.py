@@ -23,8 +23,8 @@ from src.core.runtime import seed_everything
 from src.data.readers import read_documents
 from src.mamba.config import MambaTrainConfig
 from src.mamba.data import TokenWindows, collate_windows, pack_documents
-from src.mamba.evaluate import unigram_cross_entropy
-from src.mamba.loss import IGNORE_INDEX, token_cross_entropy
+from src.mamba.evaluate import kneser_ney_cross_entropy, unigram_cross_entropy
+from src.mamba.loss import IGNORE_INDEX
 from src.mamba.model import MambaArgs, MambaLM
 from src.mamba.pretrained import load_pretrained, resolve_folder, yaml_overrides
 from src.mamba.tokenizer import MambaTokenizer
@@ -117,10 +117,12 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
     train_set = TokenWindows(train_stream, cfg.model.max_length, tokenizer.pad_id)
     val_set = TokenWindows(val_stream, cfg.model.max_length, tokenizer.pad_id)
     unigram_loss = unigram_cross_entropy(train_stream, val_stream[1:], tokenizer.vocab_size)
+    kn3_loss = kneser_ney_cross_entropy(train_stream, val_stream, tokenizer.vocab_size)
     log.info(
-        "train: %d documents, %d tokens, %d windows of %d | val: %d documents, %d tokens | unigram val loss %.4f (ppl %.1f)",
+        "train: %d documents, %d tokens, %d windows of %d | val: %d documents, %d tokens | unigram val loss %.4f (ppl %.1f)"
+        " | Kneser-Ney 3-gram val loss %.4f (ppl %.1f)",
         len(train_docs), train_stream.numel(), len(train_set), cfg.model.max_length, len(val_docs),
-        val_stream.numel(), unigram_loss, math.exp(unigram_loss),
+        val_stream.numel(), unigram_loss, math.exp(unigram_loss), kn3_loss, math.exp(kn3_loss),
     )
 
     seed_everything(cfg.system.seed)
@@ -138,18 +140,22 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
         if checkpoint_extra.get("model_args") != args.to_dict():
             raise CheckpointError("the checkpoint's architecture differs from the config's")
 
+    def count_labels(batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
     def loss_fn(m, batch):
-        return m(batch["input_ids"], labels=batch["labels"]).loss
+        # The model's loss is the mean over the batch's labels; the engine wants the sum (it
+        # divides by the labels of the whole optimizer step: a padded last window weighs per token).
+        labels = batch["labels"]
+        return m(batch["input_ids"], labels=labels).loss * (labels != IGNORE_INDEX).sum()
 
     def eval_step(m, batch):
-        hidden = m(batch["input_ids"], compute_logits=False).hidden_states
+        # Through the (possibly wrapped) model's forward, never a weight read off the unwrapped
+        # model: under FSDP the LM head is sharded outside forward.
         labels = batch["labels"]
-        weight = model.lm_head.weight  # the unwrapped model's (same tensor under DDP)
-        losses = token_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
-        return {
-            "loss_sum": losses.view(labels.shape).sum(1).tolist(),
-            "tokens": (labels != IGNORE_INDEX).sum(1).tolist(),
-        }
+        tokens = count_labels(batch)
+        loss = m(batch["input_ids"], labels=labels).loss
+        return {"loss_sum": [float(loss) * tokens], "tokens": [tokens]}
 
     def compute_metrics(outputs: dict[str, list]) -> dict[str, float]:
         val_loss = sum(outputs["loss_sum"]) / max(1, sum(outputs["tokens"]))
@@ -158,6 +164,8 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
             "val_perplexity": math.exp(min(val_loss, 50.0)),
             "unigram_val_loss": unigram_loss,
             "unigram_val_perplexity": math.exp(unigram_loss),
+            "kn3_val_loss": kn3_loss,
+            "kn3_val_perplexity": math.exp(kn3_loss),
         }
 
     task = TrainTask(
@@ -176,7 +184,8 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
             "max_length": cfg.model.max_length,
         },
         check_resume=check_resume,
-        count_tokens=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),
+        count_tokens=count_labels,
+        count_items=count_labels,
     )
     facts = {
         "tokenizer": tokenizer,
@@ -185,6 +194,7 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
         "train_windows": len(train_set),
         "parameters": model.num_parameters(),
         "unigram_val_loss": unigram_loss,
+        "kn3_val_loss": kn3_loss,
     }
     return task, facts
 

@@ -72,12 +72,14 @@ TRAIN_STAGES: dict[str, TrainStage] = {
         TrainStage(
             "train_mamba", "mamba", "mamba_train.yaml", "src.scripts.train_mamba",
             "src.mamba.config:MambaTrainConfig",
-            key_metrics=(("best_val_perplexity", "val ppl"), ("unigram_val_perplexity", "unigram ppl"), ("best_val_loss", "val loss")),
+            key_metrics=(("best_val_perplexity", "val ppl"), ("kn3_val_perplexity", "3-gram ppl"),
+                         ("unigram_val_perplexity", "unigram ppl"), ("best_val_loss", "val loss")),
         ),
         TrainStage(
             "train_transformer", "transformer", "transfer_train.yaml", "src.scripts.train_transfer",
             "src.classifier.config:TransferConfig",
-            key_metrics=(("test_macro_f1", "test macro-F1"), ("majority_macro_f1", "majority"), ("best_val_macro_f1", "val macro-F1")),
+            key_metrics=(("test_macro_f1", "test macro-F1"), ("tfidf_macro_f1", "TF-IDF"), ("majority_macro_f1", "majority"),
+                         ("best_val_macro_f1", "val macro-F1")),
         ),
         TrainStage(
             "build_rag", "rag", "rag_indexer.yaml", "src.scripts.train_rag_indexer", "src.rag.config:RagConfig",

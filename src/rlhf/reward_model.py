@@ -94,6 +94,19 @@ def pairwise_loss(model: RewardModel, batch: dict[str, torch.Tensor]) -> torch.T
     return -F.logsigmoid(chosen - rejected).mean()
 
 
+def pairwise_loss_sum(model: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bradley-Terry loss summed over the pairs of ``batch``; the engine divides by the pairs
+    of the whole optimizer step (:func:`count_pairs`)."""
+    scores = model(batch["input_ids"], batch["lengths"])
+    chosen, rejected = scores.chunk(2)
+    return -F.logsigmoid(chosen - rejected).sum()
+
+
+def count_pairs(batch: dict[str, torch.Tensor]) -> int:
+    """Preference pairs in ``batch`` (chosen rows first, then as many rejected rows)."""
+    return int(batch["input_ids"].shape[0]) // 2
+
+
 def _eval_step(model: RewardModel, batch: dict[str, torch.Tensor]) -> dict[str, list]:
     chosen, rejected = model(batch["input_ids"], batch["lengths"]).chunk(2)
     return {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
@@ -154,7 +167,8 @@ def train_reward_model(
         train_dataset=train_set,
         val_dataset=val_set,
         collate_fn=lambda items: collate_preferences(items, pad_id),
-        loss_fn=pairwise_loss,
+        loss_fn=pairwise_loss_sum,
+        count_items=count_pairs,
         eval_step=_eval_step,
         compute_metrics=pairwise_metrics,
         # Held-out Bradley-Terry loss picks the best checkpoint: on a few hundred pairs it is a

@@ -38,6 +38,21 @@ def response_loss(model: MambaLM, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def response_loss_sum(model: MambaLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the response tokens of ``batch``: the engine
+    divides by the response tokens of the whole optimizer step (:func:`count_response_tokens`),
+    so responses of different lengths weigh per token, however they fall into micro-batches."""
+    logits = model(batch["input_ids"]).logits
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def count_response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The items :func:`response_loss_sum` sums over: labelled (response) tokens."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 def _eval_step(model: MambaLM, batch: dict[str, torch.Tensor]) -> dict[str, list]:
     logits = model(batch["input_ids"]).logits
     labels = batch["labels"]
@@ -95,12 +110,13 @@ def train_sft(
         train_dataset=train_set,
         val_dataset=val_set,
         collate_fn=lambda items: collate_sft(items, pad_id),
-        loss_fn=response_loss,
+        loss_fn=response_loss_sum,
+        count_items=count_response_tokens,
         eval_step=_eval_step,
         compute_metrics=_metrics,
         extra_state={**lm_extra(model, tokenizer), "inputs": dict(stage.inputs)},
         check_resume=check_resume,
-        count_tokens=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),
+        count_tokens=count_response_tokens,
         example_lengths=train_set.lengths(),
     )
     result = fit(task, stage, resume=resume)

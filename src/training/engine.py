@@ -55,7 +55,16 @@ Batch = Any
 class TrainTask:
     """What a component gives the engine: its model, data and the parts that are its own.
 
-    ``loss_fn(model, batch)`` returns the mean loss of the batch (a scalar tensor).
+    ``loss_fn(model, batch)`` returns the loss of the batch (a scalar tensor): with
+    ``count_items`` its SUM over the batch's items, otherwise its mean.
+    ``count_items(batch)`` (optional) is the number of items the loss is summed over (label
+    tokens, preference pairs, documents). With it, every optimizer step's loss is the sum over
+    all its micro-batches and processes divided by the global number of items, counted and
+    all-reduced before the first backward pass (Hugging Face's ``num_items_in_batch``): so
+    gradient accumulation and N processes give exactly the gradient of one big batch even
+    when micro-batches hold different numbers of items (padded windows, responses of
+    different lengths). Without it the engine averages the micro-batch means, which is exact
+    only when every micro-batch has the same number of items.
     ``eval_step(model, batch)`` returns a dict of lists (e.g. per-example losses, predictions);
     the engine concatenates them over all batches and processes and hands them to
     ``compute_metrics``, which returns the validation metrics (``{"val_loss": ...}``).
@@ -78,6 +87,7 @@ class TrainTask:
     extra_state: dict[str, Any] = field(default_factory=dict)
     check_resume: Callable[[dict[str, Any]], None] | None = None
     count_tokens: Callable[[Batch], int] | None = None
+    count_items: Callable[[Batch], int] | None = None
     kind: str | None = None  # checkpoint "kind"; defaults to name
     example_lengths: list[int] | None = None
 
@@ -276,6 +286,21 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         total_steps = min(total_steps, tcfg.max_steps)
     warmup = tcfg.warmup_steps or int(tcfg.warmup_ratio * total_steps)
 
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_step": None}
+    last_checkpoint: Path | None = None
+    ckpt = None
+    if resume:
+        last_checkpoint = find_latest_checkpoint(ckpt_dir)
+        if last_checkpoint is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+        else:
+            ckpt = load_checkpoint(last_checkpoint, kind=kind)
+            if task.check_resume is not None:
+                task.check_resume(ckpt.get("extra", {}))
+            # Into the plain module, before accelerator.prepare wraps it: a full state dict
+            # cannot be loaded into FSDP's sharded (flattened) parameters afterwards.
+            load_state_dict_checked(task.model, ckpt["model"], last_checkpoint)
+
     model = task.model
     optimizer = build_optimizer(model, tcfg.learning_rate, tcfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -283,27 +308,16 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
         lr_lambda(tcfg.lr_scheduler, warmup, total_steps),
     )
-
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_step": None}
-    last_checkpoint: Path | None = None
-    if resume:
-        latest = find_latest_checkpoint(ckpt_dir)
-        if latest is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        else:
-            ckpt = load_checkpoint(latest, kind=kind)
-            if task.check_resume is not None:
-                task.check_resume(ckpt.get("extra", {}))
-            load_state_dict_checked(accelerator.unwrap_model(model), ckpt["model"], latest)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if accelerator.scaler is not None and ckpt.get("scaler"):
-                accelerator.scaler.load_state_dict(ckpt["scaler"])
-            rng = ckpt["rng"]
-            restore_rng_state(rng[rank] if len(rng) == world else rng[0])
-            state.update(ckpt["progress"])
-            last_checkpoint = latest
-            log.info("resumed from %s at epoch %d, step %d", latest, state["epoch"] + 1, state["step"])
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if accelerator.scaler is not None and ckpt.get("scaler"):
+            accelerator.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        restore_rng_state(rng[rank] if len(rng) == world else rng[0])
+        state.update(ckpt["progress"])
+        log.info("resumed from %s at epoch %d, step %d", last_checkpoint, state["epoch"] + 1, state["step"])
+        del ckpt
 
     # Only now, after a checkpoint refused on resume could have stopped the run: nothing is overwritten before.
     if is_main:
@@ -403,22 +417,18 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         epoch = state["epoch"]
         start = state["batch_in_epoch"]
         loader = _loader(task.train_dataset, sampler_for(epoch, start), task.collate_fn, scfg.num_workers, scfg.seed + epoch)
+        group: list[Batch] = []
         for batch_idx, batch in enumerate(loader, start=start):
-            batch = _move(batch, accelerator.device)
             group_start = (batch_idx // accum) * accum
             group_size = min(accum, batches_per_epoch - group_start)
-            is_update = batch_idx + 1 == group_start + group_size
-            sync = nullcontext() if is_update or world == 1 else accelerator.no_sync(model)
-            with sync:
-                with accelerator.autocast():
-                    loss = task.loss_fn(model, batch)
-                accelerator.backward(loss / group_size)
-            window_loss += loss.detach().float().item()
-            window_count += 1
-            if task.count_tokens is not None:
-                window_tokens += task.count_tokens(batch)
-            if not is_update:
-                continue
+            group.append(batch)
+            if batch_idx + 1 != group_start + group_size:
+                continue  # the whole optimizer step's micro-batches first: their item count scales the loss
+            step_loss, step_weight, step_tokens = _accumulate_gradients(task, model, accelerator, group, world)
+            group = []
+            window_loss += step_loss
+            window_count += step_weight
+            window_tokens += step_tokens
             grad_norm = None
             if tcfg.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
@@ -430,7 +440,7 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
             progress.update(1)
             if state["step"] % tcfg.log_steps == 0 or state["step"] == total_steps:
                 elapsed = max(1e-9, time.perf_counter() - window_start)
-                loss_value = _mean_across(accelerator, window_loss / window_count)
+                loss_value = _window_loss(accelerator, task, window_loss, window_count)
                 record = {"epoch": epoch + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -478,6 +488,54 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         epochs_completed=state["epoch"],
         history=history,
     )
+
+
+def _accumulate_gradients(task: TrainTask, model, accelerator, group: list[Batch], world: int) -> tuple[float, float, int]:
+    """Forward and backward passes over the micro-batches ``group`` of one optimizer step.
+
+    With ``task.count_items``: the items of all micro-batches of all processes are counted
+    and summed across processes first, and each micro-batch's summed loss is scaled by
+    ``world / global_items`` (DDP/FSDP average gradients over processes, hence ``world``), so
+    the accumulated gradient is that of the global summed loss over the global item count.
+    Without it: each micro-batch mean is divided by the number of micro-batches.
+
+    Returns (this process's loss sum or sum of means, its item count or number of
+    micro-batches, its token count for throughput).
+    """
+    tokens = sum(task.count_tokens(b) for b in group) if task.count_tokens is not None else 0
+    if task.count_items is not None:
+        local_items = sum(int(task.count_items(b)) for b in group)
+        global_items = _sum_across(accelerator, float(local_items))
+        scale = world / max(1.0, global_items)
+    else:
+        local_items, scale = len(group), 1.0 / len(group)
+    loss_total = 0.0
+    for i, batch in enumerate(group):
+        batch = _move(batch, accelerator.device)
+        last = i == len(group) - 1
+        sync = nullcontext() if last or world == 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss = task.loss_fn(model, batch)
+            accelerator.backward(loss * scale)
+        loss_total += loss.detach().float().item()
+    return loss_total, float(local_items), tokens
+
+
+def _window_loss(accelerator, task: TrainTask, loss_total: float, weight: float) -> float:
+    """The logged training loss of a window of steps: item-weighted over all processes with
+    ``count_items`` (summed losses / summed items), else the mean of the micro-batch means."""
+    if task.count_items is not None:
+        return _sum_across(accelerator, loss_total) / max(1.0, _sum_across(accelerator, weight))
+    return _mean_across(accelerator, loss_total / weight)
+
+
+def _sum_across(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    # float64: item counts and loss sums must add up exactly whatever the order of processes
+    tensor = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").item()
 
 
 def _mean_across(accelerator, value: float) -> float:

@@ -218,7 +218,7 @@ def _numeric_items(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str,
 
 
 def classifier_tables(report: dict[str, Any]) -> str:
-    """``test_metrics.json``: headline numbers vs the majority baseline, then per class."""
+    """``test_metrics.json``: headline numbers vs the TF-IDF and majority baselines, then per class."""
     base = report.get("majority_baseline") or {}
     lines = [
         f"Test set: {report.get('num_examples', '?')} documents ({report.get('test_file', '')}).",
@@ -226,6 +226,8 @@ def classifier_tables(report: dict[str, Any]) -> str:
         markdown_table(
             ["model", "accuracy", "macro-F1"],
             [["fine-tuned classifier", report.get("accuracy"), report.get("macro_f1")],
+             *([["TF-IDF 1-2-grams + logistic regression", report["tfidf_baseline"].get("accuracy"),
+                 report["tfidf_baseline"].get("macro_f1")]] if report.get("tfidf_baseline") else []),
              [f"majority baseline ({base.get('label', '')})", base.get("accuracy"), base.get("macro_f1")]],
         ),
     ]

@@ -81,6 +81,13 @@ def test_training_writes_the_spec_outputs_and_beats_the_majority_baseline(traine
     best = load_checkpoint(ckpt / "best_model.pt", kind="transfer")
     assert best["metrics"]["macro_f1"] == pytest.approx(max(r["macro_f1"] for r in evals), abs=1e-6)
     assert "majority baseline" in (logs / "train.log").read_text()
+    # the cheap strong baseline, on the same splits, with the margin over it
+    tfidf = report["tfidf_baseline"]
+    assert tfidf["macro_f1"] == pytest.approx(metrics["tfidf_macro_f1"]) and tfidf["macro_f1"] > metrics["majority_macro_f1"] + 0.2
+    assert tfidf["C"] in (0.3, 1.0, 3.0, 10.0, 30.0) and tfidf["val_macro_f1"] is not None
+    assert report["margin_over_tfidf"]["macro_f1"] == pytest.approx(report["macro_f1"] - tfidf["macro_f1"])
+    assert metrics["margin_over_tfidf_macro_f1"] == pytest.approx(report["margin_over_tfidf"]["macro_f1"])
+    assert "TF-IDF + logistic regression" in (logs / "train.log").read_text()
 
 
 def test_best_model_loads_alone_in_a_fresh_process(trained, tmp_path):

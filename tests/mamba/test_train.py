@@ -81,6 +81,10 @@ def test_training_writes_every_output_and_beats_the_unigram_baseline(trained):
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-6)
     assert metrics["best_val_loss"] == pytest.approx(min(e["val_loss"] for e in evals), abs=1e-5)
     assert metrics["val_perplexity"] < metrics["unigram_val_perplexity"]
+    # the count-based 3-gram is reported beside it, and is the stronger of the two baselines
+    assert metrics["kn3_val_perplexity"] == pytest.approx(math.exp(metrics["kn3_val_loss"]), rel=1e-9)
+    assert metrics["kn3_val_perplexity"] < metrics["unigram_val_perplexity"]
+    assert all("kn3_val_perplexity" in e for e in evals)
     assert metrics["val_loss"] < math.log(metrics["vocab_size"]) - 1.0
     assert summary["outputs"]["best_model"] == str(ckpt / "best_model.pt")
     assert Path(summary["outputs"]["train_log"]).is_file()

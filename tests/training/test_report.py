@@ -56,6 +56,7 @@ def test_report_of_the_tiny_pipeline_has_curves_and_every_evaluation_table(tiny_
         assert png.read_bytes()[:8] == PNG, name
         assert f"]({png.name})" in text
     assert "| fine-tuned classifier |" in text and "majority baseline" in text         # classifier test_metrics.json
+    assert "| TF-IDF 1-2-grams + logistic regression |" in text                      # ... and its strong baseline
     assert "| mode | recall@1 | recall@5 |" in text and "| bm25 |" in text            # RAG eval_metrics.json by mode
     assert "| strategy | mean_reward |" in text and "| trained |" in text              # RL eval_metrics.json
     assert "| ppo_win_rate_vs_sft |" in text                                          # RLHF evaluation.json
