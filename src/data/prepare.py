@@ -11,7 +11,8 @@ format MARK trains on (see ``data/README.md`` for what each file holds):
     classification_{train,val,test}.jsonl {text, label}          docstring -> module topic
     labels.json                         ordered label names
     rag_eval.jsonl                      {query, relevant_docs}   question -> module document
-    sft_{train,val,test}.jsonl          {prompt, response}       "What does X do?" -> summary
+    sft_{train,val,test}.jsonl          {prompt, response}       "What does X do?" -> summary, and
+                                                                 grounded "Context: ... Question: ... Answer:" -> summary
     preferences_{train,val,test}.jsonl  {prompt, chosen, rejected}
     manifest.json                       generator/Python version, per-file counts and sha256
 
@@ -44,6 +45,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from src.core.cli import run_cli
 from src.core.errors import DataError
 from src.core.logging import get_logger, setup_logging
+from src.data.prompts import Passage, grounded_prompt, select_passages
 from src.data.readers import (
     ClassificationExample,
     Document,
@@ -59,7 +61,7 @@ from src.data.readers import (
 )
 
 # Bump when the output for a given Python changes, so existing data is rebuilt.
-GENERATOR_VERSION = 2  # 2: sft/preferences test splits
+GENERATOR_VERSION = 3  # 2: sft/preferences test splits; 3: retrieval-grounded SFT/preference examples
 SOURCE = "python-stdlib-docstrings"
 
 # The classification labels, in index order.
@@ -150,6 +152,9 @@ MAX_RAG_QUERIES = 400
 MAX_SFT_EXAMPLES = 1500
 SFT_VAL_FRACTION = 0.1  # val: selects checkpoints and tunes settings
 SFT_TEST_FRACTION = 0.1  # test: reported, and nothing else
+GROUNDED_EVERY = 3  # about one entry in 3 also gets a retrieval-grounded example
+MAX_GROUNDED_EXAMPLES = 500
+MAX_GROUNDED_SECTION_CHARS = 400  # only short sections: the prompt stays within the RLHF prompt budget
 GENERIC_ANSWERS = (
     "It is part of the Python standard library.",
     "It does what its name says.",
@@ -625,6 +630,53 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
         out[f"preferences_{split}"].append(
             {"prompt": prompt, "chosen": summary, "rejected": _rejected_answer(entry, summary, pools)}
         )
+    # Grounded examples after the plain ones, in the split of their answer (the same summary).
+    for entry, prompt, summary in grounded_examples(entries):
+        split = split_of[summary]
+        out[f"sft_{split}"].append({"prompt": prompt, "response": summary})
+        out[f"preferences_{split}"].append(
+            {"prompt": prompt, "chosen": summary, "rejected": _rejected_answer(entry, summary, pools)}
+        )
+    return out
+
+
+def _section(entry: ApiEntry) -> str:
+    # The entry's part of its module's document (build_documents), as a RAG chunk of it reads.
+    return f"## {entry.heading}\n\n{entry.doc}"
+
+
+def grounded_examples(entries: Sequence[tuple[ApiEntry, str, str]]) -> list[tuple[ApiEntry, str, str]]:
+    """``(entry, grounded prompt, summary)`` for about one in ``GROUNDED_EVERY`` of ``entries``
+    (``(entry, prompt, summary)``) whose documentation section is short: a user's question
+    (as in rag_eval) with, as context, the entry's section of its module's document, after or
+    before (by hash) a same-kind entry's section from another module. The prompt is made by
+    :func:`src.data.prompts.grounded_prompt` from :func:`select_passages`, exactly as the
+    server's ``/query`` and the LangChain graph make theirs; the answer is the entry's summary.
+
+    The passages come from the documents, not a FAISS index, so data preparation needs no
+    trained encoder and stays fast and deterministic."""
+    short = [e for e in entries if len(_section(e[0])) <= MAX_GROUNDED_SECTION_CHARS]
+    ordered = sorted(short, key=lambda e: e[0].full_name)
+    out = []
+    for entry, _, summary in _by_hash(short, key=lambda e: "grounded:" + e[0].full_name):
+        roll = _stable_hash("grounded:" + entry.full_name)
+        if roll % GROUNDED_EVERY:
+            continue
+        # The distractor: the next short entry (in name order, from the hashed start) of another module.
+        start = roll % len(ordered)
+        distractor = next(
+            (o for o, _, s in (ordered[(start + k) % len(ordered)] for k in range(len(ordered)))
+             if o.module != entry.module and s != summary),
+            None,
+        )
+        passages = [Passage(entry.module, _section(entry))]
+        if distractor is not None:
+            other = Passage(distractor.module, _section(distractor))
+            passages = passages + [other] if (roll >> 8) % 2 else [other] + passages
+        question = _query_from_summary(entry, _first_sentence(summary))
+        out.append((entry, grounded_prompt(question, select_passages(passages)), summary))
+        if len(out) >= MAX_GROUNDED_EXAMPLES:
+            break
     return out
 
 
