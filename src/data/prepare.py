@@ -597,7 +597,9 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
     ``rejected`` is, for about 80%, the summary of an entry of the same kind from another
     module (plausible but wrong), for about 10% the right summary cut short, and for about
     10% a generic non-answer. Splits are train/val/test 80/10/10 by answer (in hashed-name
-    order): a prompt and its chosen answer are in exactly one split.
+    order): a prompt and its chosen answer are in exactly one split. About one entry in
+    ``GROUNDED_EVERY`` also gets a retrieval-grounded example (:func:`grounded_examples`)
+    with the same answer and rejected answer, right after its plain one and in its split.
     """
     entries = []
     seen_prompts: set[str] = set()
@@ -624,19 +626,16 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
         for rank, summary in enumerate(summaries)
     }
     out: dict[str, list[dict]] = {f"{kind}_{split}": [] for kind in ("sft", "preferences") for split in ("train", "val", "test")}
+    # An entry's grounded example follows its plain one, in the split of its answer (the same
+    # summary), so a file's first N examples (max_train_examples) hold both kinds.
+    grounded = {entry.full_name: prompt for entry, prompt, _ in grounded_examples(entries)}
     for entry, prompt, summary in entries:
         split = split_of[summary]
-        out[f"sft_{split}"].append({"prompt": prompt, "response": summary})
-        out[f"preferences_{split}"].append(
-            {"prompt": prompt, "chosen": summary, "rejected": _rejected_answer(entry, summary, pools)}
-        )
-    # Grounded examples after the plain ones, in the split of their answer (the same summary).
-    for entry, prompt, summary in grounded_examples(entries):
-        split = split_of[summary]
-        out[f"sft_{split}"].append({"prompt": prompt, "response": summary})
-        out[f"preferences_{split}"].append(
-            {"prompt": prompt, "chosen": summary, "rejected": _rejected_answer(entry, summary, pools)}
-        )
+        rejected = _rejected_answer(entry, summary, pools)
+        for p in (prompt, grounded.get(entry.full_name)):
+            if p is not None:
+                out[f"sft_{split}"].append({"prompt": p, "response": summary})
+                out[f"preferences_{split}"].append({"prompt": p, "chosen": summary, "rejected": rejected})
     return out
 
 
