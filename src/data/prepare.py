@@ -590,7 +590,7 @@ def _sft_prompt(entry: ApiEntry) -> str:
     return f"What does {entry.full_name} do?"
 
 
-def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[dict]]:
+def build_sft_and_preferences(modules: Sequence[ModuleDoc], document_ids: set[str] | None = None) -> dict[str, list[dict]]:
     """SFT pairs ("What does json.dumps do?" -> its summary) and preference triples.
 
     The preference prompts are the SFT prompts. ``chosen`` is the right summary;
@@ -628,7 +628,7 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
     out: dict[str, list[dict]] = {f"{kind}_{split}": [] for kind in ("sft", "preferences") for split in ("train", "val", "test")}
     # An entry's grounded example follows its plain one, in the split of its answer (the same
     # summary), so a file's first N examples (max_train_examples) hold both kinds.
-    grounded = {entry.full_name: prompt for entry, prompt, _ in grounded_examples(entries)}
+    grounded = {entry.full_name: prompt for entry, prompt, _ in grounded_examples(entries, document_ids)}
     for entry, prompt, summary in entries:
         split = split_of[summary]
         rejected = _rejected_answer(entry, summary, pools)
@@ -644,7 +644,7 @@ def _section(entry: ApiEntry) -> str:
     return f"## {entry.heading}\n\n{entry.doc}"
 
 
-def grounded_examples(entries: Sequence[tuple[ApiEntry, str, str]]) -> list[tuple[ApiEntry, str, str]]:
+def grounded_examples(entries: Sequence[tuple[ApiEntry, str, str]], document_ids: set[str] | None = None) -> list[tuple[ApiEntry, str, str]]:
     """``(entry, grounded prompt, summary)`` for about one in ``GROUNDED_EVERY`` of ``entries``
     (``(entry, prompt, summary)``) whose documentation section is short: a user's question
     (as in rag_eval) with, as context, the entry's section of its module's document, after or
@@ -653,8 +653,10 @@ def grounded_examples(entries: Sequence[tuple[ApiEntry, str, str]]) -> list[tupl
     server's ``/query`` and the LangChain graph make theirs; the answer is the entry's summary.
 
     The passages come from the documents, not a FAISS index, so data preparation needs no
-    trained encoder and stays fast and deterministic."""
-    short = [e for e in entries if len(_section(e[0])) <= MAX_GROUNDED_SECTION_CHARS]
+    trained encoder and stays fast and deterministic. ``document_ids``: the modules that have a
+    document (and so RAG chunks); passages come only from those."""
+    short = [e for e in entries if len(_section(e[0])) <= MAX_GROUNDED_SECTION_CHARS
+             and (document_ids is None or e[0].module in document_ids)]
     ordered = sorted(short, key=lambda e: e[0].full_name)
     out = []
     for entry, _, summary in _by_hash(short, key=lambda e: "grounded:" + e[0].full_name):
@@ -748,7 +750,7 @@ def build_sample_data() -> tuple[dict[str, bytes], dict[str, Any]]:
     lm_train, lm_val = split_lm_documents(documents)
     classification = build_classification(modules)
     rag_eval = build_rag_eval(modules, {d["id"] for d in documents})
-    sft_and_preferences = build_sft_and_preferences(modules)
+    sft_and_preferences = build_sft_and_preferences(modules, {d["id"] for d in documents})
 
     records: dict[str, list[dict]] = {
         "documents": documents,
