@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from src.api.batching import MicroBatcher
 from src.api.generation import GenerationParams, GenerationResult, GenerationWorker
-from src.api.prompts import ANSWER_STOP, Passage, grounded_prompt, select_passages
+from src.data.prompts import ANSWER_STOP, Passage, grounded_prompt, select_passages
 from src.api.registry import LANGUAGE_MODELS, ModelRegistry
 from src.core.errors import NotTrainedError
 

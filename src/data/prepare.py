@@ -11,7 +11,8 @@ format MARK trains on (see ``data/README.md`` for what each file holds):
     classification_{train,val,test}.jsonl {text, label}          docstring -> module topic
     labels.json                         ordered label names
     rag_eval.jsonl                      {query, relevant_docs}   question -> module document
-    sft_{train,val,test}.jsonl          {prompt, response}       "What does X do?" -> summary
+    sft_{train,val,test}.jsonl          {prompt, response}       "What does X do?" -> summary, and
+                                                                 grounded "Context: ... Question: ... Answer:" -> summary
     preferences_{train,val,test}.jsonl  {prompt, chosen, rejected}
     manifest.json                       generator/Python version, per-file counts and sha256
 
@@ -44,6 +45,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from src.core.cli import run_cli
 from src.core.errors import DataError
 from src.core.logging import get_logger, setup_logging
+from src.data.prompts import Passage, grounded_prompt, select_passages
 from src.data.readers import (
     ClassificationExample,
     Document,
@@ -59,7 +61,7 @@ from src.data.readers import (
 )
 
 # Bump when the output for a given Python changes, so existing data is rebuilt.
-GENERATOR_VERSION = 2  # 2: sft/preferences test splits
+GENERATOR_VERSION = 3  # 2: sft/preferences test splits; 3: retrieval-grounded SFT/preference examples
 SOURCE = "python-stdlib-docstrings"
 
 # The classification labels, in index order.
@@ -150,6 +152,9 @@ MAX_RAG_QUERIES = 400
 MAX_SFT_EXAMPLES = 1500
 SFT_VAL_FRACTION = 0.1  # val: selects checkpoints and tunes settings
 SFT_TEST_FRACTION = 0.1  # test: reported, and nothing else
+GROUNDED_EVERY = 3  # about one entry in 3 also gets a retrieval-grounded example
+MAX_GROUNDED_EXAMPLES = 500
+MAX_GROUNDED_SECTION_CHARS = 400  # only short sections: the prompt stays within the RLHF prompt budget
 GENERIC_ANSWERS = (
     "It is part of the Python standard library.",
     "It does what its name says.",
@@ -585,14 +590,16 @@ def _sft_prompt(entry: ApiEntry) -> str:
     return f"What does {entry.full_name} do?"
 
 
-def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[dict]]:
+def build_sft_and_preferences(modules: Sequence[ModuleDoc], document_ids: set[str] | None = None) -> dict[str, list[dict]]:
     """SFT pairs ("What does json.dumps do?" -> its summary) and preference triples.
 
     The preference prompts are the SFT prompts. ``chosen`` is the right summary;
     ``rejected`` is, for about 80%, the summary of an entry of the same kind from another
     module (plausible but wrong), for about 10% the right summary cut short, and for about
     10% a generic non-answer. Splits are train/val/test 80/10/10 by answer (in hashed-name
-    order): a prompt and its chosen answer are in exactly one split.
+    order): a prompt and its chosen answer are in exactly one split. About one entry in
+    ``GROUNDED_EVERY`` also gets a retrieval-grounded example (:func:`grounded_examples`)
+    with the same answer and rejected answer, right after its plain one and in its split.
     """
     entries = []
     seen_prompts: set[str] = set()
@@ -619,12 +626,58 @@ def build_sft_and_preferences(modules: Sequence[ModuleDoc]) -> dict[str, list[di
         for rank, summary in enumerate(summaries)
     }
     out: dict[str, list[dict]] = {f"{kind}_{split}": [] for kind in ("sft", "preferences") for split in ("train", "val", "test")}
+    # An entry's grounded example follows its plain one, in the split of its answer (the same
+    # summary), so a file's first N examples (max_train_examples) hold both kinds.
+    grounded = {entry.full_name: prompt for entry, prompt, _ in grounded_examples(entries, document_ids)}
     for entry, prompt, summary in entries:
         split = split_of[summary]
-        out[f"sft_{split}"].append({"prompt": prompt, "response": summary})
-        out[f"preferences_{split}"].append(
-            {"prompt": prompt, "chosen": summary, "rejected": _rejected_answer(entry, summary, pools)}
+        rejected = _rejected_answer(entry, summary, pools)
+        for p in (prompt, grounded.get(entry.full_name)):
+            if p is not None:
+                out[f"sft_{split}"].append({"prompt": p, "response": summary})
+                out[f"preferences_{split}"].append({"prompt": p, "chosen": summary, "rejected": rejected})
+    return out
+
+
+def _section(entry: ApiEntry) -> str:
+    # The entry's part of its module's document (build_documents), as a RAG chunk of it reads.
+    return f"## {entry.heading}\n\n{entry.doc}"
+
+
+def grounded_examples(entries: Sequence[tuple[ApiEntry, str, str]], document_ids: set[str] | None = None) -> list[tuple[ApiEntry, str, str]]:
+    """``(entry, grounded prompt, summary)`` for about one in ``GROUNDED_EVERY`` of ``entries``
+    (``(entry, prompt, summary)``) whose documentation section is short: a user's question
+    (as in rag_eval) with, as context, the entry's section of its module's document, after or
+    before (by hash) a same-kind entry's section from another module. The prompt is made by
+    :func:`src.data.prompts.grounded_prompt` from :func:`select_passages`, exactly as the
+    server's ``/query`` and the LangChain graph make theirs; the answer is the entry's summary.
+
+    The passages come from the documents, not a FAISS index, so data preparation needs no
+    trained encoder and stays fast and deterministic. ``document_ids``: the modules that have a
+    document (and so RAG chunks); passages come only from those."""
+    short = [e for e in entries if len(_section(e[0])) <= MAX_GROUNDED_SECTION_CHARS
+             and (document_ids is None or e[0].module in document_ids)]
+    ordered = sorted(short, key=lambda e: e[0].full_name)
+    out = []
+    for entry, _, summary in _by_hash(short, key=lambda e: "grounded:" + e[0].full_name):
+        roll = _stable_hash("grounded:" + entry.full_name)
+        if roll % GROUNDED_EVERY:
+            continue
+        # The distractor: the next short entry (in name order, from the hashed start) of another module.
+        start = roll % len(ordered)
+        distractor = next(
+            (o for o, _, s in (ordered[(start + k) % len(ordered)] for k in range(len(ordered)))
+             if o.module != entry.module and s != summary),
+            None,
         )
+        passages = [Passage(entry.module, _section(entry))]
+        if distractor is not None:
+            other = Passage(distractor.module, _section(distractor))
+            passages = passages + [other] if (roll >> 8) % 2 else [other] + passages
+        question = _query_from_summary(entry, _first_sentence(summary))
+        out.append((entry, grounded_prompt(question, select_passages(passages)), summary))
+        if len(out) >= MAX_GROUNDED_EXAMPLES:
+            break
     return out
 
 
@@ -697,7 +750,7 @@ def build_sample_data() -> tuple[dict[str, bytes], dict[str, Any]]:
     lm_train, lm_val = split_lm_documents(documents)
     classification = build_classification(modules)
     rag_eval = build_rag_eval(modules, {d["id"] for d in documents})
-    sft_and_preferences = build_sft_and_preferences(modules)
+    sft_and_preferences = build_sft_and_preferences(modules, {d["id"] for d in documents})
 
     records: dict[str, list[dict]] = {
         "documents": documents,

@@ -32,7 +32,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
 from src.api.generation import GenerationWorker
-from src.api.prompts import ANSWER_STOP, Passage, grounded_prompt, select_passages
+from src.data.prompts import ANSWER_STOP, Passage, grounded_prompt, select_passages
 from src.api.registry import LANGUAGE_MODELS, ModelRegistry
 from src.core.errors import ConfigError, DataError
 from src.data.readers import Document

@@ -57,9 +57,11 @@ class RLHFModelConfig(StrictModel):
         Path("checkpoints/mamba/best_model.pt"), description="trained base model (file, or a folder with best_model.pt)"
     )
     prompt_template: str = Field(
-        "{prompt}\n", description="text the model reads before the response; must contain {prompt}"
+        "{prompt}\n", description="text the model reads before the response; must contain {prompt} "
+        "(not applied to retrieval-grounded prompts, which are read exactly as the server sends them)"
     )
-    max_prompt_tokens: int = Field(64, ge=2, description="prompts are cut to this many tokens (<|bos|> included)")
+    max_prompt_tokens: int = Field(64, ge=2, description="longer prompts keep <|bos|> and their last tokens (<|bos|> included); "
+                                   "grounded prompts run to a few hundred tokens")
     max_response_tokens: int = Field(64, ge=1, description="SFT/RM responses are cut to this many tokens (+ <|eos|>)")
 
     @field_validator("prompt_template")

@@ -15,9 +15,17 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from src.data.prompts import is_grounded_prompt
 from src.data.readers import PreferenceExample, SFTExample
 from src.mamba.data import IGNORE_INDEX
 from src.mamba.tokenizer import MambaTokenizer
+
+
+def apply_template(template: str, prompt: str) -> str:
+    """``template`` filled with ``prompt``; a retrieval-grounded prompt (``Context: ...
+    Question: ...\nAnswer:``, see :mod:`src.data.prompts`) is left as it is, because the
+    server and the LangChain graph send exactly that text to the model."""
+    return prompt if is_grounded_prompt(prompt) else template.format(prompt=prompt)
 
 
 @dataclass
@@ -30,9 +38,13 @@ class PromptFormat:
     max_response_tokens: int = 64
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """``<|bos|>`` + the templated prompt, cut to ``max_prompt_tokens``."""
-        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(self.template.format(prompt=prompt))
-        return ids[: self.max_prompt_tokens]
+        """``<|bos|>`` + the templated prompt (:func:`apply_template`); a longer one than
+        ``max_prompt_tokens`` keeps ``<|bos|>`` and its last tokens, so a grounded prompt's
+        ``Question: ...\nAnswer:`` survives and the answer follows where it was trained to."""
+        ids = self.tokenizer.encode(apply_template(self.template, prompt))
+        if len(ids) >= self.max_prompt_tokens:
+            ids = ids[len(ids) - (self.max_prompt_tokens - 1) :]
+        return [self.tokenizer.bos_id] + ids
 
     def response_ids(self, response: str) -> list[int]:
         """The response + ``<|eos|>``; a response longer than ``max_response_tokens`` is cut

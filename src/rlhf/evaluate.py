@@ -13,7 +13,13 @@ and seed. Then:
 * **the reward model against cheap baselines** on the test preference pairs: random (0.5),
   the longer answer, and zero-shot cosine(prompt, answer) of MiniLM sentence embeddings;
   DPO's implicit reward ``beta * log(pi / pi_ref)`` ranks the same pairs;
-* **perplexity** of the reference answers under base, SFT and the policies.
+* **perplexity** of the reference answers under base, SFT and the policies;
+* **grounded answers**, what the server's ``/query`` and the LangChain graph serve: on the test
+  prompts in the retrieval-grounded template (:mod:`src.data.prompts`), read exactly as the
+  server reads them (no template, no cut) and answered greedily up to the first stop string,
+  the rate of non-empty answers and ROUGE-L F1 against the reference answer, for base, SFT
+  and the policies, next to an extractive baseline (the best-matching sentence of the passage
+  that best matches the question).
 
 Writes ``evaluation.json`` (every number), ``evaluation.md`` (the tables, and the answers of
 SFT, PPO and DPO to ``samples_in_report`` test prompts with their rewards) and
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +39,7 @@ import torch
 from src.core.checkpoint import atomic_write_json, atomic_write_text
 from src.core.logging import setup_logging
 from src.core.runtime import resolve_device, seed_everything
+from src.data.prompts import ANSWER_STOP, Passage, cut_at_stop, is_grounded_prompt, parse_grounded_prompt
 from src.data.readers import PreferenceExample, SFTExample
 from src.mamba.generate import generate_ids
 from src.mamba.model import MambaLM
@@ -112,6 +120,90 @@ def preference_baselines(examples: Sequence[PreferenceExample], cosine_model: st
         prompts = embed([e.prompt for e in examples])
         out["cosine"] = accuracy((prompts * embed([e.chosen for e in examples])).sum(-1), (prompts * embed([e.rejected for e in examples])).sum(-1))
     return out
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Lower-cased alphanumeric words (the ``rouge-score`` package's tokenization, no stemming)."""
+    return _WORD.findall(text.lower())
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of ``a`` and ``b`` (O(len(a) * len(b)))."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 of ``candidate`` against ``reference``: from the longest common word
+    subsequence, precision ``lcs/len(candidate)``, recall ``lcs/len(reference)``; 0 when either is empty."""
+    cand, ref = rouge_tokens(candidate), rouge_tokens(reference)
+    lcs = lcs_length(cand, ref)
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def extractive_answer(question: str, passages: Sequence[Passage]) -> str:
+    """The cheap baseline answer: of the passage sharing the most words with ``question``
+    (the top one on a tie, as a retriever ranks them), the sentence with the highest ROUGE-L
+    against the question (the first on a tie); "" without passages."""
+    if not passages:
+        return ""
+    words = set(rouge_tokens(question))
+    top = max(passages, key=lambda p: (len(words & set(rouge_tokens(p.text))), -passages.index(p)))
+    sentences = [s for s in _SENTENCE_END.split(top.text) if s.strip()]
+    return max(sentences, key=lambda s: (rouge_l(s, question), -sentences.index(s)), default="")
+
+
+def grounded_answers(
+    models: dict[str, MambaLM],
+    tokenizer: MambaTokenizer,
+    examples: Sequence[SFTExample],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    max_questions: int | None = None,
+) -> dict[str, Any]:
+    """The grounded-answer table on ``examples`` whose prompt is a retrieval-grounded prompt:
+    ``{"num_questions", "models": {name: {"non_empty_rate", "rouge_l"}}, "samples"}``, with the
+    ``"extractive"`` baseline among the models. Each model reads ``<|bos|> prompt`` exactly as
+    the server does and answers greedily; the answer is cut at the server's stop strings.
+    ``max_questions``: the first ones only (None: all)."""
+    by_prompt: dict[str, str] = {}
+    for example in examples:
+        if is_grounded_prompt(example.prompt):
+            by_prompt.setdefault(example.prompt, example.response)
+    prompts, references = list(by_prompt)[:max_questions], list(by_prompt.values())[:max_questions]
+    answers: dict[str, list[str]] = {}
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    for name, lm in models.items():
+        out: list[str] = []
+        for start in range(0, len(ids), batch_size):
+            new = generate_ids(lm, ids[start : start + batch_size], max_new_tokens, 0.0, 1.0, eos_id=tokenizer.eos_id)
+            out += [cut_at_stop(tokenizer.decode(n), ANSWER_STOP) for n in new]
+        answers[name] = out
+    answers["extractive"] = [extractive_answer(*parse_grounded_prompt(p)) for p in prompts]
+    table = {
+        name: {
+            "non_empty_rate": sum(1 for a in out if a) / max(1, len(out)),
+            "rouge_l": sum(rouge_l(a, r) for a, r in zip(out, references)) / max(1, len(out)),
+        }
+        for name, out in answers.items()
+    }
+    samples = [
+        {"question": parse_grounded_prompt(p)[0], "reference": r, **{name: answers[name][i] for name in answers}}
+        for i, (p, r) in enumerate(zip(prompts, references))
+    ]
+    return {"num_questions": len(prompts), "models": table, "samples": samples}
 
 
 def reward_model_pair_metrics(reward_model, examples: Sequence[PreferenceExample], fmt: PromptFormat, batch_size: int = 32) -> dict[str, float]:
@@ -222,6 +314,13 @@ def evaluate_rlhf(
     if "base" in perplexity:
         metrics["perplexity_base"] = perplexity["base"]
 
+    grounded_models = ({"base": base_lm} if base_lm is not None else {}) | models
+    grounded = grounded_answers(grounded_models, tokenizer, test_examples, stage.model.max_response_tokens, cfg.batch_size, cfg.num_prompts)
+    metrics["grounded_num_questions"] = grounded["num_questions"]
+    for name, row in grounded["models"].items():
+        metrics[f"grounded_{name}_non_empty_rate"] = row["non_empty_rate"]
+        metrics[f"grounded_{name}_rouge_l"] = row["rouge_l"]
+
     samples = []
     for i in range(min(cfg.samples_in_report, len(prompts))):
         sample = {"prompt": prompt_texts[i], "reference": by_prompt[prompt_texts[i]], "reference_reward": float(scores["reference"][i])}
@@ -230,9 +329,12 @@ def evaluate_rlhf(
             sample[f"{name}_reward"] = float(scores[name][i])
         samples.append(sample)
     json_path = Path(stage.output_file)
-    atomic_write_json(json_path, {"metrics": metrics, "samples": samples, "config": json.loads(stage.model_dump_json())})
+    grounded_report = {"num_questions": grounded["num_questions"], "models": grounded["models"],
+                       "samples": grounded["samples"][: cfg.samples_in_report]}
+    atomic_write_json(json_path, {"metrics": metrics, "samples": samples, "grounded_answers": grounded_report,
+                                  "config": json.loads(stage.model_dump_json())})
     md_path = json_path.with_suffix(".md")
-    atomic_write_text(md_path, render_report(metrics, samples, list(policies)))
+    atomic_write_text(md_path, render_report(metrics, samples, list(policies), grounded_report))
     png_path = json_path.with_suffix(".png")
     plot_evaluation(png_path, training_curve, {k: scores[k] for k in ("sft", *policies, "reference")}, kl_target)
     log.info(
@@ -245,7 +347,8 @@ def evaluate_rlhf(
     return {"metrics": metrics, "outputs": {"evaluation_json": str(json_path), "evaluation_md": str(md_path), "evaluation_png": str(png_path)}}
 
 
-def render_report(metrics: dict[str, Any], samples: Sequence[dict[str, Any]], policies: Sequence[str] = ("ppo",)) -> str:
+def render_report(metrics: dict[str, Any], samples: Sequence[dict[str, Any]], policies: Sequence[str] = ("ppo",),
+                  grounded: dict[str, Any] | None = None) -> str:
     """The Markdown report of :func:`evaluate_rlhf`'s metrics and example answers."""
     m = metrics
     names = ["sft", *policies]
@@ -302,7 +405,33 @@ def render_report(metrics: dict[str, Any], samples: Sequence[dict[str, Any]], po
         for s in samples:
             cells = [f"{_md(s[n])} ({s[f'{n}_reward']:+.2f})" for n in names]
             lines.append(f"| {_md(s['prompt'])} | " + " | ".join(cells) + f" | {_md(s['reference'])} ({s['reference_reward']:+.2f}) |")
+    if grounded and grounded["num_questions"]:
+        lines += render_grounded(grounded)
     return "\n".join(lines) + "\n"
+
+
+def render_grounded(grounded: dict[str, Any]) -> list[str]:
+    """The Markdown lines of the grounded-answer table (:func:`grounded_answers`)."""
+    label = {"base": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO", "extractive": "extractive baseline"}
+    lines = [
+        "", "## Grounded answers (what `/query` and the LangChain graph serve)", "",
+        f"{grounded['num_questions']} test questions in the server's `Context: ... Question: ... Answer:` prompt "
+        "(the answer's documentation section and a distractor from another module), read as the server reads "
+        "them; greedy answers cut at the server's stop strings. ROUGE-L F1 against the reference answer; the "
+        "extractive baseline answers with the best-matching sentence of the passage that best matches the question.",
+        "",
+        "| answerer | non-empty answers | ROUGE-L |",
+        "|---|---:|---:|",
+    ]
+    for name, row in grounded["models"].items():
+        lines.append(f"| {label.get(name, name)} | {row['non_empty_rate']:.1%} | {row['rouge_l']:.3f} |")
+    names = list(grounded["models"])
+    if grounded.get("samples"):
+        lines += ["", "| question | " + " | ".join(label.get(n, n) for n in names) + " | reference |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        for s in grounded["samples"]:
+            lines.append(f"| {_md(s['question'])} | " + " | ".join(_md(s[n]) for n in names) + f" | {_md(s['reference'])} |")
+    return lines
 
 
 def _md(text: str) -> str:

@@ -33,7 +33,8 @@ from src.core.runtime import seed_everything
 from src.data.readers import PreferenceExample
 from src.rlhf.checkpoints import stage_record
 from src.rlhf.config import RewardConfig, StageConfig
-from src.rlhf.data import evaluate_in_batches
+from src.data.prompts import is_grounded_prompt
+from src.rlhf.data import apply_template, evaluate_in_batches
 from src.rlhf.reward_model import pairwise_metrics
 from src.training.engine import TrainTask, fit
 
@@ -112,7 +113,8 @@ class EncoderRewardModel(nn.Module):
         for start in range(0, len(prompts), batch_size):
             texts = list(prompts[start : start + batch_size])
             if not templated:
-                texts = [self.template.format(prompt=p) for p in texts]
+                texts = [apply_template(self.template, p) for p in texts]
+            texts = [question_first(p) for p in texts]
             batch = self.encode(texts, responses[start : start + batch_size])
             scores.append(self(**{k: v.to(device) for k, v in batch.items()}).cpu())
         self.train(was_training)
@@ -127,11 +129,21 @@ class EncoderRewardModel(nn.Module):
         return self.score_texts(prompts, responses, templated=True)
 
 
+def question_first(prompt: str) -> str:
+    """A grounded prompt with its ``Question: ...\nAnswer:`` moved before the context, for the
+    encoder only: a pair longer than ``max_length`` is cut at its end, and the question must
+    stay. Other prompts are returned unchanged."""
+    if not is_grounded_prompt(prompt):
+        return prompt
+    head, _, tail = prompt.rpartition("Question: ")
+    return f"Question: {tail}\n\n{head.rstrip()}"
+
+
 class TextPreferenceDataset(Dataset):
     """Item ``i``: ``(templated prompt, chosen, rejected)`` strings of one preference pair."""
 
     def __init__(self, examples: Sequence[PreferenceExample], template: str) -> None:
-        self.items = [(template.format(prompt=e.prompt), e.chosen, e.rejected) for e in examples]
+        self.items = [(question_first(apply_template(template, e.prompt)), e.chosen, e.rejected) for e in examples]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -68,7 +68,7 @@ def test_counts_and_sizes_are_in_the_promised_ranges(sample_data_dir: Path) -> N
     assert 800 <= sum(counts[f"sft_{s}.jsonl"] for s in ("train", "val", "test")) <= 2000
     for split in ("train", "val", "test"):
         assert counts[f"preferences_{split}.jsonl"] == counts[f"sft_{split}.jsonl"]
-    assert 120 <= counts["sft_val.jsonl"] <= 180 and 120 <= counts["sft_test.jsonl"] <= 180
+    assert 150 <= counts["sft_val.jsonl"] <= 240 and 150 <= counts["sft_test.jsonl"] <= 240
     assert counts["labels.json"] == 3
 
     total_bytes = sum(entry["bytes"] for entry in manifest["files"].values())
@@ -155,7 +155,7 @@ def test_sft_and_preferences_share_prompts_and_differ_in_the_right_way(sample_da
         assert [ex["prompt"] for ex in sft] == [ex["prompt"] for ex in preferences]
         assert [ex["response"] for ex in sft] == [ex["chosen"] for ex in preferences]
         assert all(len(ex["response"]) <= 300 for ex in sft)
-        assert all(ex["prompt"].startswith(("What does ", "What is ")) for ex in sft)
+        assert all(ex["prompt"].startswith(("What does ", "What is ", "Context:\n")) for ex in sft)
         assert all(ex["chosen"] != ex["rejected"] for ex in preferences)
     train = _records(sample_data_dir, "preferences_train")
     all_summaries = {ex["chosen"] for ex in train}
@@ -276,3 +276,35 @@ def test_queries_are_questions_in_plain_words() -> None:
     assert _query_from_summary(entry("function"), "Copy data and mode bits") == "How do I copy data and mode bits?"
     assert _query_from_summary(entry("class"), "A parser for HTML text") == "Which class is a parser for HTML text?"
     assert _query_from_summary(entry("method"), "Sends data to the socket") == "What sends data to the socket?"
+
+
+def test_grounded_examples_use_exactly_the_servers_prompt(sample_data_dir: Path) -> None:
+    """Some SFT / preference examples are retrieval-grounded, built with the very function the
+    server's /query and the LangChain graph call, from passages of the sample documents."""
+    import src.api.service as service
+    import src.integrations.graph as graph
+    from src.data.prompts import is_grounded_prompt, parse_grounded_prompt
+
+    # The server and the graph build their prompts with these functions, not copies of them.
+    assert service.grounded_prompt is graph.grounded_prompt and service.select_passages is graph.select_passages
+    documents = {d["id"]: " ".join(d["text"].split()) for d in _records(sample_data_dir, "documents")}
+    for split in ("train", "val", "test"):
+        sft = _records(sample_data_dir, f"sft_{split}")
+        grounded = [ex for ex in sft if is_grounded_prompt(ex["prompt"])]
+        assert 0.12 <= len(grounded) / len(sft) <= 0.35, split
+        for ex in grounded:
+            question, passages = parse_grounded_prompt(ex["prompt"])
+            assert ex["prompt"] == service.grounded_prompt(question, service.select_passages(passages))
+            assert ex["prompt"].startswith("Context:\n[") and ex["prompt"].endswith(f"\n\nQuestion: {question}\nAnswer:")
+            assert len(passages) == 2 and passages[0].doc_id != passages[1].doc_id
+            assert all(p.text in documents[p.doc_id] for p in passages)  # passages of the documents
+            # The answer is in the context: it is its documentation section's summary.
+            words = re.findall(r"[a-z0-9]+", ex["response"].lower())
+            assert any(sum(w in set(re.findall(r"[a-z0-9]+", p.text.lower())) for w in words) >= 0.8 * len(words)
+                       for p in passages)
+    # Their answers follow the same train / val / test split as the plain examples.
+    plain_answers = {s: {ex["response"] for ex in _records(sample_data_dir, f"sft_{s}") if not is_grounded_prompt(ex["prompt"])}
+                     for s in ("train", "val", "test")}
+    for s in ("train", "val", "test"):
+        assert all(ex["response"] in plain_answers[s] for ex in _records(sample_data_dir, f"sft_{s}")
+                   if is_grounded_prompt(ex["prompt"]))

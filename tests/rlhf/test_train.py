@@ -70,6 +70,16 @@ def test_summary_and_evaluation_report_the_same_computed_numbers(pipeline_run):
     assert f"{ev['ppo_win_rate_vs_sft']:.3f}" in report and f"{ev['dpo_win_rate_vs_sft']:.3f}" in report
     assert f"{ev['baseline_cosine_test_accuracy']:.3f}" in report and "## 2 test prompts: answers and their rewards" in report
     assert len(evaluation["samples"]) == 2 and {"sft", "ppo", "dpo", "dpo_reward"} <= set(evaluation["samples"][0])
+    # The grounded-answer table: what /query serves, for every model, beside the extractive baseline.
+    grounded = evaluation["grounded_answers"]
+    assert grounded["num_questions"] == ev["grounded_num_questions"] == 8
+    assert set(grounded["models"]) == {"base", "sft", "ppo", "dpo", "extractive"}
+    for name, row in grounded["models"].items():
+        assert 0.0 <= row["non_empty_rate"] <= 1.0 and 0.0 <= row["rouge_l"] <= 1.0, name
+        assert ev[f"grounded_{name}_rouge_l"] == row["rouge_l"]
+        assert f"{row['rouge_l']:.3f}" in report
+    assert grounded["models"]["extractive"]["non_empty_rate"] == 1.0 and grounded["models"]["extractive"]["rouge_l"] > 0.3
+    assert "## Grounded answers" in report and len(grounded["samples"]) == 2
 
 
 def test_exported_model_loads_generates_and_names_its_sources(pipeline_run):

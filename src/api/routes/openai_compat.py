@@ -2,7 +2,7 @@
 
 Model ids: ``mamba`` and ``rlhf`` for completions and chat, ``minilm`` (or the RAG index's
 embedding model name) for embeddings. Chat messages are laid out by
-:func:`src.api.prompts.chat_prompt`; streaming is server-sent events ending in ``[DONE]``.
+:func:`src.data.prompts.chat_prompt`; streaming is server-sent events ending in ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from src.api.errors import APIError, error_body
 from src.api.generation import GenerationParams, GenerationResult, GenerationTimeoutError, GenerationWorker, TokenLogprobs
-from src.api.prompts import CHAT_STOP, chat_prompt
+from src.data.prompts import CHAT_STOP, chat_prompt
 from src.api.registry import LANGUAGE_MODELS
 from src.api.routes.mark import ERRORS, SSE_OR_JSON, primed, service_of, sse
 from src.api.schemas import (

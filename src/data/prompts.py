@@ -1,7 +1,8 @@
 """The text MARK's language models read for a grounded answer or a chat, in one place.
 
-The server's ``/query`` and ``/v1/chat/completions`` and the LangChain graph all build
-their prompts here, so a model sees the same layout whichever way it is called. The
+The server's ``/query`` and ``/v1/chat/completions``, the LangChain graph and the RLHF
+data (``src.data.prepare``'s retrieval-grounded SFT and preference examples) all build
+their prompts here, so a model is trained on exactly the layout it is served with. The
 layout ends each turn on a new line and the answer after ``Answer:`` / ``Assistant:``,
 so generation is stopped at the start of the next turn (``CHAT_STOP``, ``ANSWER_STOP``).
 """
@@ -70,3 +71,36 @@ def grounded_prompt(question: str, passages: Sequence[Passage], history: Sequenc
 def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
     """The prompt of the assistant's next turn after ``messages`` (``(role, text)`` pairs)."""
     return f"{transcript(messages)}\nAssistant:"
+
+
+def is_grounded_prompt(text: str) -> bool:
+    """Whether ``text`` is already a prompt in :func:`grounded_prompt`'s layout (it ends on
+    ``Question: ...\nAnswer:``): such a prompt is read as it is, with no further template."""
+    head, sep, tail = text.rpartition("Question: ")
+    return bool(sep) and (not head or head.endswith("\n\n")) and tail.endswith("\nAnswer:")
+
+
+def parse_grounded_prompt(text: str) -> tuple[str, list[Passage]]:
+    """``(question, passages)`` of a prompt made by :func:`grounded_prompt` without history
+    (its inverse); ``ValueError`` when ``text`` is not one."""
+    if not is_grounded_prompt(text):
+        raise ValueError("not a grounded prompt (no trailing 'Question: ...\\nAnswer:')")
+    head, _, tail = text.rpartition("Question: ")
+    question = tail[: -len("\nAnswer:")]
+    passages = []
+    if head.startswith("Context:\n"):
+        for line in head[len("Context:\n") :].rstrip("\n").split("\n"):
+            doc_id, sep, body = line.partition("] ")
+            if not line.startswith("[") or not sep:
+                raise ValueError(f"not a passage line: {line[:60]!r}")
+            passages.append(Passage(doc_id[1:], body))
+    return question, passages
+
+
+def cut_at_stop(text: str, stop: Sequence[str] = ANSWER_STOP) -> str:
+    """``text`` up to the first stop string, stripped: what the server returns as the answer."""
+    for s in stop:
+        index = text.find(s)
+        if index >= 0:
+            text = text[:index]
+    return text.strip()
