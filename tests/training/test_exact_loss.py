@@ -46,7 +46,8 @@ def test_accumulation_of_unequal_micro_batches_equals_one_big_batch(task, sample
     big = train(task, sample_data_dir, tmp_path / "big", batch=8, accum=1)
     accumulated = train(task, sample_data_dir, tmp_path / "accum", batch=4, accum=2)
     assert _max_diff(accumulated, big) < 1e-6
-    assert _train_losses(tmp_path / "accum") == pytest.approx(_train_losses(tmp_path / "big"), abs=1e-6)
+    # metrics.jsonl rounds losses to 6 decimals: equal losses may land one unit apart.
+    assert _train_losses(tmp_path / "accum") == pytest.approx(_train_losses(tmp_path / "big"), abs=2e-6)
     # The former normalisation (each micro-batch's mean, averaged) is measurably off here.
     mean_of_means = train(task, sample_data_dir, tmp_path / "mean", batch=4, accum=2, mean=True)
     assert _max_diff(mean_of_means, big) > 1e-4
@@ -65,4 +66,4 @@ def test_two_processes_on_unequal_micro_batches_equal_one_process(task, sample_d
     one = train(task, sample_data_dir, tmp_path / "one", batch=8, accum=1)
     ddp = load_checkpoint(tmp_path / "ddp" / "ckpt" / "checkpoint_epoch_1.pt")["model"]
     assert _max_diff(ddp, one) < 1e-6
-    assert _train_losses(tmp_path / "ddp") == pytest.approx(_train_losses(tmp_path / "one"), abs=1e-6)
+    assert _train_losses(tmp_path / "ddp") == pytest.approx(_train_losses(tmp_path / "one"), abs=2e-6)  # 6-decimal logs
