@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from src.core.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from src.core.checkpoint import file_sha256, load_checkpoint, load_state_dict_checked, save_checkpoint
 from src.core.config import config_hash, config_to_dict
 from src.core.errors import CheckpointError
 from src.mamba.model import MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.config import StageConfig
+from src.training.engine import TrainTask, fit
 
 
 def lm_extra(model: MambaLM, tokenizer: MambaTokenizer) -> dict[str, Any]:
@@ -82,3 +83,29 @@ def output_metrics(path: Path, kind: str) -> dict[str, Any]:
 def file_record(path: Path) -> dict[str, str]:
     """``{"path", "sha256"}`` of a file: where a stage's input came from."""
     return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def same_inputs_check(stage: StageConfig, what: str):
+    """The ``check_resume`` of a stage: its checkpoints must have started from ``stage.inputs``
+    (the same base model and data), else resuming is refused with one line naming ``what``."""
+
+    def check_resume(extra: dict) -> None:
+        if extra.get("inputs") != stage.inputs:
+            raise CheckpointError(
+                f"{stage.paths.checkpoint_dir}: its {what} checkpoint started from other inputs (base model or data); "
+                "run without --resume"
+            )
+
+    return check_resume
+
+
+def fit_best(task: TrainTask, stage: StageConfig, resume: bool, what: str) -> tuple[Any, dict[str, Any]]:
+    """Train ``task`` through the engine, then load its best checkpoint (lowest
+    ``task.metric_for_best`` on val) back into ``task.model``; returns the engine's result and
+    that checkpoint's state."""
+    result = fit(task, stage, resume=resume)
+    if result.best_model_path is None:
+        raise CheckpointError(f"{stage.paths.checkpoint_dir}: {what} produced no best_model.pt (no validation ran)")
+    best = load_checkpoint(result.best_model_path, kind=task.kind)
+    load_state_dict_checked(task.model, best["model"], result.best_model_path)
+    return result, best

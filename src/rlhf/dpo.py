@@ -25,18 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from src.core.checkpoint import load_checkpoint, load_state_dict_checked
-from src.core.errors import CheckpointError
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
 from src.data.readers import PreferenceExample
 from src.mamba.model import MambaLM
 from src.mamba.tokenizer import MambaTokenizer
-from src.rlhf.checkpoints import lm_extra, save_lm
+from src.rlhf.checkpoints import fit_best, lm_extra, same_inputs_check, save_lm
 from src.rlhf.config import DPOConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat, evaluate_in_batches
 from src.rlhf.ppo import build_response_batch, response_logprobs
-from src.training.engine import TrainTask, fit
+from src.rlhf.reward_model import count_pairs
+from src.training.engine import TrainTask
 
 KIND = "rlhf_dpo"
 log = get_logger(KIND)
@@ -106,13 +105,14 @@ def reference_logprobs(reference: MambaLM, pairs: PreferenceDataset, pad_id: int
 
 
 def make_loss(cfg: DPOConfig):
-    """The engine's ``loss_fn``: the mean DPO loss of a batch."""
+    """The engine's ``loss_fn``: the DPO loss summed over the pairs of a batch (the engine
+    divides by the pairs of the whole optimizer step, :func:`count_pairs`)."""
 
     def loss_fn(model: MambaLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         chosen, rejected = sequence_logprobs(model, batch).chunk(2)
         ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
         losses, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing)
-        return losses.mean()
+        return losses.sum()
 
     return loss_fn
 
@@ -178,10 +178,6 @@ def train_dpo(
     log.info("DPO: %d train / %d val preference pairs, beta %g, label smoothing %g",
              len(train_set), len(val_set), cfg.beta, cfg.label_smoothing)
 
-    def check_resume(extra: dict) -> None:
-        if extra.get("inputs") != stage.inputs:
-            raise CheckpointError(f"{stage.paths.checkpoint_dir}: its DPO checkpoint started from other inputs; run without --resume")
-
     task = TrainTask(
         name=KIND,
         kind=KIND,
@@ -190,18 +186,15 @@ def train_dpo(
         val_dataset=val_set,
         collate_fn=lambda items: collate_dpo(items, pad_id),
         loss_fn=make_loss(cfg),
+        count_items=count_pairs,
         eval_step=make_eval_step(cfg),
         compute_metrics=dpo_metrics,
         metric_for_best="val_loss",
         extra_state={**lm_extra(policy, tokenizer), "inputs": dict(stage.inputs)},
-        check_resume=check_resume,
+        check_resume=same_inputs_check(stage, "DPO"),
         example_lengths=train_set.lengths(),
     )
-    result = fit(task, stage, resume=resume)
-    if result.best_model_path is None:
-        raise CheckpointError(f"{stage.paths.checkpoint_dir}: DPO produced no best_model.pt (no validation ran)")
-    best = load_checkpoint(result.best_model_path, kind=KIND)
-    load_state_dict_checked(policy, best["model"], result.best_model_path)
+    result, best = fit_best(task, stage, resume, "DPO")
     metrics = {
         "val_loss": float(best["metrics"]["val_loss"]),
         "val_reward_accuracy": float(best["metrics"]["val_reward_accuracy"]),

@@ -24,19 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from src.core.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from src.core.checkpoint import load_state_dict_checked, save_checkpoint
 from src.core.config import config_to_dict
-from src.core.errors import CheckpointError
 from src.core.hub import hub_error, resolve_pretrained
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
 from src.data.readers import PreferenceExample
-from src.rlhf.checkpoints import stage_record
+from src.rlhf.checkpoints import fit_best, same_inputs_check, stage_record
 from src.rlhf.config import RewardConfig, StageConfig
 from src.data.prompts import is_grounded_prompt
 from src.rlhf.data import apply_template, evaluate_in_batches
-from src.rlhf.reward_model import pairwise_metrics
-from src.training.engine import TrainTask, fit
+from src.rlhf.reward_model import count_pairs, pairwise_metrics
+from src.training.engine import TrainTask
 
 KIND = "rlhf_reward"  # the same file kind as the Mamba reward model: one loader reads both
 BACKBONE = "encoder"
@@ -161,10 +160,11 @@ def collate_text_preferences(model: EncoderRewardModel, items: list[tuple[str, s
     return model.encode(prompts + prompts, [c for _, c, _ in items] + [r for _, _, r in items])
 
 
-def pairwise_loss(model: EncoderRewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Bradley-Terry loss of a preference batch (chosen rows first, then rejected rows)."""
+def pairwise_loss_sum(model: EncoderRewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bradley-Terry loss summed over the pairs of a batch (chosen rows first, then rejected
+    rows); the engine divides by the pairs of the whole optimizer step (:func:`count_pairs`)."""
     chosen, rejected = model(**batch).chunk(2)
-    return -F.logsigmoid(chosen - rejected).mean()
+    return -F.logsigmoid(chosen - rejected).sum()
 
 
 def _eval_step(model: EncoderRewardModel, batch: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -197,11 +197,6 @@ def train_encoder_reward_model(
     val_set = TextPreferenceDataset(val_examples[: cfg.max_val_examples], stage.model.prompt_template)
     log.info("reward model: %d train / %d val preference pairs, encoder %s", len(train_set), len(val_set), cfg.encoder_model)
 
-    def check_resume(extra: dict) -> None:
-        if extra.get("inputs") != stage.inputs:
-            raise CheckpointError(
-                f"{stage.paths.checkpoint_dir}: its reward-model checkpoint started from other inputs; run without --resume"
-            )
 
     task = TrainTask(
         name=KIND,
@@ -210,19 +205,16 @@ def train_encoder_reward_model(
         train_dataset=train_set,
         val_dataset=val_set,
         collate_fn=lambda items: collate_text_preferences(model, items),
-        loss_fn=pairwise_loss,
+        loss_fn=pairwise_loss_sum,
+        count_items=count_pairs,
         eval_step=_eval_step,
         compute_metrics=pairwise_metrics,
         metric_for_best="val_loss",
         extra_state={**encoder_extra(model, cfg.encoder_model), "inputs": dict(stage.inputs)},
-        check_resume=check_resume,
+        check_resume=same_inputs_check(stage, "reward-model"),
         example_lengths=train_set.lengths(),
     )
-    result = fit(task, stage, resume=resume)
-    if result.best_model_path is None:
-        raise CheckpointError(f"{stage.paths.checkpoint_dir}: reward-model training produced no best_model.pt (no validation ran)")
-    best = load_checkpoint(result.best_model_path, kind=KIND)
-    load_state_dict_checked(model, best["model"], result.best_model_path)
+    result, best = fit_best(task, stage, resume, "reward-model")
 
     # Centre on the chosen training answers, scale by the spread of all scores (as the Mamba RM).
     pairs = [train_set[i] for i in range(min(len(train_set), cfg.normalization_examples))]

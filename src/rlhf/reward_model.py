@@ -26,10 +26,10 @@ from src.core.runtime import seed_everything
 from src.data.readers import PreferenceExample
 from src.mamba.model import MambaArgs, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
-from src.rlhf.checkpoints import lm_extra, stage_record
+from src.rlhf.checkpoints import fit_best, lm_extra, same_inputs_check, stage_record
 from src.rlhf.config import RewardConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat, collate_preferences, evaluate_in_batches, pad_right
-from src.training.engine import TrainTask, fit
+from src.training.engine import TrainTask
 
 KIND = "rlhf_reward"
 log = get_logger(KIND)
@@ -154,11 +154,6 @@ def train_reward_model(
     pad_id = tokenizer.pad_id
     log.info("reward model: %d train / %d val preference pairs, backbone from %s", len(train_set), len(val_set), cfg.init_from)
 
-    def check_resume(extra: dict) -> None:
-        if extra.get("inputs") != stage.inputs:
-            raise CheckpointError(
-                f"{stage.paths.checkpoint_dir}: its reward-model checkpoint started from other inputs; run without --resume"
-            )
 
     task = TrainTask(
         name=KIND,
@@ -175,14 +170,10 @@ def train_reward_model(
         # smoother criterion than accuracy (which is reported).
         metric_for_best="val_loss",
         extra_state={**lm_extra(backbone, tokenizer), "inputs": dict(stage.inputs)},
-        check_resume=check_resume,
+        check_resume=same_inputs_check(stage, "reward-model"),
         example_lengths=train_set.lengths(),
     )
-    result = fit(task, stage, resume=resume)
-    if result.best_model_path is None:
-        raise CheckpointError(f"{stage.paths.checkpoint_dir}: reward-model training produced no best_model.pt (no validation ran)")
-    best = load_checkpoint(result.best_model_path, kind=KIND)
-    load_state_dict_checked(model, best["model"], result.best_model_path)
+    result, best = fit_best(task, stage, resume, "reward-model")
 
     # Centre on the human-preferred (chosen) responses and scale by the spread of all scores
     # (Stiennon et al. normalise so that reference summaries score 0): beta then means the same

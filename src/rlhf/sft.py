@@ -14,18 +14,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from src.core.checkpoint import load_checkpoint, load_state_dict_checked
-from src.core.errors import CheckpointError
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
 from src.data.readers import SFTExample
 from src.mamba.data import IGNORE_INDEX
 from src.mamba.model import MambaLM
 from src.mamba.tokenizer import MambaTokenizer
-from src.rlhf.checkpoints import lm_extra, save_lm
+from src.rlhf.checkpoints import fit_best, lm_extra, same_inputs_check, save_lm
 from src.rlhf.config import SFTConfig, StageConfig
 from src.rlhf.data import PromptFormat, SFTDataset, collate_sft, evaluate_in_batches
-from src.training.engine import TrainTask, fit
+from src.training.engine import TrainTask
 
 KIND = "rlhf_sft"  # the engine's checkpoints of this stage
 log = get_logger(KIND)
@@ -96,12 +94,6 @@ def train_sft(
     before = evaluate_response_loss(model, val_set, pad_id, cfg.eval_batch_size or cfg.batch_size)
     log.info("SFT: %d train / %d val pairs; base model response val loss %.4f", len(train_set), len(val_set), before["val_loss"])
 
-    def check_resume(extra: dict) -> None:
-        if extra.get("inputs") != stage.inputs:
-            raise CheckpointError(
-                f"{stage.paths.checkpoint_dir}: its SFT checkpoint started from other inputs (base model or data); "
-                "run without --resume"
-            )
 
     task = TrainTask(
         name=KIND,
@@ -115,16 +107,11 @@ def train_sft(
         eval_step=_eval_step,
         compute_metrics=_metrics,
         extra_state={**lm_extra(model, tokenizer), "inputs": dict(stage.inputs)},
-        check_resume=check_resume,
+        check_resume=same_inputs_check(stage, "SFT"),
         count_tokens=count_response_tokens,
         example_lengths=train_set.lengths(),
     )
-    result = fit(task, stage, resume=resume)
-    if result.best_model_path is None:
-        raise CheckpointError(f"{stage.paths.checkpoint_dir}: SFT produced no best_model.pt (no validation ran)")
-
-    best = load_checkpoint(result.best_model_path, kind=KIND)
-    load_state_dict_checked(model, best["model"], result.best_model_path)
+    result, best = fit_best(task, stage, resume, "SFT")
     metrics = {
         "val_loss": float(best["metrics"]["val_loss"]),
         "val_perplexity": float(best["metrics"]["val_perplexity"]),
