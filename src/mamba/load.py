@@ -36,10 +36,16 @@ def load_mamba(checkpoint: str | Path = "checkpoints/mamba", device: str | torch
     is returned in eval mode on ``device``. Errors are one-line ``MarkError``s.
     """
     path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path, map_location="cpu", kind="mamba")
+    return lm_from_state(load_checkpoint(path, map_location="cpu", kind="mamba"), path, "Mamba checkpoint", device)
+
+
+def lm_from_state(state: dict, path: Path, what: str, device: str | torch.device = "cpu") -> tuple[MambaLM, MambaTokenizer]:
+    """``(model, tokenizer)`` rebuilt from a loaded checkpoint ``state`` holding the weights
+    (``model``) and ``extra.model_args`` / ``extra.tokenizer_json``; an incomplete one is a
+    one-line ``CheckpointError`` naming ``path`` and ``what`` it should have been."""
     extra = state.get("extra") or {}
     if "model_args" not in extra or "tokenizer_json" not in extra or "model" not in state:
-        raise CheckpointError(f"{path}: not a complete Mamba checkpoint (model weights, architecture or tokenizer missing)")
+        raise CheckpointError(f"{path}: not a complete {what} (model weights, architecture or tokenizer missing)")
     model = MambaLM(MambaArgs.from_dict(extra["model_args"]))
     load_state_dict_checked(model, state["model"], path)
     tokenizer = MambaTokenizer.from_str(extra["tokenizer_json"], str(path))

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
-from src.core.checkpoint import load_checkpoint, load_state_dict_checked
-from src.core.errors import CheckpointError, NotTrainedError
-from src.mamba.model import MambaArgs, MambaLM
+from src.core.checkpoint import load_checkpoint
+from src.core.errors import NotTrainedError
+from src.mamba.load import lm_from_state
+from src.mamba.model import MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 
 KIND = "rlhf"
@@ -36,14 +37,7 @@ def load_rlhf_model(
     as on the base model.
     """
     path = resolve_final_model(path_or_dir)
-    state = load_checkpoint(path, map_location="cpu", kind=KIND)
-    extra = state.get("extra") or {}
-    if "model_args" not in extra or "tokenizer_json" not in extra or "model" not in state:
-        raise CheckpointError(f"{path}: not a complete RLHF model (weights, architecture or tokenizer missing)")
-    model = MambaLM(MambaArgs.from_dict(extra["model_args"]))
-    load_state_dict_checked(model, state["model"], path)
-    tokenizer = MambaTokenizer.from_str(extra["tokenizer_json"], str(path))
-    return model.to(device).eval(), tokenizer
+    return lm_from_state(load_checkpoint(path, map_location="cpu", kind=KIND), path, "RLHF model", device)
 
 
 def read_rlhf_metadata(path_or_dir: str | Path = "checkpoints/rlhf") -> dict[str, Any]:
