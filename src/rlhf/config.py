@@ -126,6 +126,19 @@ class DPOConfig(TrainingConfig):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="assumed share of flipped preference labels (conservative DPO); 0: plain DPO"
     )
+    pairs: Literal["dataset", "sampled"] = Field(
+        "dataset",
+        description="dataset: the preference files' pairs; sampled: num_samples answers of the SFT model per prompt of "
+        "those files, ranked by the reward model (best = chosen, worst = rejected: online / iterative DPO)",
+    )
+    num_samples: int = Field(4, ge=2, description="pairs: sampled: answers sampled per prompt")
+    sample_temperature: float = Field(1.0, gt=0, description="pairs: sampled: sampling temperature")
+    sample_max_new_tokens: int = Field(32, gt=0, description="pairs: sampled: answer length limit (a cut answer has no <|eos|>)")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="pairs: sampled: score lost by an answer cut before <|eos|> (as in PPO)")
+    min_score_gap: float = Field(0.0, ge=0, description="pairs: sampled: prompts whose best and worst answers score closer are dropped")
+    rpo_alpha: Optional[float] = Field(
+        None, ge=0, description="weight of the chosen answer's per-token NLL added to the DPO loss (RPO, TRL's rpo_alpha); null: plain DPO"
+    )
     max_train_examples: Optional[int] = Field(None, gt=0, description="use only the first N training pairs")
     max_val_examples: Optional[int] = Field(None, gt=0, description="use only the first N validation pairs")
 

@@ -10,7 +10,17 @@ the loss of a pair is (``eps`` = ``label_smoothing``; the conservative DPO of Mi
 
 With ``eps = 0`` this is TRL's ``DPOTrainer`` ``loss_type="sigmoid"`` (TRL 1.16 computes it
 inside ``DPOTrainer._compute_loss``, which needs a Hugging Face causal LM; MARK's Mamba is
-not one, so the loss is written here and tested on hand-computed values).
+not one, so the loss is written here and tested on hand-computed values). ``rpo_alpha``
+adds ``alpha`` x the chosen answer's mean per-token negative log-likelihood under the policy
+(RPO, Pang et al. 2024; TRL's ``rpo_alpha``): it keeps the chosen answers likely, where plain
+DPO on a small model lowers both answers' likelihood and its answers drift longer.
+
+``pairs: sampled`` (online / iterative DPO, as in TRL's ``OnlineDPOTrainer`` and Xiong et al.
+2024, one round): instead of the dataset's answers, which a small SFT model may be far from,
+each prompt of the preference files gets ``num_samples`` answers sampled from the SFT model,
+scored by the reward model exactly as PPO scores its rollouts (normalized, minus
+``missing_eos_penalty`` for an answer cut before ``<|eos|>``); the best becomes ``chosen`` and
+the worst ``rejected``. The val pairs are sampled the same way from the val prompts.
 
 Trained through the shared engine: the reference log-probs are computed once before
 training (the reference never changes) and ride in the batches; the checkpoint with the
@@ -24,16 +34,18 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
 from src.data.readers import PreferenceExample
+from src.mamba.generate import generate_ids
 from src.mamba.model import MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import fit_best, lm_extra, same_inputs_check, save_lm
 from src.rlhf.config import DPOConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat, evaluate_in_batches
-from src.rlhf.ppo import build_response_batch, response_logprobs
+from src.rlhf.ppo import build_response_batch, reward_scores, response_logprobs
 from src.rlhf.reward_model import count_pairs
 from src.training.engine import TrainTask
 
@@ -62,6 +74,12 @@ def sequence_logprobs(lm: MambaLM, batch: dict[str, torch.Tensor]) -> torch.Tens
     """Summed log-probs (N,) of the response tokens of a batch from :func:`collate_dpo`."""
     logprobs, _, _ = response_logprobs(lm, batch["input_ids"], batch["positions"], batch["targets"])
     return (logprobs * batch["mask"]).sum(-1)
+
+
+def rpo_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-pair (B,) mean negative log-likelihood per token of the chosen answers, from their
+    summed log-probs and token counts: RPO's term, added to the DPO loss x ``rpo_alpha``."""
+    return -chosen_logps / chosen_tokens.clamp_min(1)
 
 
 class DPODataset(Dataset):
@@ -104,6 +122,53 @@ def reference_logprobs(reference: MambaLM, pairs: PreferenceDataset, pad_id: int
     return torch.tensor([outputs["chosen"], outputs["rejected"]], dtype=torch.float32).T
 
 
+class TokenPairs(Dataset):
+    """Item ``i``: ``(prompt_ids, chosen_ids, rejected_ids)``, as :class:`PreferenceDataset`
+    gives, from pairs already in token ids (:func:`sampled_pairs`)."""
+
+    def __init__(self, items: Sequence[tuple[list[int], list[int], list[int]]]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[int], list[int]]:
+        return self.items[index]
+
+    def lengths(self) -> list[int]:
+        return [len(p) + max(len(c), len(r)) for p, c, r in self.items]
+
+
+@torch.no_grad()
+def sampled_pairs(
+    policy: MambaLM, reward_model, fmt: PromptFormat, prompts: Sequence[str], cfg: DPOConfig, seed: int, batch_size: int = 64
+) -> tuple[TokenPairs, dict[str, float]]:
+    """``pairs: sampled``: for each distinct prompt, ``cfg.num_samples`` answers of ``policy``
+    ranked by the reward model (:func:`src.rlhf.ppo.reward_scores`): (prompt, best, worst).
+    Prompts whose best and worst scores are within ``cfg.min_score_gap`` give no pair. Every
+    draw is seeded by ``seed`` and the batch index. Returns the pairs and their statistics."""
+    tokenizer = fmt.tokenizer
+    prompt_ids = [fmt.prompt_ids(p) for p in dict.fromkeys(prompts)]
+    flat = [ids for ids in prompt_ids for _ in range(cfg.num_samples)]
+    responses, scores = [], []
+    for start in tqdm(range(0, len(flat), batch_size), desc="DPO pairs: sample + score", unit="batch", leave=False):
+        chunk = flat[start : start + batch_size]
+        out = generate_ids(policy, chunk, cfg.sample_max_new_tokens, cfg.sample_temperature, 1.0,
+                           seed=seed + start // batch_size, eos_id=tokenizer.eos_id)
+        responses += out
+        scores.append(reward_scores(reward_model, chunk, out, tokenizer, cfg.missing_eos_penalty)[0])
+    score = torch.cat(scores).view(len(prompt_ids), cfg.num_samples)
+    best, worst = score.argmax(1).tolist(), score.argmin(1).tolist()
+    gap = score.max(1).values - score.min(1).values
+    items = [
+        (ids, responses[i * cfg.num_samples + best[i]], responses[i * cfg.num_samples + worst[i]])
+        for i, ids in enumerate(prompt_ids) if float(gap[i]) > cfg.min_score_gap
+    ]
+    stats = {"prompts": len(prompt_ids), "pairs": len(items), "score_mean": float(score.mean()),
+             "chosen_score_mean": float(score.max(1).values.mean()), "rejected_score_mean": float(score.min(1).values.mean())}
+    return TokenPairs(items), stats
+
+
 def make_loss(cfg: DPOConfig):
     """The engine's ``loss_fn``: the DPO loss summed over the pairs of a batch (the engine
     divides by the pairs of the whole optimizer step, :func:`count_pairs`)."""
@@ -112,6 +177,8 @@ def make_loss(cfg: DPOConfig):
         chosen, rejected = sequence_logprobs(model, batch).chunk(2)
         ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
         losses, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing)
+        if cfg.rpo_alpha:
+            losses = losses + cfg.rpo_alpha * rpo_nll(chosen, batch["mask"].chunk(2)[0].sum(-1))
         return losses.sum()
 
     return loss_fn
@@ -160,9 +227,12 @@ def train_dpo(
     val_examples: Sequence[PreferenceExample],
     stage: StageConfig,
     resume: bool = False,
+    reward_model=None,
 ) -> dict[str, Any]:
     """Optimise ``policy`` (a copy of the SFT model) with the DPO loss against the frozen
-    ``reference`` (the SFT model). ``stage.training`` is a :class:`DPOConfig`. Writes the
+    ``reference`` (the SFT model). ``stage.training`` is a :class:`DPOConfig`; with
+    ``pairs: sampled`` the pairs are the reference's own answers ranked by ``reward_model``
+    (:func:`sampled_pairs`) on the prompts of ``train_examples`` / ``val_examples``. Writes the
     engine's checkpoints under ``stage.paths.checkpoint_dir`` and the policy with the lowest
     val DPO loss to ``stage.output_file`` (``dpo_policy.pt``). Returns ``{"metrics", "outputs"}``."""
     cfg: DPOConfig = stage.training
@@ -171,12 +241,22 @@ def train_dpo(
     pad_id = tokenizer.pad_id
     reference = reference.eval().requires_grad_(False)
     batch_size = cfg.eval_batch_size or cfg.batch_size
-    train_pairs = PreferenceDataset(train_examples[: cfg.max_train_examples], fmt)
-    val_pairs = PreferenceDataset(val_examples[: cfg.max_val_examples], fmt)
+    sampling: dict[str, Any] = {}
+    if cfg.pairs == "sampled":
+        if reward_model is None:
+            raise ValueError("training.dpo.pairs: sampled needs the reward model")
+        train_pairs, sampling["train"] = sampled_pairs(
+            reference, reward_model, fmt, [e.prompt for e in train_examples[: cfg.max_train_examples]], cfg, stage.system.seed)
+        val_pairs, sampling["val"] = sampled_pairs(
+            reference, reward_model, fmt, [e.prompt for e in val_examples[: cfg.max_val_examples]], cfg, stage.system.seed + 1_000_000)
+        log.info("DPO pairs sampled from the SFT model (%d per prompt), ranked by the reward model: %s", cfg.num_samples, sampling)
+    else:
+        train_pairs = PreferenceDataset(train_examples[: cfg.max_train_examples], fmt)
+        val_pairs = PreferenceDataset(val_examples[: cfg.max_val_examples], fmt)
     train_set = DPODataset(train_pairs, reference_logprobs(reference, train_pairs, pad_id, batch_size))
     val_set = DPODataset(val_pairs, reference_logprobs(reference, val_pairs, pad_id, batch_size))
-    log.info("DPO: %d train / %d val preference pairs, beta %g, label smoothing %g",
-             len(train_set), len(val_set), cfg.beta, cfg.label_smoothing)
+    log.info("DPO: %d train / %d val preference pairs, beta %g, label smoothing %g, rpo_alpha %s",
+             len(train_set), len(val_set), cfg.beta, cfg.label_smoothing, cfg.rpo_alpha)
 
     task = TrainTask(
         name=KIND,
@@ -201,6 +281,9 @@ def train_dpo(
         "val_reward_margin": float(best["metrics"]["val_reward_margin"]),
         "beta": cfg.beta,
         "label_smoothing": cfg.label_smoothing,
+        "rpo_alpha": cfg.rpo_alpha,
+        "pairs": cfg.pairs,
+        **({"sampled_pairs": sampling} if sampling else {}),
         "best_step": int(best["step"]),
         "global_step": result.global_step,
         "train_examples": len(train_set),

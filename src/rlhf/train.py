@@ -153,16 +153,24 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
 
         metrics["ppo"] = _reuse_or(resume, files["ppo_policy"], ppo_stage, "mamba") or timed("ppo", run_ppo)["metrics"]
 
-    # 3b. DPO: the same start and reference, the preference pairs instead of the reward model.
+    # 3b. DPO: the same start and reference; the preference pairs, or (pairs: sampled) the
+    # SFT model's own answers ranked by the reward model.
     if "dpo" in methods:
-        dpo_stage = stage("dpo", cfg.training.dpo, files["dpo_policy"],
-                          {"sft_model": file_sha256(files["sft_model"]), "preferences_train": data_sha["preferences_train_file"],
-                           "preferences_val": data_sha["preferences_val_file"]})
+        sampled = cfg.training.dpo.pairs == "sampled"
+        dpo_inputs = {"sft_model": file_sha256(files["sft_model"]), "preferences_train": data_sha["preferences_train_file"],
+                      "preferences_val": data_sha["preferences_val_file"]}
+        if sampled:
+            dpo_inputs["reward_model"] = file_sha256(files["reward_model"])
+        dpo_stage = stage("dpo", cfg.training.dpo, files["dpo_policy"], dpo_inputs)
 
         def run_dpo() -> dict[str, Any]:
             policy_lm, tokenizer = load_mamba(files["sft_model"])
             reference, _ = load_mamba(files["sft_model"])
-            return train_dpo(policy_lm, reference, tokenizer, pref_train, pref_val, dpo_stage, resume)
+            reward_model = None
+            if sampled:
+                reward_model, rm_tokenizer = load_reward_model(files["reward_model"])
+                _check_same_tokenizer(tokenizer, reward_model, rm_tokenizer, files)
+            return train_dpo(policy_lm, reference, tokenizer, pref_train, pref_val, dpo_stage, resume, reward_model)
 
         metrics["dpo"] = _reuse_or(resume, files["dpo_policy"], dpo_stage, "mamba") or timed("dpo", run_dpo)["metrics"]
 

@@ -203,3 +203,23 @@ def test_decoder_greedy_equals_one_step_at_a_time(model):
         assert torch.equal(tokens, _greedy_one_at_a_time(model, first, ref, 11))
         assert all(torch.equal(a, b) for a, b in zip(mine.ssm + mine.conv, ref.ssm + ref.conv))
         assert Decoder(model).greedy(first, mine, 0).shape == (2, 0)
+
+
+def test_block_greedy_outputs_equal_step_by_step_generation_with_eos(model):
+    """``generate_ids`` with a compiled Decoder and temperature 0 decodes greedily a block at
+    a time (``_greedy_outputs``); with the eager Decoder here, it gives exactly the one-step
+    loop's tokens, cut after ``eos_id`` per row and at ``max_new_tokens``, for any length."""
+    from src.mamba.generate import Decoder, _greedy_outputs
+
+    prompts = [[1, 5, 9], [1, 20, 30, 40], [1, 7]]
+    plain = generate_ids(model, prompts, max_new_tokens=30, temperature=0)
+    eos = plain[1][4]  # a token that ends at least the second row early
+    for max_new in (1, 5, Decoder.block, Decoder.block + 1, 30):
+        expected = generate_ids(model, prompts, max_new_tokens=max_new, temperature=0, eos_id=eos)
+        with torch.inference_mode():
+            starts = [model(torch.tensor([p]), return_cache=True) for p in prompts]
+            cache = MambaCache.concat([s.cache for s in starts])
+            first = torch.cat([s.logits[:, -1] for s in starts]).argmax(-1)
+            got = _greedy_outputs(Decoder(model), first, cache, max_new, eos)
+        assert got == expected, max_new
+    assert len(expected[1]) == 5 and expected[1][-1] == eos

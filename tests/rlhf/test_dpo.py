@@ -11,8 +11,9 @@ from src.data.readers import PreferenceExample, read_sft
 from src.mamba.load import load_mamba
 from src.rlhf.config import DPOConfig, RLHFModelConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat
-from src.rlhf.dpo import collate_dpo, dpo_loss, implicit_reward_accuracy, reference_logprobs, sequence_logprobs, train_dpo
-from src.rlhf.ppo import response_logprobs
+from src.rlhf.dpo import collate_dpo, dpo_loss, implicit_reward_accuracy, make_loss, reference_logprobs, rpo_nll, sampled_pairs, sequence_logprobs, train_dpo
+from src.rlhf.ppo import response_logprobs, reward_scores
+from src.rlhf.reward_model import RewardModel
 
 
 def _log_sigmoid(x: float) -> float:
@@ -39,6 +40,24 @@ def test_label_smoothing_is_conservative_dpo():
     assert float(dpo_loss(pc, pr, rc, rr, beta=0.1)[0][0]) == pytest.approx(-_log_sigmoid(0.2), abs=1e-6)
     # At the start of training (policy == reference) every pair costs log 2, whatever the smoothing.
     assert float(dpo_loss(pc, pr, pc, pr, beta=0.3, label_smoothing=0.1)[0][0]) == pytest.approx(math.log(2))
+
+
+def test_rpo_alpha_adds_the_chosen_answers_mean_token_nll(tiny_base_model):
+    """``rpo_alpha`` (RPO; TRL's key): loss = DPO + alpha x (-log pi(chosen) / chosen tokens),
+    checked by hand on numbers and through ``make_loss`` on a real batch; null leaves plain DPO."""
+    assert rpo_nll(torch.tensor([-6.0, -1.5]), torch.tensor([3, 1])).tolist() == [2.0, 1.5]
+    lm, tok = load_mamba(tiny_base_model)
+    fmt = PromptFormat(tok, max_prompt_tokens=24, max_response_tokens=16)
+    pairs = PreferenceDataset([PreferenceExample(prompt="What does json.dumps do?", chosen="Serialize obj to a JSON string.",
+                                                 rejected="It does what its name says.")], fmt)
+    ref = reference_logprobs(lm, pairs, tok.pad_id)
+    batch = collate_dpo([(*pairs[0], float(ref[0, 0]), float(ref[0, 1]))], tok.pad_id)
+    with torch.no_grad():
+        plain = float(make_loss(DPOConfig(beta=0.1))(lm, batch))
+        rpo = float(make_loss(DPOConfig(beta=0.1, rpo_alpha=0.5))(lm, batch))
+        chosen_logp = float(sequence_logprobs(lm, batch)[0])
+    assert plain == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    assert rpo == pytest.approx(plain + 0.5 * -chosen_logp / len(pairs[0][1]), abs=1e-5)
 
 
 def test_sequence_logprobs_sum_the_response_tokens_only(tiny_base_model):
@@ -82,3 +101,45 @@ def test_dpo_learns_to_prefer_the_chosen_answers(tiny_base_model, sample_data_di
     trained, _ = load_mamba(tmp_path / "dpo_policy.pt")
     after = implicit_reward_accuracy(trained, reference, pairs[32:], fmt, cfg)
     assert after["val_loss"] == pytest.approx(summary["metrics"]["val_loss"], abs=1e-5)
+
+
+def test_sampled_pairs_are_the_policys_best_and_worst_answers_under_the_reward_model(tiny_base_model, sample_data_dir, tmp_path):
+    """``pairs: sampled``: per prompt, ``num_samples`` answers of the SFT model; chosen is the
+    one the reward model (a real Mamba-backbone RM with its fresh head) scores highest, rejected
+    the lowest, re-checked by scoring them again; the same seed gives the same pairs; a tiny
+    DPO run on such pairs learns to rank its val pairs."""
+    lm, tok = load_mamba(tiny_base_model)
+    torch.manual_seed(0)
+    reward_model = RewardModel(load_mamba(tiny_base_model)[0]).eval()
+    fmt = PromptFormat(tok, max_prompt_tokens=24, max_response_tokens=16)
+    prompts = [e.prompt for e in read_sft(sample_data_dir / "sft_train.jsonl")[:40]]
+    cfg = DPOConfig(pairs="sampled", num_samples=3, sample_max_new_tokens=8, missing_eos_penalty=0.5)
+    pairs, stats = sampled_pairs(lm, reward_model, fmt, prompts[:12], cfg, seed=3, batch_size=8)
+    assert stats["prompts"] == len(dict.fromkeys(prompts[:12])) == len(pairs) == stats["pairs"]
+    assert stats["chosen_score_mean"] > stats["score_mean"] > stats["rejected_score_mean"]
+    prompt_ids = [p for p, _, _ in pairs.items]
+    chosen = reward_scores(reward_model, prompt_ids, [c for _, c, _ in pairs.items], tok, cfg.missing_eos_penalty)[0]
+    rejected = reward_scores(reward_model, prompt_ids, [r for _, _, r in pairs.items], tok, cfg.missing_eos_penalty)[0]
+    assert bool((chosen >= rejected - 1e-5).all()) and float((chosen - rejected).mean()) > 0
+    assert all(1 <= len(c) <= 8 and 1 <= len(r) <= 8 for _, c, r in pairs.items)
+    again, _ = sampled_pairs(lm, reward_model, fmt, prompts[:12], cfg, seed=3, batch_size=8)
+    assert again.items == pairs.items
+    # A large gap requirement drops the prompts whose answers score alike.
+    assert len(sampled_pairs(lm, reward_model, fmt, prompts[:12], cfg.model_copy(update={"min_score_gap": 1e9}), seed=3)[0]) == 0
+
+    train, val = [PreferenceExample(prompt=p, chosen="-", rejected="-") for p in prompts[:32]], \
+        [PreferenceExample(prompt=p, chosen="-", rejected="-") for p in prompts[32:]]
+    reference, _ = load_mamba(tiny_base_model)
+    stage = StageConfig(
+        stage="dpo", training=cfg.model_copy(update={"batch_size": 8, "num_epochs": 3, "learning_rate": 0.003, "beta": 0.5,
+                                                      "log_steps": 4, "eval_steps": 4}),
+        model=RLHFModelConfig(max_prompt_tokens=24, max_response_tokens=16),
+        paths=PathsConfig(checkpoint_dir=tmp_path / "dpo", log_dir=tmp_path / "logs"),
+        system=SystemConfig(device="cpu", seed=0), output_file=tmp_path / "dpo_policy.pt", inputs={"sft_model": "test"},
+    )
+    summary = train_dpo(lm, reference, tok, train, val, stage, reward_model=reward_model)
+    metrics = summary["metrics"]
+    assert metrics["pairs"] == "sampled" and metrics["sampled_pairs"]["train"]["pairs"] == len(dict.fromkeys(prompts[:32]))
+    assert metrics["val_loss"] < math.log(2) and metrics["val_reward_accuracy"] > 0.5, metrics
+    with pytest.raises(ValueError, match="reward model"):
+        train_dpo(lm, reference, tok, train, val, stage)

@@ -153,6 +153,21 @@ def test_dpo_only_run_exports_the_dpo_policy(pipeline_run, tmp_path):
         rlhf_pipeline.main(["--config", str(pipeline_run["config"]), "--method", "dpo", "training.export=ppo"])
 
 
+def test_dpo_on_sampled_pairs_runs_through_the_pipeline(pipeline_run, tmp_path):
+    """``training.dpo.pairs=sampled``: the DPO stage loads the reward model, ranks the SFT
+    model's own answers with it, and records the pairs it trained on."""
+    out = tmp_path / "sampled"
+    out.mkdir()
+    for file in ("sft_model.pt", "reward_model.pt"):
+        shutil.copy(pipeline_run["out"] / file, out / file)
+    summary = rlhf_pipeline.main(["--config", str(pipeline_run["config"]), "--output-dir", str(out), "--skip-sft",
+                                  "--skip-reward", "--method", "dpo", "training.dpo.pairs=sampled", "training.dpo.num_samples=2"])
+    dpo = summary["metrics"]["dpo"]
+    assert dpo["pairs"] == "sampled" and dpo["sampled_pairs"]["train"]["pairs"] > 0
+    assert dpo["sampled_pairs"]["train"]["chosen_score_mean"] > dpo["sampled_pairs"]["train"]["rejected_score_mean"]
+    assert 0.0 <= summary["metrics"]["evaluation"]["dpo_win_rate_vs_sft"] <= 1.0
+
+
 def test_skip_flags_need_the_earlier_outputs(rlhf_config_file, tmp_path):
     empty = tmp_path / "empty"
     with pytest.raises(CheckpointError, match="sft_model.pt.*without --skip-sft"):
