@@ -13,7 +13,8 @@ source) runs in three engines in one process, on the same threads:
 * ``mark_compiled``: the same step through ``torch.compile`` (the compile time is reported
   separately, it is paid once per process: the API server pays it at start-up);
 * ``mark_greedy``: the compiled Decoder's ``greedy`` (``Decoder.block`` steps with the argmax
-  inside one compiled graph; its extra compile time is reported too);
+  inside one compiled graph, called from inductor's generated C++ on the CPU; its extra compile
+  time is reported too): what ``generate_ids(..., temperature=0, decoder=compiled)`` runs;
 * ``transformers``: ``Mamba2ForCausalLM`` with the same state dict (or the HF export of
   ``src.mamba.export`` when it exists), ``generate(do_sample=False)`` on its default path
   (pure PyTorch here: no ``mamba_ssm`` kernels);
