@@ -79,6 +79,13 @@ class PreferenceDataset(Dataset):
             (fmt.prompt_ids(e.prompt), fmt.response_ids(e.chosen), fmt.response_ids(e.rejected)) for e in examples
         ]
 
+    @classmethod
+    def from_ids(cls, items: Sequence[tuple[list[int], list[int], list[int]]]) -> "PreferenceDataset":
+        """The dataset of pairs already in token ids (e.g. sampled answers)."""
+        dataset = cls.__new__(cls)
+        dataset.items = list(items)
+        return dataset
+
     def __len__(self) -> int:
         return len(self.items)
 

@@ -122,27 +122,10 @@ def reference_logprobs(reference: MambaLM, pairs: PreferenceDataset, pad_id: int
     return torch.tensor([outputs["chosen"], outputs["rejected"]], dtype=torch.float32).T
 
 
-class TokenPairs(Dataset):
-    """Item ``i``: ``(prompt_ids, chosen_ids, rejected_ids)``, as :class:`PreferenceDataset`
-    gives, from pairs already in token ids (:func:`sampled_pairs`)."""
-
-    def __init__(self, items: Sequence[tuple[list[int], list[int], list[int]]]) -> None:
-        self.items = list(items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[list[int], list[int], list[int]]:
-        return self.items[index]
-
-    def lengths(self) -> list[int]:
-        return [len(p) + max(len(c), len(r)) for p, c, r in self.items]
-
-
 @torch.no_grad()
 def sampled_pairs(
     policy: MambaLM, reward_model, fmt: PromptFormat, prompts: Sequence[str], cfg: DPOConfig, seed: int, batch_size: int = 64
-) -> tuple[TokenPairs, dict[str, float]]:
+) -> tuple[PreferenceDataset, dict[str, float]]:
     """``pairs: sampled``: for each distinct prompt, ``cfg.num_samples`` answers of ``policy``
     ranked by the reward model (:func:`src.rlhf.ppo.reward_scores`): (prompt, best, worst).
     Prompts whose best and worst scores are within ``cfg.min_score_gap`` give no pair. Every
@@ -166,7 +149,7 @@ def sampled_pairs(
     ]
     stats = {"prompts": len(prompt_ids), "pairs": len(items), "score_mean": float(score.mean()),
              "chosen_score_mean": float(score.max(1).values.mean()), "rejected_score_mean": float(score.min(1).values.mean())}
-    return TokenPairs(items), stats
+    return PreferenceDataset.from_ids(items), stats
 
 
 def make_loss(cfg: DPOConfig):
