@@ -10,6 +10,11 @@ depend on what the weights say; for the GGUF export a BPE is trained on the repo
 source) runs in three engines in one process, on the same threads:
 
 * ``mark``: :class:`src.mamba.generate.Decoder` eager, the fused in-place step;
+* ``mark_native``: the ``native`` Decoder (MARK's C kernel, ``src/mamba/kernels/decode_cpu.c``),
+  one ``step`` + argmax per token as the API's worker decodes (its build time, paid once per
+  machine, is reported);
+* ``mark_native_greedy``: the native Decoder's ``greedy``, all the tokens in one kernel call:
+  what ``generate_ids(..., temperature=0, decoder=native)`` runs;
 * ``mark_compiled``: the same step through ``torch.compile`` (the compile time is reported
   separately, it is paid once per process: the API server pays it at start-up);
 * ``mark_greedy``: the compiled Decoder's ``greedy`` (``Decoder.block`` steps with the argmax
@@ -58,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (best kept), after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd MARK step")
-    parser.add_argument("--engines", nargs="+", default=["mark", "mark_compiled", "mark_greedy", "transformers", "llama.cpp"])
+    parser.add_argument(
+        "--engines", nargs="+",
+        default=["mark", "mark_native", "mark_native_greedy", "mark_compiled", "mark_greedy", "transformers", "llama.cpp"],
+    )
     parser.add_argument("--checkpoint", help="a MARK mamba checkpoint dir (default: seeded random weights)")
     parser.add_argument("--config", default="configs/mamba_train.yaml", help="seed config whose model section is used")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -143,7 +151,7 @@ def bench_mark(model, decoder, prompts: torch.Tensor, opts, engine: str, greedy:
     def decode():
         state = MambaCache.concat([cache])  # a fresh copy: the steps update it in place
         token = first.argmax(-1)
-        if greedy:  # Decoder.greedy: compiled, blocks of steps with the argmax in the graph
+        if greedy:  # Decoder.greedy: the argmax inside the kernel or the compiled graph
             return torch.cat([token[:, None], decoder.greedy(token, state, opts.new_tokens - 1)], 1)
         out = [token]
         for _ in range(opts.new_tokens - 1):
@@ -261,12 +269,12 @@ def bench_llama_cpp(model, tokenizer, prompt: list[int], opts) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'engine':<16} {'batch':>5} {'prefill tok/s':>13} {'(cpu)':>9} {'decode tok/s':>12} {'(cpu)':>9} {'ms/step':>8}"
+    head = f"{'engine':<20} {'batch':>5} {'prefill tok/s':>13} {'(cpu)':>9} {'decode tok/s':>12} {'(cpu)':>9} {'ms/step':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['engine']:<16} {r['batch']:>5} {r['prefill_tokens_per_s']:>13.0f} {r['prefill_cpu_tokens_per_s']:>9.0f} "
+            f"{r['engine']:<20} {r['batch']:>5} {r['prefill_tokens_per_s']:>13.0f} {r['prefill_cpu_tokens_per_s']:>9.0f} "
             f"{r['decode_tokens_per_s']:>12.0f} {r['decode_cpu_tokens_per_s']:>9.0f} {r['decode_ms_per_step']:>8.2f}"
         )
 
@@ -275,7 +283,7 @@ def summarize(rows: list[dict], batches: list[int]) -> dict:
     by = {(r["engine"], r["batch"]): r for r in rows}
     summary: dict = {}
     for batch in batches:
-        for mark in ("mark", "mark_compiled", "mark_greedy"):
+        for mark in ("mark", "mark_native", "mark_native_greedy", "mark_compiled", "mark_greedy"):
             ours = by.get((mark, batch))
             if ours is None:
                 continue
@@ -321,8 +329,21 @@ def main(argv=None) -> dict:
     decoders = {}
     if "mark" in opts.engines:
         decoders["mark"] = Decoder(model)
+    if {"mark_native", "mark_native_greedy"} & set(opts.engines):
+        from src.mamba import native
+
+        ok, why_not = native.available()
+        reason = native.supports(model) if ok else why_not
+        if reason is None:
+            native_started = time.perf_counter()
+            native.library()
+            notes["native_build_seconds"] = round(time.perf_counter() - native_started, 2)
+            decoders["mark_native"] = Decoder(model, "native")
+        else:
+            for engine in ("mark_native", "mark_native_greedy"):
+                skipped[engine] = reason
     if "mark_compiled" in opts.engines and not opts.no_compile:
-        decoder = Decoder(model, compile=True)
+        decoder = Decoder(model, "compile")
         decoder.warmup(tuple(sorted({1 if b == 1 else 2 for b in opts.batches})))
         notes["compile_seconds"] = round(decoder.compile_seconds, 1)
         print(f"  torch.compile of the decoding step: {decoder.compile_seconds:.1f} s (once per process)", file=sys.stderr)
@@ -343,11 +364,13 @@ def main(argv=None) -> dict:
 
     for batch in opts.batches:
         prompts = all_prompts[:batch]
-        runs = list(decoders.items())
+        runs = [(engine, decoder) for engine, decoder in decoders.items() if engine in opts.engines]
+        if "mark_native" in decoders and "mark_native_greedy" in opts.engines:
+            runs.append(("mark_native_greedy", decoders["mark_native"]))
         if "mark_compiled" in decoders and "mark_greedy" in opts.engines:
             runs.append(("mark_greedy", decoders["mark_compiled"]))
         for engine, decoder in runs:
-            rows.append(bench_mark(model, decoder, prompts, opts, engine, greedy=engine == "mark_greedy"))
+            rows.append(bench_mark(model, decoder, prompts, opts, engine, greedy=engine.endswith("greedy")))
             print(f"  {engine} batch {batch}: {rows[-1]['decode_tokens_per_s']:.0f} decode tok/s", file=sys.stderr, flush=True)
         if hf is not None:
             rows.append(bench_transformers(hf, prompts, opts))
@@ -374,6 +397,8 @@ def main(argv=None) -> dict:
     print_table(rows)
     for engine, why in skipped.items():
         print(f"{engine}: skipped ({why})")
+    if "native_build_seconds" in notes:
+        print(f"native kernel library: {notes['native_build_seconds']} s to build or load (built once per machine, cached)")
     if "compile_seconds" in notes:
         print(f"torch.compile of MARK's step: {notes['compile_seconds']} s, paid once per process")
     print(json.dumps(report["summary"], indent=2))

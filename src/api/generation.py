@@ -284,13 +284,14 @@ class GenerationWorker:
         name: str = "mamba",
         max_batch_size: int = 32,
         max_pending: int = 256,
-        compile_step: bool = False,
+        decoder: str = "eager",
         request_timeout_s: float | None = None,
     ) -> None:
         self.model = model.eval()
-        # The decoding step updates the batch's state in place; compiled, it is compiled
-        # once on this worker's thread before the first request is served.
-        self.decoder = Decoder(self.model, compile=compile_step)
+        # The decoding step updates the batch's state in place (``decoder``: a Decoder
+        # backend); compiled, it is compiled once on this worker's thread before the first
+        # request is served.
+        self.decoder = Decoder(self.model, decoder)
         # Every request fails with GenerationTimeoutError once it has waited and run this long.
         self.request_timeout_s = request_timeout_s
         self.tokenizer = tokenizer

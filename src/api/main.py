@@ -41,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-alive", type=int, default=30, help="seconds an idle client connection stays open")
     parser.add_argument("--no-preload", action="store_true", help="load each model on its first request instead of at startup")
     parser.add_argument(
-        "--compile-decoder", action="store_true",
-        help="torch.compile each language model's decoding step when its worker starts (30-100 s once; faster tokens after)",
+        "--decoder", default="auto", choices=["auto", "native", "compile", "eager"],
+        help="language models' decoding step: auto = MARK's native CPU kernel where the model allows it "
+        "(float32 on the CPU), else eager; compile = torch.compile when each worker starts (30-100 s once)",
     )
+    parser.add_argument("--compile-decoder", action="store_true", help="the same as --decoder compile")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -70,7 +72,7 @@ def settings_from_args(args: argparse.Namespace):
         max_pending=args.max_pending,
         preload=not args.no_preload,
         request_timeout_s=args.request_timeout or None,
-        compile_decoder=args.compile_decoder,
+        decoder="compile" if args.compile_decoder else args.decoder,
     )
 
 

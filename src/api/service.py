@@ -46,7 +46,9 @@ class ServerSettings:
     preload: bool = True
     request_timeout_s: Optional[float] = 300.0  # None: no limit
 
-    compile_decoder: bool = False  # torch.compile the decoding step, once per worker at start-up
+    # The language models' decoding step (src.mamba.generate.Decoder): auto = MARK's native
+    # CPU kernel where the model allows it, else eager; compile = torch.compile at start-up.
+    decoder: str = "auto"
 
 MAX_EVIDENCE_CANDIDATES = 64
 SENTENCE_CACHE_SIZE = 20_000
@@ -115,7 +117,7 @@ class ModelService:
             f"generate:{name}",
             lambda: GenerationWorker(
                 loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending,
-                compile_step=s.compile_decoder, request_timeout_s=s.request_timeout_s,
+                decoder=s.decoder, request_timeout_s=s.request_timeout_s,
             ),
         )
 

@@ -12,6 +12,7 @@ final hidden states, ``model.args.d_model`` wide) for value or reward heads.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Sequence
 
@@ -20,27 +21,57 @@ import torch
 from src.mamba.model import MambaCache, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 
+log = logging.getLogger(__name__)
+
+
+BACKENDS = ("eager", "compile", "native", "auto")
+
 
 class Decoder:
-    """The one-token decoding step of a model, eager or compiled.
+    """The one-token decoding step of a model, on one of three backends.
 
-    ``Decoder(model).step(tokens, cache)`` is :meth:`MambaLM.step_`: logits (batch, vocab) for
-    one token per row, ``cache`` updated in place. With ``compile=True`` the step goes through
-    ``torch.compile``; the compilation happens on the first call of each kind (batch of 1,
-    batch of several: the first is specialised to one row, the second has a dynamic batch
-    size, so any number of rows uses the same code), or up front in :meth:`warmup`, whose
-    time is ``compile_seconds``. A server calls ``warmup`` at start-up so that no request
-    pays it. The compiled step multiplies by transposed copies of the weight matrices
-    (:meth:`MambaLM.transposed_weights`, 2x faster matrix-vector products on the CPU), taken
-    when the Decoder is built: build a new Decoder after the weights change (the eager one,
-    the default, always reads the current weights, as RLHF needs).
+    ``Decoder(model, backend).step(tokens, cache)`` is :meth:`MambaLM.step_`: logits (batch,
+    vocab) for one token per row, ``cache`` updated in place; :meth:`greedy` feeds the argmax
+    back in for many steps. ``backend``:
+
+    * ``"eager"`` (the default): ``MambaLM.step_`` itself. It always reads the model's current
+      weights, as RLHF needs while the policy trains.
+    * ``"native"``: MARK's fused C kernel for the CPU (:mod:`src.mamba.native`, float32
+      models): all layers, the LM head and the greedy argmax of a block of tokens in one call,
+      one OpenMP region, no Python per token. Compiled once per machine (a second or two,
+      cached); the fastest on the CPU (see the README's Speed section).
+    * ``"compile"``: the step through ``torch.compile``, which works on any device and dtype.
+      The compilation happens on the first call of each kind (batch of 1, batch of several:
+      the first is specialised to one row, the second has a dynamic batch size, so any number
+      of rows uses the same code), or up front in :meth:`warmup`, whose time is
+      ``compile_seconds``. It multiplies by transposed copies of the weight matrices
+      (:meth:`MambaLM.transposed_weights`, 2x faster matrix-vector products on the CPU).
+    * ``"auto"``: ``native`` where the model and machine allow it, else ``eager``; the
+      reason is logged.
+
+    ``native`` and ``compile`` copy the weights when the Decoder is built: build a new one
+    after the weights change. A server calls :meth:`warmup` at start-up so that no request
+    pays a compilation.
     """
 
-    def __init__(self, model: MambaLM, compile: bool = False) -> None:
+    def __init__(self, model: MambaLM, backend: str = "eager") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"decoder backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         self.model = model
-        self.compiled = compile
         self.compile_seconds = 0.0
-        if compile:
+        if backend == "auto":
+            backend = _auto_backend(model)
+        self.backend = backend
+        self._native = None
+        self._greedy_block = None
+        if backend == "native":
+            from src.mamba.native import NativeStep
+
+            started = time.perf_counter()
+            self._native = NativeStep(model)  # builds the kernel library on first use
+            self.compile_seconds = time.perf_counter() - started
+            self._step = self._native.step
+        elif backend == "compile":
             transposed = model.transposed_weights()
 
             def step(token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
@@ -62,7 +93,17 @@ class Decoder:
             self._greedy_block = torch.compile(greedy_block, dynamic=None, options={"cpp_wrapper": True} if cpu else None)
         else:
             self._step = model.step_
-            self._greedy_block = None
+
+    @property
+    def compiled(self) -> bool:
+        """True for the ``compile`` backend (its first calls compile: see :meth:`warmup`)."""
+        return self.backend == "compile"
+
+    @property
+    def fused_greedy(self) -> bool:
+        """True when :meth:`greedy` runs blocks of steps with the argmax inside (``native``,
+        ``compile``): what ``generate_ids`` uses for greedy decoding."""
+        return self.backend in ("native", "compile")
 
     block = 8  # greedy tokens per call of the compiled greedy loop
 
@@ -70,8 +111,11 @@ class Decoder:
     def greedy(self, token_ids: torch.Tensor, cache: MambaCache, steps: int) -> torch.Tensor:
         """Feed ``token_ids`` (batch,) and the argmax of each step's logits back in, ``steps``
         times: the greedy tokens (batch, steps), ``cache`` updated in place. The same tokens as
-        ``step`` + ``argmax`` one at a time; compiled, ``block`` steps (argmax included) run
-        as one graph, so the per-call costs (guards, wrapper) are paid once per block."""
+        ``step`` + ``argmax`` one at a time. ``native``: all the steps in one call of the
+        kernel; ``compile``: ``block`` steps (argmax included) run as one graph, so the
+        per-call costs (guards, wrapper) are paid once per block."""
+        if self._native is not None:
+            return self._native.greedy(token_ids.contiguous(), cache, steps)
         out = []
         if self._greedy_block is not None:
             for _ in range(steps // self.block):
@@ -110,6 +154,19 @@ class Decoder:
         return seconds
 
 
+def _auto_backend(model: MambaLM) -> str:
+    """``native`` when the model and this machine can run the kernel, else ``eager``."""
+    from src.mamba import native
+
+    reason = native.supports(model)
+    if reason is None:
+        ok, reason = native.available()
+        if ok:
+            return "native"
+    log.info("decoding with the eager step: %s", reason)
+    return "eager"
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row of ``logits`` (batch, vocab): greedy when ``temperature <= 0``, else
     nucleus sampling (the smallest set of tokens whose probability reaches ``top_p``)."""
@@ -139,9 +196,9 @@ def generate_ids(
     """Continue each token-id prompt; returns the new ids per prompt (ending at ``eos_id``
     when it is sampled). Prompts may have different lengths: each is prefilled on its own,
     then all are decoded together, one token per step. The same ``seed`` gives the same output.
-    ``decoder``: a (compiled) :class:`Decoder` of ``model`` to reuse across calls; with a
-    compiled one and ``temperature <= 0``, the tokens come from its greedy loop
-    (:meth:`Decoder.greedy`, ``Decoder.block`` tokens per call; the same tokens).
+    ``decoder``: a :class:`Decoder` of ``model`` to reuse across calls (default: eager);
+    with a ``native`` or ``compile`` one and ``temperature <= 0``, the tokens come from its
+    greedy loop (:meth:`Decoder.greedy`, ``Decoder.block`` tokens per call; the same tokens).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -158,7 +215,7 @@ def generate_ids(
         logits.append(out.logits[:, -1])
     cache = MambaCache.concat(caches)  # a fresh copy: the steps below update it in place
     next_logits = torch.cat(logits)
-    if decoder is not None and decoder.compiled and temperature <= 0:
+    if decoder is not None and decoder.fused_greedy and temperature <= 0:
         outputs = _greedy_outputs(decoder, next_logits.argmax(-1), cache, max_new_tokens, eos_id)
         model.train(was_training)
         return outputs
@@ -227,4 +284,4 @@ def token_logprobs(model: MambaLM, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-__all__ = ["Decoder", "generate", "generate_ids", "sample_next", "token_logprobs"]
+__all__ = ["BACKENDS", "Decoder", "generate", "generate_ids", "sample_next", "token_logprobs"]

@@ -251,14 +251,14 @@ def test_request_timeout_bounds_every_generation(tiny_lm):
 
 @pytest.mark.slow
 def test_compile_decoder_setting_compiles_once_at_worker_start(tiny_checkpoints):
-    """``--compile-decoder``: the service's generation worker compiles its decoding step on
+    """``--decoder compile`` (or ``--compile-decoder``): the service's generation worker compiles its decoding step on
     its own thread before serving, the first request pays nothing more, and the greedy text
     is the eager one."""
     from src.api.main import build_parser, settings_from_args
     from src.api.service import ModelService
 
-    settings = settings_from_args(build_parser().parse_args(["--checkpoints-dir", str(tiny_checkpoints), "--compile-decoder"]))
-    assert settings.compile_decoder and not settings_from_args(build_parser().parse_args([])).compile_decoder
+    settings = settings_from_args(build_parser().parse_args(["--checkpoints-dir", str(tiny_checkpoints), "--decoder", "compile"]))
+    assert settings.decoder == "compile" == settings_from_args(build_parser().parse_args(["--compile-decoder"])).decoder
     service = ModelService(settings)
     try:
         worker = service.generator("mamba")
@@ -271,5 +271,36 @@ def test_compile_decoder_setting_compiles_once_at_worker_start(tiny_checkpoints)
         assert first.text == generate(model, tokenizer, "import", max_new_tokens=16, temperature=0)
         worker.generate("Return the value of", params)
         assert worker.decoder.compile_seconds == compiled_in
+    finally:
+        service.close()
+
+
+def test_the_server_decodes_with_the_native_kernel_by_default(tiny_checkpoints):
+    """``--decoder auto`` (the default): the float32 CPU model is served by MARK's native
+    kernel; greedy text is the eager text, sampled text repeats with its seed, and
+    ``--decoder eager`` keeps the plain step."""
+    from src.api.main import build_parser, settings_from_args
+    from src.api.service import ModelService
+    from src.mamba import native
+
+    if not native.available()[0]:
+        pytest.skip(f"the native kernel cannot be built here: {native.available()[1]}")
+    settings = settings_from_args(build_parser().parse_args(["--checkpoints-dir", str(tiny_checkpoints)]))
+    assert settings.decoder == "auto"
+    service = ModelService(settings)
+    try:
+        worker = service.generator("mamba")
+        assert worker.decoder.backend == "native"
+        model, tokenizer = worker.model, worker.tokenizer
+        greedy = GenerationParams(max_new_tokens=16, temperature=0)
+        assert worker.generate("import", greedy).text == generate(model, tokenizer, "import", max_new_tokens=16, temperature=0)
+        sampled = GenerationParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+        assert worker.generate("Return the value of", sampled).text == worker.generate("Return the value of", sampled).text
+    finally:
+        service.close()
+    eager = settings_from_args(build_parser().parse_args(["--checkpoints-dir", str(tiny_checkpoints), "--decoder", "eager"]))
+    service = ModelService(eager)
+    try:
+        assert service.generator("mamba").decoder.backend == "eager"
     finally:
         service.close()

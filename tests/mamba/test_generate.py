@@ -141,11 +141,12 @@ def test_functional_step_leaves_its_cache_unchanged_and_in_place_step_updates_it
 
 @pytest.mark.slow
 def test_compiled_decoder_gives_the_eager_tokens(model):
-    """``Decoder(compile=True)``: torch.compile of the step, same greedy tokens as eager for
+    """``Decoder(model, "compile")``: torch.compile of the step, same greedy tokens as eager for
     batches of 1 and 3 (the dynamic batch size compiles once per kind, in ``warmup``)."""
     from src.mamba.generate import Decoder
 
-    decoder = Decoder(model, compile=True)
+    decoder = Decoder(model, "compile")
+    assert decoder.compiled and decoder.fused_greedy
     assert decoder.warmup((1, 3)) > 0 and decoder.compile_seconds > 0
     prompts = [[1, 5, 9], [1, 20, 30, 40], [1, 7]]
     eager = generate_ids(model, prompts, max_new_tokens=12, temperature=0)
