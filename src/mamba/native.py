@@ -28,7 +28,7 @@ import torch
 from src.mamba.model import MambaCache, MambaLM
 
 SOURCE = Path(__file__).with_name("kernels") / "decode_cpu.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
 _PER_LAYER = 9  # pointers per layer, in the order of the C enum
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
