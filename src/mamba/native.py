@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ _PER_LAYER = 9  # pointers per layer, in the order of the C enum
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: str | None = None
+build_seconds = 0.0  # what building the library took in this process (0: loaded from the cache)
 
 
 def cache_dir() -> Path:
@@ -46,7 +48,7 @@ def _compiler() -> str | None:
 def library() -> ctypes.CDLL:
     """The compiled kernel library (built and cached on the first call); ``RuntimeError``
     with the compiler's message when it cannot be built."""
-    global _library, _error
+    global _library, _error, build_seconds
     with _lock:
         if _library is not None:
             return _library
@@ -65,11 +67,13 @@ def library() -> ctypes.CDLL:
             # leaves a half-written library under the final name.
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
+                started = time.perf_counter()
                 result = subprocess.run([compiler, str(SOURCE), "-o", str(built), *FLAGS], capture_output=True, text=True)
                 if result.returncode != 0:
                     _error = f"building {SOURCE.name} failed: {result.stderr.strip()[-2000:]}"
                     raise RuntimeError(_error)
                 os.replace(built, target)
+                build_seconds = time.perf_counter() - started
         lib = ctypes.CDLL(str(target))
         lib.mark_tile.restype = ctypes.c_int
         lib.mark_decode.restype = ctypes.c_int

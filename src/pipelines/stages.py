@@ -92,8 +92,9 @@ TRAIN_STAGES: dict[str, TrainStage] = {
         ),
         TrainStage(
             "train_rlhf", "rlhf", "rlhf.yaml", "src.training.rlhf_pipeline", "src.rlhf.config:RLHFConfig",
-            key_metrics=(("evaluation/ppo_win_rate_vs_sft", "win rate vs SFT"), ("evaluation/reward_ppo_mean", "reward PPO"),
-                         ("evaluation/reward_sft_mean", "SFT")),
+            # {policy}: the exported policy (export/policy: ppo, dpo or sft).
+            key_metrics=(("evaluation/{policy}_win_rate_vs_sft", "{POLICY} win rate vs SFT"),
+                         ("evaluation/reward_{policy}_mean", "reward {POLICY}"), ("evaluation/reward_sft_mean", "SFT")),
         ),
     )
 }
@@ -122,9 +123,12 @@ def load_stage_config(stage: TrainStage, config_dir: str | Path, device: str | N
 
 def format_key_metric(stage: TrainStage, metrics: dict[str, Any]) -> str:
     """The summary table's "key metric" cell: the first two of the stage's key metrics present
-    (``a/b`` names ``metrics["a"]["b"]``, for components that report metrics per sub-stage)."""
+    (``a/b`` names ``metrics["a"]["b"]``, for components that report metrics per sub-stage;
+    ``{policy}`` / ``{POLICY}`` the exported policy, ``export/policy``, default ``ppo``)."""
+    policy = str(lookup_metric(metrics, "export/policy") or "ppo")
     shown = []
     for key, label in stage.key_metrics:
+        key, label = key.format(policy=policy), label.format(POLICY=policy.upper())
         value = lookup_metric(metrics, key)
         if value is not None:
             shown.append(f"{label} {_fmt(value)}")

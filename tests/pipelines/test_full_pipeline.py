@@ -45,7 +45,8 @@ def test_every_stage_runs_and_the_manifest_describes_it(tiny_pipeline):
     assert metrics["export_models"]["models"] == ["mamba", "rag", "rl", "rlhf", "transformer"]
     assert rows["build_rag"]["key_metric"].startswith("recall@5 ")
     assert rows["train_rl"]["key_metric"].startswith("reward ")
-    assert rows["train_rlhf"]["key_metric"].startswith("win rate vs SFT ")
+    exported = metrics["train_rlhf"]["export"]["policy"]
+    assert rows["train_rlhf"]["key_metric"].startswith(f"{exported.upper()} win rate vs SFT ")
 
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["status"] == "completed" and manifest["stages_selected"] == ALL_STAGES
