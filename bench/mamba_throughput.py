@@ -2,7 +2,8 @@
 
     python bench/mamba_throughput.py [--lengths 512 2048 8192] [--batch-tokens 8192] [--steps 2]
         [--models mark hf_mamba2 hf_mamba2_chunk256 gpt2 mark_compiled] [--threads N] [--device cpu]
-        [--precision fp32|bf16] [--config configs/mamba_train.yaml] [--output bench/results/mamba_throughput.json]
+        [--precision fp32|bf16] [--allocator tuned|default] [--config configs/mamba_train.yaml]
+        [--output bench/results/mamba_throughput.json]
 
 Every model has the width, depth and vocabulary of the seed config's ``model`` section
 (d_model 256, 4 layers, 8 heads, 5000 tokens):
@@ -23,7 +24,9 @@ from the config: 6 x the matmul parameters, LM head included, plus 3 x the SSD s
 matmuls) x tokens/s, divided by the dense matmul peak measured in the same run on the same
 device and threads (:func:`matmul_peak`: fp32 on CPU, bf16 on a GPU or with ``--precision bf16``).
 
-A training step is forward + cross-entropy + backward + AdamW step in float32 on random
+Every worker first applies :func:`src.core.runtime.tune_cpu_allocator` on CPU (what MARK's
+training engine does; ``--allocator default`` leaves glibc's malloc as it is), whichever model
+it times. A training step is forward + cross-entropy + backward + AdamW step in float32 on random
 token ids (throughput only; nothing is learned). Each (model, length) point runs in its own
 subprocess: one warm-up step, then ``--steps`` timed steps; tokens/s = batch tokens / median
 step wall time. The CPU-time column divides by the process's CPU time instead, which is
@@ -76,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                         help="autocast dtype of the training step (default: fp32 on CPU, bf16 on cuda)")
     parser.add_argument("--config", default="configs/mamba_train.yaml", help="seed config whose model section is used")
+    parser.add_argument(
+        "--allocator", default="tuned", choices=["tuned", "default"],
+        help="tuned: src.core.runtime.tune_cpu_allocator in every worker (what MARK's training does on CPU); default: glibc's",
+    )
     parser.add_argument("--output", default="bench/results/mamba_throughput.json")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "LENGTH", "BATCH"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -184,6 +191,10 @@ def run_worker(opts) -> dict:
     name, length, batch = opts.worker[0], int(opts.worker[1]), int(opts.worker[2])
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.device == "cpu" and opts.allocator == "tuned":  # for every model alike
+        from src.core.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     device = torch.device(opts.device)
     torch.manual_seed(0)
     args = seed_model_args(opts.config)
@@ -299,7 +310,7 @@ def measure_scans(opts, lengths: list[int]) -> list[dict]:
 def measure(opts, name: str, length: int) -> dict:
     batch = max(1, opts.batch_tokens // length)
     cmd = [sys.executable, __file__, "--worker", name, str(length), str(batch), "--steps", str(opts.steps),
-           "--threads", str(opts.threads), "--device", opts.device, "--config", opts.config]
+           "--threads", str(opts.threads), "--device", opts.device, "--config", opts.config, "--allocator", opts.allocator]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -434,6 +445,7 @@ def main(argv=None) -> dict:
         "settings": {
             "lengths": opts.lengths, "batch_tokens": opts.batch_tokens, "steps": opts.steps,
             "threads": opts.threads or "default", "config": opts.config, "precision": precision,
+            "allocator": opts.allocator,
             "matmul_peak_gflops": round(peak / 1e9, 2), "matmul_peak_cpu_time_gflops": round(cpu_peak / 1e9, 2),
             "model_flops_per_token": flops_per_token,
             "load_average_before": [round(x, 2) for x in load_before],
