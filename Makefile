@@ -43,6 +43,7 @@ test-all: install
 
 bench: install
 	$(PY) bench/mamba_throughput.py
+	$(PY) bench/decode.py
 	$(PY) bench/transformer_throughput.py
 	$(PY) bench/rag.py
 
