@@ -8,7 +8,7 @@ uses it for ``backend="native"``.
 
 The library is compiled on first use with the C compiler the machine has (``$CC`` or ``cc``,
 ``-O3 -march=native -fopenmp``: a second or two) and cached under ``$MARK_CACHE_DIR`` (default
-``~/.cache/mark``), keyed by the source, the compiler and the flags. :func:`available` says
+``~/.cache/mark``), keyed by the source, the compiler, the flags and the CPU. :func:`available` says
 whether it can be built here, and why not.
 """
 
@@ -30,7 +30,6 @@ from src.mamba.model import MambaCache, MambaLM
 
 SOURCE = Path(__file__).with_name("kernels") / "decode_cpu.c"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-lm"]
-_PER_LAYER = 9  # pointers per layer, in the order of the C enum
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: str | None = None
@@ -39,6 +38,19 @@ build_seconds = 0.0  # what building the library took in this process (0: loaded
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MARK_CACHE_DIR") or Path.home() / ".cache" / "mark")
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags: ``-march=native`` code is only reused on the same kind
+    of CPU (a shared cache directory may be read from other machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
 def _compiler() -> str | None:
@@ -59,7 +71,8 @@ def library() -> ctypes.CDLL:
             _error = "no C compiler found (set $CC) to build MARK's native decoding kernel"
             raise RuntimeError(_error)
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        identity = SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode() + _cpu_identity().encode()
+        key = hashlib.sha256(identity).hexdigest()[:16]
         target = cache_dir() / f"mark_decode_cpu_{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +132,9 @@ def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
 
 
 class NativeStep:
-    """A model's decoding step on the native kernel. It holds its own copy of the matrices,
-    packed in the kernel's tiled layout (:func:`pack`), and of the other weights: build a new
-    one after the weights change. ``threads``: the OpenMP threads of each call (default: torch's)."""
+    """A model's decoding step on the native kernel. It holds packed copies of the weight
+    matrices (:func:`pack`) and reads the embeddings, norms and SSM parameters in place:
+    build a new one after the weights change. ``threads``: the OpenMP threads of each call (default: torch's)."""
 
     def __init__(self, model: MambaLM, threads: int | None = None) -> None:
         reason = supports(model)
