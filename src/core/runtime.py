@@ -62,8 +62,8 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20) -> bool:
     as a few hundred kB are free, so each training step's large temporaries (activations,
     logits chunks, gradients: tens of MB each) come back as fresh pages that the kernel
     zero-fills on first touch. Blocks up to ``mmap_threshold`` (32 MB, glibc's maximum) are
-    served from the heap and the heap is never trimmed: 7-10% more training tokens/s for
-    the spec's Mamba at L = 2048 on this box (``bench/mamba_throughput.py`` applies it to
+    served from the heap and the heap is never trimmed: +5.6% and +7.7% training tokens/s
+    for the spec's Mamba at L = 2048 in two in-process A/B pairs on this box (``bench/mamba_throughput.py`` applies it to
     every model it times). The cost: a process keeps its peak heap until it exits.
     Idempotent; ``MARK_MALLOC_TUNING=0`` turns it off. Returns whether it is in effect.
     """

@@ -191,7 +191,8 @@ def build_accelerator(device: str, mixed_precision: bool | str):
 
     torch_device = resolve_device(device)
     mp = resolve_mixed_precision(mixed_precision, torch_device)
-    tune_cpu_allocator()  # reuse the heap for large CPU tensors (see its docstring)
+    if torch_device.type == "cpu":
+        tune_cpu_allocator()  # reuse the heap for large CPU tensors (see its docstring)
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

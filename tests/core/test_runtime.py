@@ -31,22 +31,28 @@ def test_allocator_tuning_applies_once_and_can_be_turned_off():
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
-def test_tuned_allocator_reuses_the_pages_of_large_temporaries():
-    """The point of it: after tuning, freeing and re-allocating a 16 MB tensor costs no new
-    page faults (the heap keeps the pages); glibc's default maps and zero-fills them again."""
+def test_tuned_allocator_cuts_the_page_faults_of_a_training_step():
+    """The point of it: a Mamba training step's large temporaries reuse the heap's pages
+    instead of being mapped and zero-filled again. Page faults per step (after two warm-up
+    steps), tuned vs glibc's default, in two processes: at least 4x fewer (measured: 0-1k vs
+    13-23k per step here; the spec model at L = 2048: 2.5-5k vs 83-129k)."""
     code = (
         "import resource, sys, torch; from src.core.runtime import tune_cpu_allocator as t; "
-        "t() if sys.argv[1] == 'tuned' else None; "
-        "[torch.ones(4 << 20) for _ in range(3)]; "
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
-        "[torch.ones(4 << 20).sum() for _ in range(20)]; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"
+        "from src.mamba.model import MambaArgs, MambaLM; torch.set_num_threads(1); torch.manual_seed(0); "
+        "sys.argv[1] == 'tuned' and t(); "
+        "m = MambaLM(MambaArgs(vocab_size=5000, d_model=128, n_layers=2, n_heads=4, state_size=32, chunk_size=64)); "
+        "o = torch.optim.AdamW(m.parameters()); ids = torch.randint(0, 5000, (4, 1024)); "
+        "step = lambda: (m(ids, labels=ids).loss.backward(), o.step(), o.zero_grad(set_to_none=True)); "
+        "step(); step(); f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
+        "[step() for _ in range(3)]; print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f) // 3)"
     )
     faults = {}
     for mode in ("tuned", "default"):
-        out = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode], cwd=REPO, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "MARK_MALLOC_TUNING": "1"},
+        )
         assert out.returncode == 0, out.stderr
         faults[mode] = int(out.stdout.split()[-1])
-    pages = (16 << 20) // 4096  # one 16 MB tensor
-    assert faults["default"] >= 10 * pages  # every allocation faulted its pages in again
-    assert faults["tuned"] < pages  # none did
+    assert faults["default"] > 1000  # glibc's default really does fault pages in every step
+    assert faults["tuned"] * 4 < faults["default"], faults
