@@ -207,6 +207,11 @@ def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
+def is_on_disk(ivf: faiss.IndexIVF) -> bool:
+    """Whether an IVF index's inverted lists are memory-mapped from ``faiss.ivfdata``."""
+    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
 def _stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     """Every ``(labels, vectors)`` a base index holds (dead labels included)."""
     if index.ntotal == 0:
@@ -337,13 +342,9 @@ class ChunkStore:
             if not index_path.is_file():
                 raise CheckpointError(f"{index_path}: missing ({base_ntotal} vectors expected): " + REBUILD_HINT.format(dir=self.path))
             try:
-                flags = 0 if self.writable else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-                cwd = os.getcwd()
-                os.chdir(self.path)  # an on-disk IVF names its faiss.ivfdata relative to the folder
-                try:
-                    self.base = faiss.read_index(INDEX_FILE, flags)
-                finally:
-                    os.chdir(cwd)
+                # An on-disk IVF finds its faiss.ivfdata beside faiss.index (memory-mapped).
+                flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if self.writable else faiss.IO_FLAG_READ_ONLY)
+                self.base = faiss.read_index(str(index_path), flags)
             except RuntimeError as err:
                 raise CheckpointError(f"{index_path}: cannot read FAISS index ({str(err).strip().splitlines()[-1][:160]})") from None
             if self.base.d != self.dim:
@@ -356,8 +357,9 @@ class ChunkStore:
             ivf = _ivf_of(self.base)
             if ivf is not None:
                 ivf.nprobe = int(self.settings["index"].get("ivf_nprobe", 10))
-                if ivf.direct_map.type != faiss.DirectMap.Hashtable:
-                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+                # (re)build the id -> list position map: merged on-disk lists come without it
+                ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         rows = int(self.meta("segment_rows", "0"))
         ids_path, vec_path = self.path / SEGMENT_IDS_FILE, self.path / SEGMENT_VECTORS_FILE
         if rows:
@@ -631,7 +633,7 @@ class ChunkStore:
         keep = np.sort(first[np.isin(ids[first], live)])
         ids, vectors = ids[keep], vectors[keep]
         ivf = _ivf_of(self.base)
-        if ivf is not None and isinstance(ivf.invlists, faiss.OnDiskInvertedLists):
+        if ivf is not None and is_on_disk(ivf):
             raise ConfigError("index: an on-disk IVF index is built by src.rag.store.build_ivf_on_disk, not compacted")
         if ivf is not None and self.base.is_trained:
             index = faiss.clone_index(self.base)  # keeps the trained centroids
@@ -833,6 +835,83 @@ class ChunkStore:
                 out.append((chunk_id, doc_id, float(score)))
         out.sort(key=lambda r: (-r[2], r[0]))
         return out
+
+
+def build_ivf_on_disk(store: ChunkStore, train_sample: int = 100_000, shard_size: int = 1_000_000) -> None:
+    """Rebuild ``faiss.index`` as an IVF whose inverted lists live on disk (``faiss.ivfdata``).
+
+    FAISS's path for corpora larger than RAM: train the coarse quantizer on a random sample of
+    ``train_sample`` vectors, add the vectors shard by shard (``shard_size`` each, each shard an
+    index file of its own: shards can be built by separate processes or machines), then merge
+    the shards' inverted lists into one memory-mapped ``faiss.ivfdata`` with
+    ``faiss.contrib.ondisk.merge_ondisk``. The segment's vectors are read memory-mapped.
+    Chunks added later go to the segment (searched exactly) until the next rebuild.
+    """
+    from faiss.contrib.ondisk import merge_ondisk
+
+    store._check_writable()
+    if store.path is None:
+        raise ConfigError("index.on_disk: an in-memory index has no folder for faiss.ivfdata (save it first)")
+    params = store.settings["index"]
+    if params["type"] != "ivf":
+        raise ConfigError(f"index.on_disk: needs index.type=ivf (the index is {params['type']})")
+    with store._lock:
+        live = np.fromiter((r[0] for r in store._sql("SELECT id FROM chunks ORDER BY id")), dtype=np.int64)
+        rows = int(store.segment.ntotal)
+        seg_ids = np.fromfile(store.path / SEGMENT_IDS_FILE, dtype=np.int64, count=rows) if rows else np.zeros(0, np.int64)
+        seg_vectors = (
+            np.memmap(store.path / SEGMENT_VECTORS_FILE, dtype=np.float32, mode="r", shape=(rows, store.dim))
+            if rows else np.zeros((0, store.dim), np.float32)
+        )
+        base_ids, base_vectors = _stored_vectors(store.base)
+        sources = [(base_ids, base_vectors), (seg_ids, seg_vectors)]
+        total = sum(len(ids) for ids, _ in sources)
+        nlist = int(params["ivf_nlist"])
+        if len(live) < nlist:
+            raise ConfigError(f"index.ivf_nlist: {nlist} IVF cells need at least {nlist} chunks to train, the corpus has {len(live)}")
+        rng = np.random.default_rng(int(store.settings.get("seed", 42)))
+        sample_rows = np.sort(rng.choice(total, size=min(train_sample, total), replace=False))
+        flat = np.concatenate([v[sample_rows[(sample_rows >= off) & (sample_rows < off + len(v))] - off]
+                               for off, (_, v) in zip(np.cumsum([0] + [len(i) for i, _ in sources[:-1]]), sources)])
+        trained = new_base_index(store.dim, params)
+        _ivf_of(trained).cp.seed = int(store.settings.get("seed", 42))
+        trained.train(np.ascontiguousarray(flat, dtype=np.float32))
+        build = store.path / ".ivf-build"
+        build.mkdir(exist_ok=True)
+        shard_files, seen = [], set()
+        for ids, vectors in sources:
+            for start in range(0, len(ids), shard_size):
+                part_ids = ids[start : start + shard_size]
+                keep = np.isin(part_ids, live) & ~np.isin(part_ids, np.fromiter(seen, dtype=np.int64, count=len(seen)))
+                if not keep.any():
+                    continue
+                seen.update(part_ids[keep].tolist())
+                shard = faiss.clone_index(trained)
+                shard.add_with_ids(np.ascontiguousarray(vectors[start : start + shard_size][keep], dtype=np.float32), part_ids[keep])
+                shard_files.append(str(build / f"shard_{len(shard_files):04d}.index"))
+                faiss.write_index(shard, shard_files[-1])
+        merged = faiss.clone_index(trained)
+        cwd = os.getcwd()
+        os.chdir(build)  # the index records its ivfdata file by this relative name
+        try:
+            merge_ondisk(merged, [Path(f).name for f in shard_files], IVF_DATA_FILE)
+            faiss.write_index(merged, INDEX_FILE)
+        finally:
+            os.chdir(cwd)
+        sha = _file_sha256(build / INDEX_FILE)
+        os.replace(build / IVF_DATA_FILE, store.path / IVF_DATA_FILE)
+        os.replace(build / INDEX_FILE, store.path / INDEX_FILE)
+        for f in shard_files:
+            Path(f).unlink()
+        build.rmdir()
+        store.conn.execute("BEGIN IMMEDIATE")
+        store._set_meta({"base_ntotal": int(merged.ntotal), "segment_rows": 0, "faiss_index_sha256": sha})
+        store.conn.execute("COMMIT")
+        for name in (SEGMENT_IDS_FILE, SEGMENT_VECTORS_FILE):
+            (store.path / name).unlink(missing_ok=True)
+        store.segment = faiss.IndexIDMap2(faiss.IndexFlatIP(store.dim))
+        store._load_vectors()
+    store.write_manifest()
 
 
 def _init_schema(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
