@@ -31,7 +31,7 @@ from src.data.readers import Document
 from src.rag.config import RagConfig, RagIndexConfig, RagModelConfig, RagTrainingConfig
 from src.rag.encoder import Encoder
 from src.rag.indexer import RagIndex, document_hash
-from src.rag.store import STORE_FILE
+from src.rag.store import STORE_FILE, ChunkStore
 
 log = get_logger("rag")
 
@@ -213,11 +213,13 @@ def ingest(
     training_cfg = config.training if config else RagTrainingConfig()
     seed = config.system.seed if config else 42
     device = config.system.device if config else "auto"
-    if encoder is None:
-        encoder = Encoder(model_cfg.embedding_model, device)
     report = IngestReport(index_dir=str(index_dir))
     find, read = _readers()
     sources = list(find(paths, include, exclude))  # discovery errors (a missing path) come before any write
+    if (index_dir / STORE_FILE).exists():  # a second writer hears so now, not after loading the model
+        ChunkStore.open(index_dir, writable=True).close()
+    if encoder is None:
+        encoder = Encoder(model_cfg.embedding_model, device)
     index = open_index(index_dir, encoder, model_cfg, index_cfg, training_cfg, seed)
     try:
         store = index.store
