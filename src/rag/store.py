@@ -90,6 +90,7 @@ CREATE INDEX chunks_doc ON chunks(doc_id, chunk_index);
 CREATE TABLE files (source TEXT PRIMARY KEY, content_hash TEXT NOT NULL, num_documents INTEGER NOT NULL);
 CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, content='', tokenize="unicode61 remove_diacritics 0 tokenchars '_'");
 CREATE VIRTUAL TABLE chunks_vocab USING fts5vocab(chunks_fts, 'row');
+CREATE VIRTUAL TABLE chunks_terms USING fts5vocab(chunks_fts, 'instance');
 """
 
 
@@ -213,12 +214,18 @@ def is_on_disk(ivf: faiss.IndexIVF) -> bool:
 
 
 def _stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """Every ``(labels, vectors)`` a base index holds (dead labels included)."""
+    """Every ``(labels, vectors)`` an index holds (dead labels included).
+
+    Flat storage is returned as a view, not a copy (a 1M x 384 index is 1.5 GB)."""
     if index.ntotal == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, index.d), dtype=np.float32)
-    if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
+    if isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)):
         labels = faiss.vector_to_array(index.id_map).astype(np.int64)
-        return labels, index.index.reconstruct_n(0, index.ntotal)
+        inner = faiss.downcast_index(index.index)
+        storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+        if isinstance(storage, faiss.IndexFlat):
+            return labels, faiss.rev_swig_ptr(storage.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        return labels, inner.reconstruct_n(0, index.ntotal)
     ivf = _ivf_of(index)
     labels = []
     for list_no in range(ivf.nlist):
@@ -625,13 +632,8 @@ class ChunkStore:
 
     def _compact(self) -> None:
         live = np.fromiter((r[0] for r in self._sql("SELECT id FROM chunks ORDER BY id")), dtype=np.int64)
-        base_ids, base_vectors = _stored_vectors(self.base)
         seg_ids, seg_vectors = _stored_vectors(self.segment)
-        ids = np.concatenate([base_ids, seg_ids])
-        vectors = np.concatenate([base_vectors, seg_vectors])
-        _, first = np.unique(ids, return_index=True)  # a label twice (after a killed compaction): same vector
-        keep = np.sort(first[np.isin(ids[first], live)])
-        ids, vectors = ids[keep], vectors[keep]
+        base_ids, base_vectors = _stored_vectors(self.base)
         ivf = _ivf_of(self.base)
         if ivf is not None and is_on_disk(ivf):
             raise ConfigError("index: an on-disk IVF index is built by src.rag.store.build_ivf_on_disk, not compacted")
@@ -641,11 +643,25 @@ class ChunkStore:
             _ivf_of(index).set_direct_map_type(faiss.DirectMap.Hashtable)
         else:
             index = new_base_index(self.dim, self.settings["index"])
-        old_base = self.base
-        self.base = index
+        old_base, self.base = self.base, index
         try:
-            if len(ids):
-                self._add_to_base(ids, vectors)
+            if _ivf_of(index) is not None and not index.is_trained:  # IVF trains on everything at once
+                keep_b = np.isin(base_ids, live) & ~np.isin(base_ids, seg_ids)
+                keep_s = np.isin(seg_ids, live)
+                ids = np.concatenate([base_ids[keep_b], seg_ids[keep_s]])
+                if len(ids):
+                    self._add_to_base(ids, np.concatenate([base_vectors[keep_b], seg_vectors[keep_s]]))
+            else:
+                # In pieces, base first (a label in both, after a killed compaction, is the same vector).
+                step = 1 << 16
+                for ids, vectors, skip in ((base_ids, base_vectors, seg_ids), (seg_ids, seg_vectors, None)):
+                    for start in range(0, len(ids), step):
+                        part = ids[start : start + step]
+                        keep = np.isin(part, live)
+                        if skip is not None and len(skip):
+                            keep &= ~np.isin(part, skip)
+                        if keep.any():
+                            index.add_with_ids(np.ascontiguousarray(vectors[start : start + step][keep]), part[keep])
         except BaseException:
             self.base = old_base
             raise
@@ -814,21 +830,37 @@ class ChunkStore:
         if not df:
             return []
         if doc_ids is not None:
-            rows = []
-            for doc_id in doc_ids:
-                rows += self._sql("SELECT id, doc_id, num_terms, text FROM chunks WHERE doc_id = ?", (doc_id,))
+            ids = [r[0] for d in doc_ids for r in self._sql("SELECT id FROM chunks WHERE doc_id = ?", (d,))]
         else:
             match = " OR ".join(f'"{t}"' for t in df)
-            sql = "SELECT c.id, c.doc_id, c.num_terms, c.text FROM chunks c JOIN (SELECT rowid AS id FROM chunks_fts WHERE chunks_fts MATCH ?"
-            sql += " ORDER BY rank LIMIT ?) m ON c.id = m.id" if limit is not None else ") m ON c.id = m.id"
-            rows = self._sql(sql, (match, limit) if limit is not None else (match,))
+            sql = "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ?" + (" ORDER BY rank LIMIT ?" if limit is not None else "")
+            ids = [r[0] for r in self._sql(sql, (match, limit) if limit is not None else (match,))]
+        if not ids:
+            return []
+        # Term frequencies from the postings (the FTS5 'instance' table): no chunk text is read.
+        terms_sql = ",".join("?" * len(df))
+        tf: dict[int, Counter] = {}
+        wanted = set(ids)
+        if len(ids) <= 2000:
+            rows = self._sql(
+                f"SELECT doc, term, count(*) FROM chunks_terms WHERE term IN ({terms_sql}) AND doc IN ({','.join('?' * len(ids))}) GROUP BY doc, term",
+                [*df, *ids],
+            )
+        else:
+            rows = [r for r in self._sql(f"SELECT doc, term, count(*) FROM chunks_terms WHERE term IN ({terms_sql}) GROUP BY doc, term", list(df)) if r[0] in wanted]
+        for chunk_id, term, count in rows:
+            tf.setdefault(chunk_id, Counter())[term] = count
+        info: dict[int, tuple[str, int]] = {}
+        for start in range(0, len(ids), 30000):
+            part = ids[start : start + 30000]
+            info.update((r[0], (r[1], r[2])) for r in self._sql(f"SELECT id, doc_id, num_terms FROM chunks WHERE id IN ({','.join('?' * len(part))})", part))
         n = self.num_chunks
         avg_len = max(int(self.meta("total_terms", "0")) / n, 1e-9)
         idf = {t: np.log(1.0 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
         query_terms = [t for t in terms if t in df]  # a repeated query term counts again, as in bm25s
         out = []
-        for chunk_id, doc_id, length, text in rows:
-            counts = Counter(t for t in keyword_terms(text) if t in idf)
+        for chunk_id, counts in tf.items():
+            doc_id, length = info[chunk_id]
             norm = k1 * (1 - b + b * length / avg_len)
             score = sum(idf[t] * counts[t] / (counts[t] + norm) for t in query_terms if counts[t])
             if score > 0:
