@@ -165,3 +165,19 @@ def test_a_second_writer_is_refused_with_one_line_exit_2(tmp_path, encoder):
     finally:
         holder.close()
     assert len(RagIndex.load(index_dir, encoder=encoder).documents) == 1  # untouched
+
+
+def test_the_rag_recipe_reads_data_sources(tmp_path, encoder):
+    from src.rag.train import run
+
+    docs = write_folder(tmp_path / "docs")
+    cfg = RagConfig(
+        model={"chunk_size": 64, "chunk_overlap": 8}, training={"show_progress": False}, system={"device": "cpu"},
+        data={"documents_file": None, "sources": [docs], "eval_file": None},
+        paths={"checkpoint_dir": tmp_path / "ckpt", "log_dir": tmp_path / "logs"},
+    )
+    summary = run(cfg)
+    assert summary["metrics"]["num_documents"] == 4  # the two unreadable files are skipped
+    index = RagIndex.load(tmp_path / "ckpt", encoder=encoder)
+    assert "guide/volcano.md" in index.documents and index.documents["bread.txt"]["metadata"]["source"] == "bread.txt"
+    index.close()
