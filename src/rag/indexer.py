@@ -32,7 +32,7 @@ from src.core.errors import CheckpointError, ConfigError, DataError, NotTrainedE
 from src.core.hub import resolve_pretrained
 from src.core.logging import get_logger
 from src.data.readers import Document
-from src.rag.chunking import Chunk, check_chunk_size, chunk_text
+from src.rag.chunking import Chunk, check_chunk_size, chunk_document
 from src.rag.config import RagIndexConfig
 from src.rag.encoder import Encoder
 
@@ -145,8 +145,8 @@ class RagIndex:
 
     # ----------------------------------------------------------------- building
     def chunk_document(self, doc: Document) -> list[Chunk]:
-        """The chunks of one document under this index's chunking settings."""
-        return chunk_text(doc.id, doc.text, self.encoder.tokenizer, self.chunk_size, self.chunk_overlap)
+        """The chunks of one document under this index's chunking settings (following its sections)."""
+        return chunk_document(doc, self.encoder.tokenizer, self.chunk_size, self.chunk_overlap)
 
     def add_documents(self, documents: Iterable[Document | dict]) -> int:
         """Chunk, embed and index new documents; returns the number of chunks added.
@@ -193,6 +193,7 @@ class RagIndex:
                     "start_token": c.start_token,
                     "end_token": c.end_token,
                     "text": c.text,
+                    "heading_path": c.heading_path,
                 }
                 for c in chunks
             )
