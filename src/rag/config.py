@@ -63,12 +63,27 @@ class RagTrainingConfig(StrictModel):
 
 
 class RagDataConfig(StrictModel):
-    documents_file: ExistingFile = Path("data/documents.jsonl")
+    documents_file: Optional[ExistingFile] = Field(
+        Path("data/documents.jsonl"), description="MARK {id, text, metadata} JSONL or a BEIR corpus.jsonl (null: sources only)"
+    )
+    sources: list[Path] = Field(
+        default_factory=list,
+        description="files and folders ingested as `mark ingest` does (every supported format, recursively), besides documents_file",
+    )
     eval_file: Optional[Path] = Field(
         Path("data/rag_eval.jsonl"),
         description="spec JSONL {query, relevant_docs} or a BEIR folder (queries.jsonl, qrels/<split>.tsv)",
     )
     beir_split: str = "test"
+
+    @model_validator(mode="after")
+    def _some_documents(self) -> "RagDataConfig":
+        if self.documents_file is None and not self.sources:
+            raise ValueError("documents_file or sources: at least one is needed")
+        missing = [str(p) for p in self.sources if not Path(p).exists()]
+        if missing:
+            raise ValueError(f"sources: {missing[0]} does not exist")
+        return self
 
 
 class RagPathsConfig(PathsConfig):
