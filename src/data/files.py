@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from src.core.errors import DataError, UnreadableFileError
-from src.data.readers import Document
+from src.data.readers import Document, JsonLineError, iter_json_objects
 
 # Bytes inspected for NUL bytes, the mark of a binary file under a text extension.
 BINARY_SNIFF_BYTES = 8192
@@ -544,16 +544,11 @@ def _row_records(
 
 
 def _json_lines(text: str) -> Iterator[tuple[RowLocation, dict[str, Any]]]:
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise _Unreadable(f"line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise _Unreadable(f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield f"line {lineno}", obj
+    try:
+        for lineno, obj in iter_json_objects(text.split("\n")):
+            yield f"line {lineno}", obj
+    except JsonLineError as err:
+        raise _Unreadable(str(err)) from None
 
 
 @register_reader("jsonl", ".jsonl")

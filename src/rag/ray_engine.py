@@ -42,7 +42,7 @@ READER_CPUS = 0.5
 class SourceResult:
     """One source file through the engine: its documents, their chunks (one list per document)
     and the chunks' vectors (``(total chunks, dim)`` float32, in document then chunk order).
-    ``error`` is the ``UnreadableFileError`` message of a file that could not be read."""
+    ``error`` is why a file could not be read (``UnreadableFileError.reason``), else None."""
 
     source: SourceFile
     documents: list[Document] = field(default_factory=list)
@@ -75,7 +75,7 @@ class ReadAndChunk:
                 documents, chunks = read_and_chunk(source, self.tokenizer, self.chunk_size, self.chunk_overlap, self.options)
                 payload, error = json.dumps({"documents": [d.model_dump() for d in documents], "chunks": [[asdict(c) for c in cs] for cs in chunks]}), ""
             except UnreadableFileError as err:
-                payload, error = "", str(err)
+                payload, error = "", err.reason
             out["i"].append(int(i))
             out["error"].append(error)
             out["payload"].append(payload)

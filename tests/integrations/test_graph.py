@@ -110,7 +110,7 @@ def test_added_and_loaded_documents_are_really_indexed(graph, tmp_path, pdf_writ
     # Recursively, any mix of formats; ids are paths relative to the folder given.
     assert sorted(graph.load_documents(tmp_path / "notes")) == ["bread.txt", "sea/coral.md", "volcano.txt"]
     assert graph.search("how to bake bread with yeast", top_k=1)[0].metadata["doc_id"] == "bread.txt"
-    coral = [c for c in graph.index.chunks if c["doc_id"] == "sea/coral.md"]
+    coral = [graph.index.get_chunk(i) for i in graph.index.doc_chunk_ids("sea/coral.md")]
     assert [c["heading_path"] for c in coral] == [["Reefs", "Coral"]]
 
     jsonl = tmp_path / "extra.jsonl"
