@@ -26,3 +26,20 @@ class CheckpointError(MarkError):
 
 class NotTrainedError(MarkError):
     """A model was asked for that has not been trained; the message names the command."""
+
+
+class UnreadableFileError(DataError):
+    """A source file that cannot be read as documents: ``"<path>: <reason>"``, one line.
+
+    Raised for binary content under a text extension, a broken PDF, a file with no
+    text, bad encoding or a malformed line (the reason names the line). Ingestion skips
+    such a file and counts it (``--strict`` makes it fatal).
+    """
+
+    def __init__(self, path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # one line
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # picklable (Ray workers send it back to the driver)
+        return (type(self), (self.path, self.reason))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, TypeVar, Union
+from typing import Any, Iterable, Iterator, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -73,6 +73,28 @@ class PreferenceExample(Record):
 
 
 RecordT = TypeVar("RecordT", bound=Record)
+
+
+class JsonLineError(ValueError):
+    """A JSONL line that is not a JSON object: ``lineno`` and ``reason``."""
+
+    def __init__(self, lineno: int, reason: str) -> None:
+        self.lineno, self.reason = lineno, reason
+        super().__init__(f"line {lineno}: {reason}")
+
+
+def iter_json_objects(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank JSONL line; a bad line raises ``JsonLineError``."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise JsonLineError(lineno, f"invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise JsonLineError(lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def iter_jsonl(path: str | Path, schema: type[RecordT], skip_invalid: bool = False) -> Iterator[RecordT]:

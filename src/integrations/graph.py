@@ -2,7 +2,7 @@
 
     from src.integrations import MARKLangChainGraph
     graph = MARKLangChainGraph(llm_model="mamba")            # checkpoints/rag + checkpoints/mamba
-    graph.load_documents("notes/", file_type="txt")          # embedded into the index now
+    graph.load_documents("notes/")                           # every supported file, recursively, embedded now
     graph.query("What does json.dumps do?")                  # {"answer", "doc_ids", "sources", "prompt"}
     graph.chat("What does json.dumps do?", thread_id="t1")   # remembers earlier turns of "t1"
     graph.get_conversation_history("t1"); graph.clear_memory("t1")
@@ -35,9 +35,9 @@ from src.api.generation import GenerationWorker
 from src.data.prompts import ANSWER_STOP, Passage, grounded_prompt, select_passages
 from src.api.registry import LANGUAGE_MODELS, ModelRegistry
 from src.core.errors import ConfigError, DataError
+from src.data.files import read_files
 from src.data.readers import Document
 from src.integrations.llm import MARKLLM
-from src.integrations.loaders import read_files
 from src.integrations.retriever import MARKRetriever
 
 DEFAULT_THREAD = "default"
@@ -211,11 +211,18 @@ class MARKLangChainGraph:
         doc_id = doc_id or f"doc-{uuid.uuid4().hex[:12]}"
         return self.add_documents([Document(id=doc_id, text=text, metadata=metadata or {})])[0]
 
-    def load_documents(self, path: str | Path, file_type: str = "txt") -> list[str]:
-        """Index a file, or every ``*.<file_type>`` file of a folder: ``txt`` (one document per
-        file, id = file name), ``jsonl`` (MARK ``{id, text, metadata}`` lines) or ``pdf`` (one
-        document per page, id ``<name>#p<page>``). Returns the new ids."""
-        return self.add_documents(read_files(path, file_type))
+    def load_documents(
+        self,
+        path: str | Path | list[str | Path],
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+    ) -> list[str]:
+        """Index files and folders (recursively, any mix of the formats of :mod:`src.data.files`:
+        txt, md, rst, html, pdf, docx, csv/tsv, jsonl/json, parquet, datasets folders); returns
+        the new ids (a file's path relative to the folder given, ``report.pdf#p3`` per PDF page,
+        a row's id column). ``include`` / ``exclude``: glob patterns. A file that cannot be read
+        is an ``UnreadableFileError`` naming it; nothing is indexed then."""
+        return self.add_documents(read_files(path, include, exclude))
 
     def save_index(self, checkpoint_dir: str | Path) -> dict[str, Path]:
         """Write the index, with the documents added here, to ``checkpoint_dir``."""

@@ -8,28 +8,21 @@ Malformed lines are a ``DataError`` naming the file and line.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Iterator
 
 from src.core.errors import DataError
-from src.data.readers import Document, read_documents
+from src.data.readers import Document, JsonLineError, iter_json_objects, read_documents
 
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, obj
+        try:
+            yield from iter_json_objects(handle)
+        except JsonLineError as err:
+            raise DataError(f"{path}:{err.lineno}: {err.reason}") from None
 
 
 def is_beir_corpus(path: str | Path) -> bool:

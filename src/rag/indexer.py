@@ -23,7 +23,7 @@ from src.core.errors import CheckpointError, ConfigError, DataError
 from src.core.hub import resolve_pretrained
 from src.core.logging import get_logger
 from src.data.readers import Document
-from src.rag.chunking import Chunk, check_chunk_size, chunk_text
+from src.rag.chunking import Chunk, check_chunk_size, chunk_document
 from src.rag.config import RagIndexConfig
 from src.rag.encoder import Encoder
 from src.rag.store import INDEX_FILE, METADATA_FILE, STORE_FILE, ChunkRecord, ChunkStore, DocumentRecord, build_ivf_on_disk, search_faiss
@@ -145,8 +145,8 @@ class RagIndex:
 
     # ----------------------------------------------------------------- building
     def chunk_document(self, doc: Document) -> list[Chunk]:
-        """The chunks of one document under this index's chunking settings."""
-        return chunk_text(doc.id, doc.text, self.encoder.tokenizer, self.chunk_size, self.chunk_overlap)
+        """The chunks of one document under this index's chunking settings (following its sections)."""
+        return chunk_document(doc, self.encoder.tokenizer, self.chunk_size, self.chunk_overlap)
 
     def _writable_store(self) -> ChunkStore:
         if not self.store.writable:  # opened read-only: keep the folder as it is, change a copy
@@ -154,18 +154,18 @@ class RagIndex:
             self.store = self.store.to_memory()
         return self.store
 
-    def prepare_documents(self, docs: list[Document]) -> tuple[list[DocumentRecord], list[str]]:
-        """Chunk documents into store records; returns them and the chunk texts to embed."""
+    def prepare_documents(self, docs: list[Document], embedded: Mapping[str, tuple[list[Chunk], np.ndarray]] | None = None) -> tuple[list[DocumentRecord], list[str]]:
+        """Chunk documents into store records (``embedded`` holds chunks made elsewhere); returns them and the chunk texts."""
         records: list[DocumentRecord] = []
         for doc in tqdm(docs, desc="chunking", unit="doc", disable=not self.show_progress or len(docs) < 2):
-            chunks = self.chunk_document(doc)
+            chunks = embedded[doc.id][0] if embedded and doc.id in embedded else self.chunk_document(doc)
             if not chunks:
                 log.warning("document '%s' has no tokens for the embedding model; indexed with no chunks", doc.id)
             records.append(
                 DocumentRecord(
                     doc.id, doc.metadata, document_hash(doc), len(doc.text),
                     [
-                        ChunkRecord(c.chunk_index, c.text, c.start_char, c.end_char, c.start_token, c.end_token, list(getattr(c, "heading_path", []) or []))
+                        ChunkRecord(c.chunk_index, c.text, c.start_char, c.end_char, c.start_token, c.end_token, list(c.heading_path))
                         for c in chunks
                     ],
                 )
@@ -173,7 +173,11 @@ class RagIndex:
         return records, [c.text for r in records for c in r.chunks]
 
     def add_documents(
-        self, documents: Iterable[Document | dict], replace: Iterable[str] = (), files: Iterable[tuple[str, str, int]] = ()
+        self,
+        documents: Iterable[Document | dict],
+        replace: Iterable[str] = (),
+        files: Iterable[tuple[str, str, int]] = (),
+        embedded: Mapping[str, tuple[list[Chunk], np.ndarray]] | None = None,
     ) -> int:
         """Chunk, embed and store new documents in one commit; returns the number of chunks added.
 
@@ -181,7 +185,8 @@ class RagIndex:
         dicts. An id already in the index (or twice in the batch) is a ``DataError`` unless
         it is in ``replace`` (those documents are deleted in the same commit). ``files`` are
         source files completed by this commit (see :meth:`ChunkStore.add`). Only these
-        documents are embedded.
+        documents are embedded. ``embedded``: ``{doc_id: (chunks, vectors)}`` already made
+        by this index's chunking and model elsewhere (the Ray engine); those are stored as given.
         """
         docs = [_as_document(d) for d in documents]
         replace = set(replace)
@@ -192,8 +197,19 @@ class RagIndex:
             seen.add(doc.id)
         if not docs:
             return 0
-        records, texts = self.prepare_documents(docs)
-        vectors = self.encoder.encode(texts, self.batch_size, self.show_progress)
+        records, texts = self.prepare_documents(docs, embedded)
+        if not embedded:
+            vectors = self.encoder.encode(texts, self.batch_size, self.show_progress)
+        else:  # encode only what was not embedded elsewhere, keep the documents' order
+            todo = [c.text for doc, r in zip(docs, records) if doc.id not in embedded for c in r.chunks]
+            encoded, used, parts = self.encoder.encode(todo, self.batch_size, self.show_progress), 0, []
+            for doc, r in zip(docs, records):
+                if doc.id in embedded:
+                    parts.append(embedded[doc.id][1])
+                else:
+                    parts.append(encoded[used : used + len(r.chunks)])
+                    used += len(r.chunks)
+            vectors = np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
         self._writable_store().add(records, vectors, replace=sorted(replace), files=list(files))
         self.version += 1
         return len(texts)

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from src.core.errors import ConfigError, DataError
+from src.core.errors import ConfigError, DataError, UnreadableFileError
 from src.core.logging import get_logger
 from src.data.readers import Document
 from src.rag.config import RagConfig, RagIndexConfig, RagModelConfig, RagTrainingConfig
@@ -201,11 +201,6 @@ def ingest(
     """
     if engine not in ("local", "ray"):
         raise ConfigError(f"--engine: '{engine}' is not one of local, ray")
-    if engine == "ray":
-        try:
-            from src.rag.ray_engine import embed_with_ray  # noqa: F401  (kb-readers builds it)
-        except ImportError:
-            raise ConfigError("--engine ray: the Ray engine (src/rag/ray_engine.py) is not in this checkout yet; use --engine local") from None
     start = time.perf_counter()
     index_dir = Path(index_dir)
     model_cfg = config.model if config else RagModelConfig()
@@ -225,6 +220,10 @@ def ingest(
         store = index.store
         stored_files = store.file_hashes()
         by_source = store.docs_by_source()
+        # engine "ray": changed files are read, chunked and embedded on Ray first; the store is
+        # then written here, in the same order and by the same code as the local engine.
+        ray_results = _run_ray(sources, stored_files, model_cfg, training_cfg, ray_address) if engine == "ray" else {}
+        embedded: dict[str, tuple[list, Any]] = {}
         seen_sources: set[str] = set()
         pending: list[tuple[Document, bool]] = []  # (document, replaces a stored one)
         file_rows: dict[str, tuple[str, str, int]] = {}
@@ -238,7 +237,7 @@ def ingest(
                 if stored_files.get(rel) == content_hash:
                     report.unchanged += len(by_source.get(rel, []))
                     continue
-                docs = read(source)
+                docs = _ray_documents(ray_results[rel], embedded) if rel in ray_results else read(source)
             except (DataError, OSError) as err:
                 _skip(source.path, err, strict, report.skipped_files)
                 continue
@@ -273,7 +272,7 @@ def ingest(
             if gone:
                 store.record_files([], forget=gone)
                 log.info("sync: removed %d document(s) of %d file(s) that are gone", len(gone_docs), len(gone))
-        _embed_in_batches(index, pending, file_rows, last_doc_of_file, training_cfg, report)
+        _embed_in_batches(index, pending, file_rows, last_doc_of_file, training_cfg, report, embedded)
         report.skipped = len(report.skipped_files)
         vectors = index.num_vectors
         if store.base.ntotal == 0 and vectors or store.segment.ntotal > COMPACT_FRACTION * max(vectors, 1) or vectors > index.num_chunks * (1 + COMPACT_FRACTION):
@@ -288,7 +287,38 @@ def ingest(
     return report
 
 
-def _embed_in_batches(index: RagIndex, pending, file_rows, last_doc_of_file, training: RagTrainingConfig, report: IngestReport) -> None:
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None  # read again (and skipped with the reason) by the main loop
+
+
+def _run_ray(sources, stored_files, model: RagModelConfig, training: RagTrainingConfig, ray_address: str | None) -> dict[str, Any]:
+    """The Ray engine's results (``SourceResult`` by relative path) for the files whose bytes changed."""
+    from src.rag.ray_engine import process_sources_with_ray
+
+    changed = [s for s in sources if stored_files.get(s.rel_id) != _file_sha256(s.path)]
+    results = process_sources_with_ray(
+        changed, model.embedding_model, model.chunk_size, model.chunk_overlap, batch_size=training.batch_size, ray_address=ray_address
+    )
+    return {result.source.rel_id: result for result in results}
+
+
+def _ray_documents(result, embedded: dict[str, tuple[list, Any]]) -> list[Document]:
+    """A Ray result's documents; their chunks and vectors go into ``embedded`` (an unreadable file raises)."""
+    if result.error:
+        raise UnreadableFileError(result.source.path, result.error)
+    start = 0
+    for doc, chunks in zip(result.documents, result.chunks):
+        embedded[doc.id] = (chunks, result.vectors[start : start + len(chunks)])
+        start += len(chunks)
+    return result.documents
+
+
+def _embed_in_batches(
+    index: RagIndex, pending, file_rows, last_doc_of_file, training: RagTrainingConfig, report: IngestReport, embedded=None
+) -> None:
     """Chunk, embed and commit ``pending`` documents, about ``batch_size * 8`` chunks per commit."""
     batch_chunks = training.batch_size * 8
     batch: list[tuple[Document, bool]] = []
@@ -300,7 +330,7 @@ def _embed_in_batches(index: RagIndex, pending, file_rows, last_doc_of_file, tra
         docs = [d for d, _ in batch]
         replace = [d.id for d, replaced in batch if replaced]
         files = [file_rows[last_doc_of_file[d.id]] for d in docs if d.id in last_doc_of_file]
-        report.embedded_chunks += index.add_documents(docs, replace=replace, files=files)
+        report.embedded_chunks += index.add_documents(docs, replace=replace, files=files, embedded=embedded)
         report.updated += len(replace)
         report.added += len(docs) - len(replace)
         progress.update(len(docs))

@@ -10,7 +10,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.llms import LLM
 from langchain_core.retrievers import BaseRetriever
 
-from src.core.errors import DataError, NotTrainedError
+from src.core.errors import DataError, NotTrainedError, UnreadableFileError
 from src.integrations import MARKLangChainGraph
 from src.mamba import generate, load_mamba
 
@@ -23,30 +23,6 @@ class PromptRecorder(BaseCallbackHandler):
 
     def on_llm_start(self, serialized, prompts, **kwargs) -> None:
         self.prompts.extend(prompts)
-
-
-def write_pdf(path: Path, lines: list[str]) -> Path:
-    """A one-page PDF with ``lines`` of Helvetica text (built by hand: objects + xref)."""
-    text_ops = " T* ".join(f"({line}) Tj" for line in lines)
-    content = f"BT /F1 12 Tf 72 720 Td 14 TL {text_ops} ET".encode("latin-1")
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-        b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
-    ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    path.write_bytes(bytes(out))
-    return path
 
 
 def indexed_docs(checkpoints: Path) -> list[dict]:
@@ -120,7 +96,7 @@ def test_chat_memory_reaches_the_prompt_per_thread(graph):
     assert graph.get_conversation_history("bob") == [] and graph.get_conversation_history("alice") == []
 
 
-def test_added_and_loaded_documents_are_really_indexed(graph, tmp_path):
+def test_added_and_loaded_documents_are_really_indexed(graph, tmp_path, pdf_writer):
     before = len(graph.index.documents)
     doc_id = graph.add_document("Zebras graze on savanna grass and migrate across the Serengeti every year.", metadata={"topic": "zebra"})
     hit = graph.search("zebra migration across the Serengeti", top_k=1)[0]
@@ -129,22 +105,27 @@ def test_added_and_loaded_documents_are_really_indexed(graph, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "volcano.txt").write_text("A volcano erupts lava, ash and gas from magma chambers under the crust.")
     (tmp_path / "notes" / "bread.txt").write_text("Knead the dough of flour, water, yeast and salt, let it rise, then bake the bread.")
-    assert sorted(graph.load_documents(tmp_path / "notes", file_type="txt")) == ["bread", "volcano"]
-    assert graph.search("how to bake bread with yeast", top_k=1)[0].metadata["doc_id"] == "bread"
+    (tmp_path / "notes" / "sea").mkdir()
+    (tmp_path / "notes" / "sea" / "coral.md").write_text("# Reefs\n\n## Coral\n\nCoral polyps build reefs of limestone in warm shallow seas.\n")
+    # Recursively, any mix of formats; ids are paths relative to the folder given.
+    assert sorted(graph.load_documents(tmp_path / "notes")) == ["bread.txt", "sea/coral.md", "volcano.txt"]
+    assert graph.search("how to bake bread with yeast", top_k=1)[0].metadata["doc_id"] == "bread.txt"
+    coral = [graph.index.get_chunk(i) for i in graph.index.doc_chunk_ids("sea/coral.md")]
+    assert [c["heading_path"] for c in coral] == [["Reefs", "Coral"]]
 
     jsonl = tmp_path / "extra.jsonl"
     jsonl.write_text(json.dumps({"id": "glacier", "text": "Glaciers are slow rivers of ice carving valleys in mountains.", "metadata": {}}) + "\n")
-    assert graph.load_documents(jsonl, file_type="jsonl") == ["glacier"]
+    assert graph.load_documents(jsonl) == ["glacier"]
 
-    pdf = write_pdf(tmp_path / "lighthouse.pdf", ["The lighthouse keeper trims the lamp wick", "so ships avoid the rocky reef at night."])
-    assert graph.load_documents(pdf, file_type="pdf") == ["lighthouse#p1"]
+    pdf = pdf_writer(tmp_path / "lighthouse.pdf", [["The lighthouse keeper trims the lamp wick", "so ships avoid the rocky reef at night."]])
+    assert graph.load_documents(pdf) == ["lighthouse.pdf#p1"]
     hit = graph.search("lighthouse lamp keeps ships off the reef", top_k=1)[0]
-    assert hit.metadata["doc_id"] == "lighthouse#p1" and "lighthouse keeper" in hit.page_content
+    assert hit.metadata["doc_id"] == "lighthouse.pdf#p1" and "lighthouse keeper" in hit.page_content
     assert hit.metadata["page"] == 1
 
-    assert len(graph.index.documents) == before + 5
+    assert len(graph.index.documents) == before + 6
     result = graph.query("Why do ships need the lighthouse lamp at night?")
-    assert result["doc_ids"][0] == "lighthouse#p1" and "lighthouse keeper" in result["prompt"]
+    assert result["doc_ids"][0] == "lighthouse.pdf#p1" and "lighthouse keeper" in result["prompt"]
 
 
 def test_bad_documents_and_inputs_are_one_line_errors(graph, tmp_path):
@@ -153,11 +134,12 @@ def test_bad_documents_and_inputs_are_one_line_errors(graph, tmp_path):
         graph.add_document("The second text of this id.", doc_id="twice")
     with pytest.raises(DataError, match="no such file"):
         graph.load_documents(tmp_path / "missing.txt")
-    with pytest.raises(DataError, match="file_type"):
-        graph.load_documents(tmp_path, file_type="docx")
+    (tmp_path / "slides.key").write_bytes(b"keynote")
+    with pytest.raises(UnreadableFileError, match="slides.key: unsupported file type '.key'"):
+        graph.load_documents(tmp_path / "slides.key")
     (tmp_path / "broken.pdf").write_bytes(b"not a pdf at all")
-    with pytest.raises(DataError, match="broken.pdf"):
-        graph.load_documents(tmp_path / "broken.pdf", file_type="pdf")
+    with pytest.raises(UnreadableFileError, match="broken.pdf: not a readable PDF"):
+        graph.load_documents(tmp_path / "broken.pdf")
     with pytest.raises(DataError, match="question"):
         graph.query("   ")
 

@@ -1,0 +1,129 @@
+"""Ingestion engines on the same files and chunks, in one run:
+
+1. raw: ``SentenceTransformer.encode`` on the chunk texts (batch 32), the baseline;
+2. local engine: ``read_source_file`` + ``chunk_document`` + ``Encoder.encode`` in this process;
+3. Ray engine: the same steps on a local Ray cluster (``process_sources_with_ray``: a
+   reader/chunker actor and an actor pool of encoders), timed from a started cluster
+   (the cluster's start-up is reported apart).
+
+The corpus: the sample documents (``src.data.prepare``) written as Markdown files, whose
+headings the chunker follows. Goals: local >= 0.9x raw, Ray >= 0.8x local (chunks/s).
+
+    python bench/ray_engine.py [--docs 60] [--repeats 2] [--num-cpus 2]
+
+Writes ``bench/results/ray_engine.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+
+from src.core.checkpoint import atomic_write_json  # noqa: E402
+from src.data.files import iter_source_files  # noqa: E402
+from src.data.prepare import prepare_sample_data  # noqa: E402
+from src.rag.encoder import Encoder  # noqa: E402
+from src.rag.ray_engine import connect, process_sources_with_ray, read_and_chunk  # noqa: E402
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+CHUNK_SIZE, CHUNK_OVERLAP, BATCH = 200, 32, 32
+
+
+def build_corpus(folder: Path, num_docs: int) -> None:
+    data = folder / "data"
+    prepare_sample_data(data)
+    docs = [json.loads(line) for line in (data / "documents.jsonl").read_text().splitlines() if line.strip()]
+    (folder / "kb").mkdir()
+    for doc in sorted(docs, key=lambda d: d["id"])[:num_docs]:
+        (folder / "kb" / f"{doc['id']}.md").write_text(doc["text"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per engine (the best is kept)")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_corpus(Path(tmp), args.docs)
+        sources = list(iter_source_files(Path(tmp) / "kb"))
+        encoder = Encoder(MODEL, "cpu")
+
+        def local():
+            chunks = [c for s in sources for cs in read_and_chunk(s, encoder.tokenizer, CHUNK_SIZE, CHUNK_OVERLAP)[1] for c in cs]
+            return chunks, encoder.encode([c.text for c in chunks], BATCH)
+
+        chunks, local_vectors = local()
+        texts = [c.text for c in chunks]
+
+        def raw():
+            return encoder.model.encode(texts, batch_size=BATCH, convert_to_numpy=True, normalize_embeddings=True)
+
+        def ray_engine():
+            results = list(process_sources_with_ray(sources, MODEL, CHUNK_SIZE, CHUNK_OVERLAP, batch_size=BATCH))
+            return np.concatenate([r.vectors for r in results])
+
+        def best_of(fn):
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - start)
+            return min(times), out
+
+        timings = {"raw encode": best_of(raw)[0], "local engine": best_of(local)[0]}
+        start = time.perf_counter()
+        connect(num_cpus=args.num_cpus)
+        startup = time.perf_counter() - start
+        import ray
+
+        try:
+            ray_engine()  # warm-up: the first run also starts Ray Data's actors
+            timings["ray engine"], ray_vectors = best_of(ray_engine)
+        finally:
+            ray.shutdown()
+
+    n = len(texts)
+    rows = {name: {"seconds": round(t, 3), "chunks_per_s": round(n / t, 2)} for name, t in timings.items()}
+    ratios = {
+        "local_vs_raw": round(timings["raw encode"] / timings["local engine"], 3),
+        "ray_vs_local": round(timings["local engine"] / timings["ray engine"], 3),
+    }
+    result = {
+        "files": len(sources),
+        "chunks": n,
+        "engines": rows,
+        "ratios": ratios,
+        "goals": {"local_vs_raw": 0.9, "ray_vs_local": 0.8},
+        "ray_startup_s": round(startup, 2),
+        "max_abs_vector_diff_ray_vs_local": float(np.abs(ray_vectors - local_vectors).max()),
+        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]},
+        "note": "shared box: other jobs ran at the same time; ratios come from the same run",
+    }
+    print(f"{len(sources)} files, {n} chunks; Ray cluster start-up {startup:.1f} s (not in the timings)")
+    print(f"{'engine':<14}{'seconds':>10}{'chunks/s':>10}")
+    for name, row in rows.items():
+        print(f"{name:<14}{row['seconds']:>10.2f}{row['chunks_per_s']:>10.1f}")
+    print(f"local / raw = {ratios['local_vs_raw']:.2f} (goal >= 0.9); ray / local = {ratios['ray_vs_local']:.2f} (goal >= 0.8)")
+    out = REPO_ROOT / "bench" / "results" / "ray_engine.json"
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
