@@ -43,19 +43,6 @@ def write_folder(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def count_encoded(encoder, monkeypatch):
-    seen: list[str] = []
-    real = encoder.encode
-
-    def counting(texts, *args, **kwargs):
-        seen.extend(texts)
-        return real(texts, *args, **kwargs)
-
-    monkeypatch.setattr(encoder, "encode", counting)
-    return seen
-
-
 def test_ingest_then_sync_embeds_only_what_changed(tmp_path, encoder, count_encoded):
     docs = write_folder(tmp_path / "docs")
     index_dir = tmp_path / "index"
