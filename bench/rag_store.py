@@ -155,8 +155,6 @@ def build_old(folder: Path, n: int) -> dict:
 
 
 def measure(folder: Path, store: str, num_queries: int) -> dict:
-    import numpy as np
-
     from src.rag.indexer import RagIndex
     from src.rag.retriever import Retriever
 
