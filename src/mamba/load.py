@@ -46,7 +46,42 @@ def lm_from_state(state: dict, path: Path, what: str, device: str | torch.device
     extra = state.get("extra") or {}
     if "model_args" not in extra or "tokenizer_json" not in extra or "model" not in state:
         raise CheckpointError(f"{path}: not a complete {what} (model weights, architecture or tokenizer missing)")
-    model = MambaLM(MambaArgs.from_dict(extra["model_args"]))
-    load_state_dict_checked(model, state["model"], path)
+    args = MambaArgs.from_dict(extra["model_args"])
+    if "adapter" in extra:  # the adapter only: its base comes from where it was trained, unmerged
+        from src.training.adapters import restore_adapter
+
+        model = restore_adapter(adapter_base(extra["adapter"].get("base") or {}, args, path), extra["adapter"], state["model"], path)
+    else:
+        model = MambaLM(args)
+        load_state_dict_checked(model, state["model"], path)
     tokenizer = MambaTokenizer.from_str(extra["tokenizer_json"], str(path))
     return model.to(device).eval(), tokenizer
+
+
+def adapter_base(base: dict, args: MambaArgs, path: Path) -> MambaLM:
+    """The frozen base model an adapter checkpoint at ``path`` was trained on: a pretrained
+    folder (``{"pretrained": folder}``) or another MARK checkpoint (``{"checkpoint": file,
+    "sha256": ...}``, whose own adapter is merged). A base that moved, changed or no longer has
+    the recorded architecture is a one-line ``CheckpointError``."""
+    from src.core.checkpoint import file_sha256
+    from src.core.errors import MarkError
+    from src.mamba.pretrained import build_model, read_checkpoint
+    from src.training.adapters import merge_adapter
+
+    try:
+        if "pretrained" in base:
+            model = build_model(read_checkpoint(base["pretrained"]), args.chunk_size)
+        elif "checkpoint" in base:
+            source = Path(base["checkpoint"])
+            if base.get("sha256") and source.is_file() and file_sha256(source) != base["sha256"]:
+                raise CheckpointError(f"{source} changed since the adapter was trained on it (sha256 differs)")
+            model = load_mamba(source)[0]
+            if model.has_adapter():
+                merge_adapter(model)
+        else:
+            raise CheckpointError("no base model recorded")
+    except MarkError as err:
+        raise CheckpointError(f"{path}: the adapter's base model: {err}") from None
+    if MambaArgs.from_dict({**model.args.to_dict(), "chunk_size": args.chunk_size}) != args:
+        raise CheckpointError(f"{path}: the adapter's base model has another architecture than the one it was trained on")
+    return model
