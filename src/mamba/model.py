@@ -29,6 +29,14 @@ from src.mamba.loss import linear_cross_entropy
 from src.mamba.ssd import fused_kernels, ssd_chunked
 
 
+# What a LoRA adapter (src/training/adapters.py) cannot reach in this model; in_proj and
+# out_proj it can (their forward is called as a module, in training and in the decoding step).
+ADAPTER_REFUSED_TARGETS = {
+    "conv1d": "the mixer reads the depthwise convolution's kernel directly, so LoRA cannot reach it",
+    "lm_head": "the training loss reads lm_head.weight directly (chunked cross-entropy) and it may be tied to the embeddings",
+}
+
+
 @dataclass
 class MambaArgs:
     """Architecture of a :class:`MambaLM` (stored in every checkpoint as a plain dict)."""

@@ -25,17 +25,13 @@ from src.mamba.config import MambaTrainConfig
 from src.mamba.data import TokenWindows, collate_windows, pack_documents
 from src.mamba.evaluate import kneser_ney_cross_entropy, unigram_cross_entropy
 from src.mamba.loss import IGNORE_INDEX
+from src.mamba.model import ADAPTER_REFUSED_TARGETS as REFUSED_TARGETS
 from src.mamba.model import MambaArgs, MambaLM
 from src.mamba.pretrained import load_pretrained, resolve_folder, yaml_overrides
 from src.mamba.tokenizer import MambaTokenizer
 from src.training.adapters import adapter_info, apply_adapter, count_parameters
 from src.training.engine import TrainTask, fit
 
-# What LoRA cannot reach in MARK's Mamba (model.adapter.target_modules may name in_proj, out_proj).
-REFUSED_TARGETS = {
-    "conv1d": "the mixer reads the depthwise convolution's kernel directly, so LoRA cannot reach it",
-    "lm_head": "the training loss reads lm_head.weight directly (chunked cross-entropy) and it may be tied to the embeddings",
-}
 KIND = "mamba"  # checkpoint kind: load_checkpoint(..., kind="mamba") refuses other models' files
 VOCAB_FILE = "vocab.json"
 log = get_logger(KIND)
@@ -140,8 +136,8 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
         model = MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile)
     adapter = None
     if cfg.model.adapter is not None:
-        apply_adapter(model, cfg.model.adapter, "model.adapter", REFUSED_TARGETS)
-        adapter = {**adapter_info(model), "base": {"pretrained": str(pretrained.folder.resolve()), "layout": pretrained.layout}}
+        base = {"pretrained": str(pretrained.folder.resolve()), "layout": pretrained.layout}
+        adapter = adapter_info(apply_adapter(model, cfg.model.adapter, "model.adapter", REFUSED_TARGETS, base))
     fingerprint = tokenizer.fingerprint()
 
     def check_resume(checkpoint_extra: dict) -> None:

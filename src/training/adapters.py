@@ -125,10 +125,12 @@ def lora_config(cfg: AdapterConfig, modules: list[str]):
 
 
 def apply_adapter(
-    model: nn.Module, cfg: AdapterConfig, what: str = "model.adapter", refused: dict[str, str] | None = None
+    model: nn.Module, cfg: AdapterConfig, what: str = "model.adapter", refused: dict[str, str] | None = None,
+    base: dict | None = None,
 ) -> nn.Module:
     """Inject a fresh LoRA adapter into ``model`` in place (PEFT's LoRA layers: B starts at
     zero, so the adapted model computes what the base does); freeze every other parameter.
+    ``base`` records where the frozen base comes from (kept in checkpoints, see :func:`adapter_info`).
 
     Returns ``model``. The adapted modules and the parameter counts are logged; an entry of
     ``cfg.target_modules`` that matches nothing is a ``ConfigError`` (see :func:`resolve_targets`)."""
@@ -142,8 +144,7 @@ def apply_adapter(
     LoraModel(model, lora_config(cfg, modules), ADAPTER_NAME)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
-    model.adapter_config = cfg
-    model.adapter_modules = modules
+    model.adapter_config, model.adapter_modules, model.adapter_base = cfg, modules, base
     trainable, total = count_parameters(model)
     for name in modules:
         log.info("LoRA r=%d alpha=%g on %s", cfg.r, cfg.alpha, name)
@@ -153,8 +154,8 @@ def apply_adapter(
 
 
 def has_adapter(model: nn.Module) -> bool:
-    """Whether ``model`` holds an (unmerged) adapter of :func:`apply_adapter` / :func:`restore_adapter`."""
-    return getattr(model, "adapter_modules", None) is not None
+    """Whether ``model`` (or a module in it) holds an unmerged adapter of :func:`apply_adapter` / :func:`restore_adapter`."""
+    return any(getattr(m, "adapter_modules", None) is not None for m in model.modules())
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -164,14 +165,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapter_info(model: nn.Module) -> dict:
-    """What a checkpoint records to rebuild the adapter: its config and the adapted modules
-    (the component adds ``"base"``: where the frozen base comes from)."""
-    return {"config": model.adapter_config.model_dump(), "modules": list(model.adapter_modules)}
+    """What a checkpoint records to rebuild the adapter: its config, the adapted modules and
+    ``base``, where the frozen base comes from."""
+    return {"config": model.adapter_config.model_dump(), "modules": list(model.adapter_modules), "base": model.adapter_base}
 
 
-def restore_adapter(model: nn.Module, info: dict, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
-    """Inject the adapter recorded by :func:`adapter_info` into a base ``model`` and load its
-    weights ``state`` (:func:`trainable_state_dict`); a mismatch is a ``CheckpointError`` naming ``path``."""
+def restore_adapter(model: nn.Module, info: dict, path: str | Path) -> nn.Module:
+    """Inject the (untrained) adapter recorded by :func:`adapter_info` into a base ``model``;
+    then load its weights with :func:`load_trainable_state`. A record that does not fit is a
+    ``CheckpointError`` naming ``path``."""
     from peft.tuners.lora import LoraModel
 
     try:
@@ -187,7 +189,6 @@ def restore_adapter(model: nn.Module, info: dict, state: dict[str, torch.Tensor]
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     model.adapter_config, model.adapter_modules, model.adapter_base = cfg, modules, info.get("base")
-    load_trainable_state(model, state, path)
     return model
 
 
@@ -198,13 +199,22 @@ def _get(model: nn.Module, name: str):
         return None
 
 
+def _saved_names(model: nn.Module) -> set[str]:
+    """What an adapted model's checkpoint holds: its trainable parameters (the adapter, and a
+    head trained beside it) and its buffers (small state such as a reward model's score scale)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = set(model.state_dict()) - set(params)
+    return {n for n, p in params.items() if p.requires_grad} | buffers
+
+
 def trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The entries of ``state`` (default: ``model.state_dict()``) that train: for an adapted
-    model its LoRA weights only, else everything. What the engine's checkpoints hold."""
+    model its LoRA weights (+ trained heads and buffers) only, else everything. What the
+    engine's checkpoints hold."""
     state = model.state_dict() if state is None else state
     if not has_adapter(model):
         return state
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = _saved_names(model)
     return {k: v for k, v in state.items() if k in names}
 
 
@@ -217,19 +227,19 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], path:
     if not has_adapter(model):
         load_state_dict_checked(model, state, path)
         return
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = _saved_names(model)
     if set(state) != expected:
         extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
         raise CheckpointError(
             f"{path}: does not hold this model's adapter (missing {missing[:2]}, unexpected {extra[:2]})"
         )
-    params = dict(model.named_parameters())
+    current = model.state_dict(keep_vars=True)
     for name, value in state.items():
-        if params[name].shape != value.shape:
-            raise CheckpointError(f"{path}: adapter weight {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+        if current[name].shape != value.shape:
+            raise CheckpointError(f"{path}: adapter weight {name} has shape {tuple(value.shape)}, expected {tuple(current[name].shape)}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            current[name].copy_(value)
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
@@ -277,6 +287,24 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
             # enable_adapters marks the adapter trainable again; only the LoRA weights train
         for name, param in model.named_parameters():
             param.requires_grad_(".lora_" in name)
+
+
+@contextmanager
+def frozen_reference(policy: nn.Module, reference: nn.Module | None = None) -> Iterator[nn.Module]:
+    """The reference policy of DPO / PPO: ``reference`` when given (a frozen copy), else
+    ``policy`` with its adapter disabled (the base it is trained on, no second copy)."""
+    if reference is not None:
+        yield reference
+        return
+    if not has_adapter(policy):
+        raise ValueError("no reference model given and the policy has no adapter to disable")
+    was_training = policy.training
+    policy.eval()
+    try:
+        with adapter_disabled(policy):
+            yield policy
+    finally:
+        policy.train(was_training)
 
 
 # Modules PEFT refuses to adapt on transformers' Mamba-2 (PEFT PR 2562): the fused CUDA path

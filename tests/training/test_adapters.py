@@ -12,7 +12,7 @@ from src.core.config import PathsConfig, StrictModel, SystemConfig, TrainingConf
 from src.core.errors import ConfigError
 from src.mamba.generate import generate_ids, token_logprobs
 from src.mamba.model import MambaArgs, MambaLM
-from src.mamba.train import REFUSED_TARGETS
+from src.mamba.model import ADAPTER_REFUSED_TARGETS as REFUSED_TARGETS
 from src.training.adapters import (
     AdapterConfig,
     adapter_disabled,
