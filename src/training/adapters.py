@@ -126,11 +126,12 @@ def lora_config(cfg: AdapterConfig, modules: list[str]):
 
 def apply_adapter(
     model: nn.Module, cfg: AdapterConfig, what: str = "model.adapter", refused: dict[str, str] | None = None,
-    base: dict | None = None,
+    base: dict | None = None, also_trained: list[str] | None = None,
 ) -> nn.Module:
     """Inject a fresh LoRA adapter into ``model`` in place (PEFT's LoRA layers: B starts at
     zero, so the adapted model computes what the base does); freeze every other parameter.
-    ``base`` records where the frozen base comes from (kept in checkpoints, see :func:`adapter_info`).
+    ``base`` records where the frozen base comes from (kept in checkpoints, see :func:`adapter_info`);
+    ``also_trained``: modules (full names) trained fully beside the adapter, e.g. a new classification head.
 
     Returns ``model``. The adapted modules and the parameter counts are logged; an entry of
     ``cfg.target_modules`` that matches nothing is a ``ConfigError`` (see :func:`resolve_targets`)."""
@@ -142,15 +143,21 @@ def apply_adapter(
     model.requires_grad_(False)
     # PEFT's LoRA tuner (what get_peft_model builds) injects the layers into the model itself.
     LoraModel(model, lora_config(cfg, modules), ADAPTER_NAME)
-    for name, param in model.named_parameters():
-        param.requires_grad_(".lora_" in name)
+    _set_trainable(model, also_trained or [])
     model.adapter_config, model.adapter_modules, model.adapter_base = cfg, modules, base
+    model.adapter_also_trained = list(also_trained or [])
     trainable, total = count_parameters(model)
     for name in modules:
         log.info("LoRA r=%d alpha=%g on %s", cfg.r, cfg.alpha, name)
     log.info("adapter: %d modules; trainable parameters %s of %s (%.2f%%)", len(modules), f"{trainable:,}",
              f"{total:,}", 100.0 * trainable / max(1, total))
     return model
+
+
+def _set_trainable(model: nn.Module, also_trained: list[str]) -> None:
+    """Only the LoRA weights and the ``also_trained`` modules train."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name or any(name.startswith(m + ".") for m in also_trained))
 
 
 def has_adapter(model: nn.Module) -> bool:
@@ -167,7 +174,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def adapter_info(model: nn.Module) -> dict:
     """What a checkpoint records to rebuild the adapter: its config, the adapted modules and
     ``base``, where the frozen base comes from."""
-    return {"config": model.adapter_config.model_dump(), "modules": list(model.adapter_modules), "base": model.adapter_base}
+    info = {"config": model.adapter_config.model_dump(), "modules": list(model.adapter_modules), "base": model.adapter_base}
+    if getattr(model, "adapter_also_trained", None):
+        info["also_trained"] = list(model.adapter_also_trained)
+    return info
 
 
 def restore_adapter(model: nn.Module, info: dict, path: str | Path) -> nn.Module:
@@ -186,9 +196,9 @@ def restore_adapter(model: nn.Module, info: dict, path: str | Path) -> nn.Module
         raise CheckpointError(f"{path}: the adapter's modules {missing[:3]} are not linear layers of the base model")
     model.requires_grad_(False)
     LoraModel(model, lora_config(cfg, modules), ADAPTER_NAME)
-    for name, param in model.named_parameters():
-        param.requires_grad_(".lora_" in name)
+    _set_trainable(model, list(info.get("also_trained") or []))
     model.adapter_config, model.adapter_modules, model.adapter_base = cfg, modules, info.get("base")
+    model.adapter_also_trained = list(info.get("also_trained") or [])
     return model
 
 
@@ -263,7 +273,7 @@ def _unload(model: nn.Module, merge: bool) -> nn.Module:
                 module.merge(safe_merge=True)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
-    for attr in ("adapter_config", "adapter_modules", "adapter_base", "peft_config"):
+    for attr in ("adapter_config", "adapter_modules", "adapter_base", "adapter_also_trained", "peft_config"):
         if hasattr(model, attr):
             delattr(model, attr)
     model.requires_grad_(True)
@@ -277,6 +287,7 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -284,9 +295,8 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.enable_adapters(True)
-            # enable_adapters marks the adapter trainable again; only the LoRA weights train
-        for name, param in model.named_parameters():
-            param.requires_grad_(".lora_" in name)
+        for name, param in model.named_parameters():  # PEFT's toggle changes requires_grad: put it back
+            param.requires_grad_(trainable[name])
 
 
 @contextmanager
