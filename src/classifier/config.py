@@ -14,6 +14,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from src.core.config import BaseConfig, ExistingFile, PathsConfig, StrictModel, SystemConfig, TrainingConfig
+from src.training.adapters import AdapterConfig
 
 
 class ClassifierModelConfig(StrictModel):
@@ -29,6 +30,10 @@ class ClassifierModelConfig(StrictModel):
     window_stride: int = Field(128, gt=0, description="sliding_window: word-pieces between the starts of two windows")
     max_windows: int = Field(8, gt=0, description="sliding_window: windows read per document at most")
     classifier_dropout: Optional[float] = Field(None, ge=0, lt=1, description="None: the encoder's hidden dropout")
+    adapter: Optional[AdapterConfig] = Field(
+        None, description="a LoRA adapter on the frozen encoder (name its linear layers, e.g. target_modules: "
+        "[query, value] for BERT); the new classification head trains fully beside it",
+    )
 
 
 class ClassifierTrainingConfig(TrainingConfig):

@@ -29,7 +29,10 @@ REQUIRED_EXTRA = ("hf_config", "tokenizer_files", "label_names", "max_length", "
 
 def classifier_extra_state(model: nn.Module, tokenizer, label_names: list[str], model_cfg) -> dict[str, Any]:
     """What every classifier checkpoint carries besides the weights (see module docstring)."""
+    from src.training.adapters import adapter_info, has_adapter
+
     return {
+        **({"adapter": adapter_info(model)} if has_adapter(model) else {}),
         "base_model": model_cfg.base_model,
         "hf_config": model.config.to_dict(),
         "tokenizer_files": tokenizer_files(tokenizer),
@@ -112,7 +115,7 @@ def load_classifier(checkpoint: str | Path, device: str = "auto") -> DocumentCla
     missing = [key for key in REQUIRED_EXTRA if key not in extra]
     if missing or "model" not in state:
         raise CheckpointError(f"{path}: not a complete classifier checkpoint (missing {missing or ['model']})")
-    model = model_from_config(extra["hf_config"], state["model"], str(path))
+    model = model_from_config(extra["hf_config"], state["model"], str(path), extra.get("adapter"))
     tokenizer = tokenizer_from_files(extra["tokenizer_files"], str(path))
     return DocumentClassifier(
         model,

@@ -145,11 +145,26 @@ def tokenizer_from_files(files: dict[str, Any], source: str = "<checkpoint>"):
             raise CheckpointError(f"{source}: cannot rebuild the tokenizer it holds: {str(err).splitlines()[0][:200]}") from None
 
 
-def model_from_config(hf_config: dict, state_dict: dict[str, torch.Tensor], source: str = "<checkpoint>") -> nn.Module:
-    """An ``AutoModelForSequenceClassification`` built from a config dict and loaded with weights."""
+def add_adapter(model: nn.Module, adapter_cfg, base_model: str) -> nn.Module:
+    """A LoRA adapter (``model.adapter``) on the encoder of ``model``, in place: the encoder is
+    frozen, the classification head (every module beside the encoder) trains fully."""
+    from src.training.adapters import apply_adapter
+
+    heads = [name for name, module in model.named_children()
+             if name != model.base_model_prefix and any(True for _ in module.parameters())]
+    return apply_adapter(model, adapter_cfg, "model.adapter", base={"pretrained": base_model}, also_trained=heads)
+
+
+def model_from_config(
+    hf_config: dict, state_dict: dict[str, torch.Tensor], source: str = "<checkpoint>", adapter: dict | None = None
+) -> nn.Module:
+    """An ``AutoModelForSequenceClassification`` built from a config dict and loaded with weights.
+    ``adapter`` (the checkpoint's adapter record): the weights are the adapter and head only,
+    loaded onto the pretrained encoder it was trained on (unmerged)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from src.core.checkpoint import load_state_dict_checked
+    from src.training.adapters import load_trainable_state, restore_adapter
 
     hf_config = dict(hf_config)
     model_type = hf_config.pop("model_type", None)
@@ -157,8 +172,15 @@ def model_from_config(hf_config: dict, state_dict: dict[str, torch.Tensor], sour
         raise CheckpointError(f"{source}: the model config it holds has no model_type")
     try:
         config = AutoConfig.for_model(model_type, **hf_config)
-        model = AutoModelForSequenceClassification.from_config(config)
+        if adapter is None:
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            base = (adapter.get("base") or {}).get("pretrained", "")
+            model = AutoModelForSequenceClassification.from_pretrained(resolve_pretrained(base), config=config)
     except Exception as err:
         raise CheckpointError(f"{source}: cannot rebuild a '{model_type}' model: {str(err).splitlines()[0][:200]}") from None
-    load_state_dict_checked(model, state_dict, source)
+    if adapter is None:
+        load_state_dict_checked(model, state_dict, source)
+    else:
+        load_trainable_state(restore_adapter(model, adapter, source), state_dict, source)
     return model

@@ -27,7 +27,7 @@ from src.core.runtime import seed_everything
 from src.classifier.config import TransferConfig
 from src.classifier.data import build_dataset, collate_windows, read_labelled_texts, resolve_label_names
 from src.classifier.evaluate import classification_metrics, evaluate_on_test, format_report, plot_confusion_matrix
-from src.classifier.model import build_model_and_tokenizer, document_logits
+from src.classifier.model import add_adapter, build_model_and_tokenizer, document_logits
 from src.classifier.load import BEST_MODEL_FILE, CHECKPOINT_KIND, classifier_extra_state
 from src.training.engine import TrainTask, fit
 
@@ -45,6 +45,8 @@ def build_task(cfg: TransferConfig) -> tuple[TrainTask, dict]:
 
     seed_everything(cfg.system.seed)
     model, tokenizer = build_model_and_tokenizer(cfg.model, label_names)
+    if cfg.model.adapter is not None:
+        add_adapter(model, cfg.model.adapter, cfg.model.base_model)
     train_set = build_dataset(tokenizer, splits["train"], cfg.model)
     val_set = build_dataset(tokenizer, splits["val"], cfg.model) if "val" in splits else None
     cross_entropy = nn.CrossEntropyLoss(reduction="sum")

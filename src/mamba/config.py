@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from src.core.config import ExistingFile, PathsConfig, StrictModel, SystemConfig, TrainingConfig
 from src.mamba.tokenizer import BYTE_SYMBOLS, MIN_VOCAB_SIZE, SPECIAL_TOKENS
+from src.training.adapters import AdapterConfig
 
 
 class MambaModelConfig(StrictModel):
@@ -43,6 +44,9 @@ class MambaModelConfig(StrictModel):
         "checkpoint without tokenizer files, or instead of training MARK's BPE",
     )
     compile: bool = Field(False, description="torch.compile each block (training): the first step compiles")
+    adapter: Optional[AdapterConfig] = Field(
+        None, description="train a LoRA adapter on model.pretrained's frozen weights instead of every weight"
+    )
 
     @field_validator("vocab_size")
     @classmethod
@@ -60,6 +64,8 @@ class MambaModelConfig(StrictModel):
             raise ValueError(f"n_heads ({self.n_heads}) must divide expand * d_model ({self.expand * self.d_model})")
         if self.n_heads % self.n_groups:
             raise ValueError(f"n_groups ({self.n_groups}) must divide n_heads ({self.n_heads})")
+        if self.adapter is not None and not self.pretrained:
+            raise ValueError("adapter: needs model.pretrained (a LoRA adapter adapts pretrained weights, not random ones)")
         return self
 
 

@@ -130,6 +130,51 @@ def export_hf(model: MambaLM, tokenizer: MambaTokenizer, out_dir: str | Path, ma
         raise
 
 
+# ---------------------------------------------------------------- PEFT adapter
+
+
+def export_peft(model: MambaLM, tokenizer: MambaTokenizer, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write the LoRA adapter of ``model`` (a :class:`MambaLM` loaded with its adapter unmerged)
+    as a PEFT folder; returns ``(adapter folder, base folder)``.
+
+    ``out_dir`` gets ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's names) and
+    the tokenizer files. The base is the transformers folder the adapter was trained on; when
+    that was not a transformers folder (a mamba_ssm checkpoint, or an RLHF stage's merged
+    input), its transformers form is written to ``out_dir/base``. Then::
+
+        base = Mamba2ForCausalLM.from_pretrained(base_folder)
+        model = PeftModel.from_pretrained(base, out_dir)
+
+    An adapter on ``out_proj`` is refused (PEFT refuses it on Mamba-2; export hf or gguf)."""
+    import copy
+
+    from src.training.adapters import peft_export_problem, save_peft_adapter, unload_adapter
+
+    if not model.has_adapter():
+        raise ExportError("--format peft: the model has no LoRA adapter (train with model.adapter); use --format hf")
+    problem = peft_export_problem(model.adapter_modules)
+    if problem:
+        raise ExportError(f"--format peft: {problem}")
+    base = getattr(model, "adapter_base", None) or {}
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if base.get("layout") == "transformers" and Path(base.get("pretrained", "")).is_dir():
+            base_dir = Path(base["pretrained"])
+        else:
+            staging.mkdir()
+            export_hf(unload_adapter(copy.deepcopy(model)), tokenizer, staging / "base")
+            base_dir = out_dir / "base"
+        save_peft_adapter(model, staging, str(base_dir.resolve()))
+        hf_tokenizer(tokenizer).save_pretrained(staging)
+        return _replace(staging, out_dir), base_dir
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 # ---------------------------------------------------------------- GGUF
 
 

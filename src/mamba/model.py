@@ -29,6 +29,14 @@ from src.mamba.loss import linear_cross_entropy
 from src.mamba.ssd import fused_kernels, ssd_chunked
 
 
+# What a LoRA adapter (src/training/adapters.py) cannot reach in this model; in_proj and
+# out_proj it can (their forward is called as a module, in training and in the decoding step).
+ADAPTER_REFUSED_TARGETS = {
+    "conv1d": "the mixer reads the depthwise convolution's kernel directly, so LoRA cannot reach it",
+    "lm_head": "the training loss reads lm_head.weight directly (chunked cross-entropy) and it may be tied to the embeddings",
+}
+
+
 @dataclass
 class MambaArgs:
     """Architecture of a :class:`MambaLM` (stored in every checkpoint as a plain dict)."""
@@ -99,6 +107,15 @@ def _matvec(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor | None
     if weight_t is not None:
         return torch.mm(x, weight_t)
     return F.linear(x, weight)
+
+
+def _project(module: nn.Module, x: torch.Tensor, weight_t: torch.Tensor | None) -> torch.Tensor:
+    """A projection of the decoding step: :func:`_matvec` for a plain ``nn.Linear``; a layer
+    wrapped by a LoRA adapter (:mod:`src.training.adapters`) runs its own forward, so the
+    adapter is applied (its weight is only the frozen base)."""
+    if weight_t is None and not isinstance(module, nn.Linear):
+        return module(x)
+    return _matvec(x, module.weight, weight_t)
 
 
 @dataclass
@@ -344,7 +361,7 @@ class Mamba2Mixer(nn.Module):
         batch = hidden.shape[0]
         groups, heads, head_dim, state = args.n_groups, args.n_heads, args.head_dim, args.state_size
         rows = heads // groups * head_dim
-        z, xbc, dt = self._split(_matvec(hidden, self.in_proj.weight, in_proj_t))
+        z, xbc, dt = self._split(_project(self.in_proj, hidden, in_proj_t))
         window = torch.cat([conv_state, xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (b, conv_dim, kernel)
         conv_state.copy_(window[..., 1:])
         xbc = F.silu((window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias)
@@ -374,7 +391,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y = F.rms_norm(y.view(batch, groups, norm.group_size), (norm.group_size,), None, norm.eps)
             y = y.view(batch, self.d_inner) * norm.weight.float()
-        return _matvec(y.to(hidden.dtype), self.out_proj.weight, out_proj_t)
+        return _project(self.out_proj, y.to(hidden.dtype), out_proj_t)
 
 
 class MambaBlock(nn.Module):
@@ -495,7 +512,10 @@ class MambaLM(nn.Module):
         """Contiguous transposed copies of the matrices the decoding step multiplies by
         (in_proj and out_proj of each layer, then the LM head), for ``step_(...,
         transposed=...)``: about 2x faster matrix-vector products on the CPU (see
-        ``_matvec``). They are copies: take them again after the weights change."""
+        ``_matvec``). They are copies: take them again after the weights change. A model with
+        an unmerged adapter has none (its projections are not single matrices)."""
+        if self.has_adapter():
+            raise ValueError("transposed_weights: the model has an unmerged LoRA adapter (merge it first)")
         weights = []
         for block in self.backbone.layers:
             weights += [block.mixer.in_proj.weight.t().contiguous(), block.mixer.out_proj.weight.t().contiguous()]
@@ -530,6 +550,11 @@ class MambaLM(nn.Module):
             conv=[torch.zeros(batch_size, conv_dim, args.conv_kernel - 1, device=device, dtype=dtype) for _ in range(args.n_layers)],
             ssm=[torch.zeros(batch_size, args.n_heads, args.head_dim, args.state_size, device=device) for _ in range(args.n_layers)],
         )
+
+    def has_adapter(self) -> bool:
+        """Whether a LoRA adapter (:mod:`src.training.adapters`) is injected and not merged."""
+        return any(not isinstance(b.mixer.in_proj, nn.Linear) or not isinstance(b.mixer.out_proj, nn.Linear)
+                   for b in self.backbone.layers)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied embeddings counted once)."""

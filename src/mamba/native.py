@@ -114,6 +114,8 @@ def supports(model: MambaLM) -> str | None:
         return f"the native kernel runs on the CPU, the model is on {weight.device}"
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "the native kernel runs float32 models"
+    if model.has_adapter():
+        return "the model has an unmerged LoRA adapter (the kernel reads the base matrices)"
     return None
 
 

@@ -25,9 +25,11 @@ from src.mamba.config import MambaTrainConfig
 from src.mamba.data import TokenWindows, collate_windows, pack_documents
 from src.mamba.evaluate import kneser_ney_cross_entropy, unigram_cross_entropy
 from src.mamba.loss import IGNORE_INDEX
+from src.mamba.model import ADAPTER_REFUSED_TARGETS as REFUSED_TARGETS
 from src.mamba.model import MambaArgs, MambaLM
 from src.mamba.pretrained import load_pretrained, resolve_folder, yaml_overrides
 from src.mamba.tokenizer import MambaTokenizer
+from src.training.adapters import adapter_info, apply_adapter, count_parameters
 from src.training.engine import TrainTask, fit
 
 KIND = "mamba"  # checkpoint kind: load_checkpoint(..., kind="mamba") refuses other models' files
@@ -132,6 +134,10 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
             model.compile_blocks()
     else:
         model = MambaLM(args, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile)
+    adapter = None
+    if cfg.model.adapter is not None:
+        base = {"pretrained": str(pretrained.folder.resolve()), "layout": pretrained.layout}
+        adapter = adapter_info(apply_adapter(model, cfg.model.adapter, "model.adapter", REFUSED_TARGETS, base))
     fingerprint = tokenizer.fingerprint()
 
     def check_resume(checkpoint_extra: dict) -> None:
@@ -139,6 +145,8 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
             raise CheckpointError("the checkpoint was trained with another tokenizer than vocab.json")
         if checkpoint_extra.get("model_args") != args.to_dict():
             raise CheckpointError("the checkpoint's architecture differs from the config's")
+        if checkpoint_extra.get("adapter") != adapter:
+            raise CheckpointError("the checkpoint's adapter (model.adapter, model.pretrained) differs from the config's")
 
     def count_labels(batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
@@ -182,6 +190,7 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
             "tokenizer_json": tokenizer.to_str(),
             "tokenizer_sha256": fingerprint,
             "max_length": cfg.model.max_length,
+            **({"adapter": adapter} if adapter is not None else {}),
         },
         check_resume=check_resume,
         count_tokens=count_labels,
@@ -193,6 +202,7 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
         "val_tokens": int(val_stream.numel()),
         "train_windows": len(train_set),
         "parameters": model.num_parameters(),
+        "trainable_parameters": count_parameters(model)[0],
         "unigram_val_loss": unigram_loss,
         "kn3_val_loss": kn3_loss,
     }
@@ -224,6 +234,7 @@ def train_mamba(cfg: MambaTrainConfig, resume: bool = False) -> dict[str, Any]:
         train_tokens=facts["train_tokens"],
         val_tokens=facts["val_tokens"],
         parameters=facts["parameters"],
+        trainable_parameters=facts["trainable_parameters"],
         vocab_size=facts["tokenizer"].vocab_size,
     )
     if result.best_metric is not None:

@@ -50,7 +50,7 @@ REQUIRED_COMPANIONS: dict[str, tuple[str, ...]] = {"rag": ("metadata.json", "sto
 
 HF_DIR = "hf"
 HF_MODELS = ("mamba", "rlhf", "transformer")  # the models with a Hugging Face form
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "peft")
 GGUF_MODELS = ("mamba", "rlhf")
 HF_CHECK_TEXTS = ("def load(path):\n    return json.loads(open(path).read())", "Open a TCP connection to the host.")
 
@@ -244,7 +244,9 @@ def check_hf_form(name: str, model: Any, tokenizer: Any, folder: Path) -> float:
 
 
 def write_hf_form(name: str, model: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
-    """Write the Hugging Face form of a loaded model to ``folder``, check it, describe it."""
+    """Write the Hugging Face form of a loaded model to ``folder``, check it, describe it.
+    A model with a LoRA adapter is written merged (``model`` is merged in place)."""
+    _merge_for_export(name, model)
     if name == "transformer":
         from src.classifier.export import export_hf as export_classifier_hf
 
@@ -259,12 +261,44 @@ def write_hf_form(name: str, model: Any, tokenizer: Any, folder: Path) -> dict[s
     return {"path": f"{name}/{HF_DIR}", "loads_with": loads_with, "max_abs_diff": worst, "files": files}
 
 
+def _merge_for_export(name: str, model: Any) -> None:
+    from src.training.adapters import has_adapter, merge_adapter
+
+    module = model if name != "transformer" else getattr(model, "model", model)
+    if has_adapter(module):
+        merge_adapter(module)
+        log.info("export: %s: the LoRA adapter is merged into the weights", name)
+
+
+def check_peft_form(model: Any, tokenizer: Any, adapter_dir: Path, base_dir: Path) -> float:
+    """Load ``adapter_dir`` with PEFT on ``Mamba2ForCausalLM.from_pretrained(base_dir)`` and return
+    the largest logit difference from MARK's (unmerged) model on :data:`HF_CHECK_TEXTS`; over 1e-4
+    is a ``CheckpointError``."""
+    import torch
+    from peft import PeftModel
+    from transformers import Mamba2ForCausalLM
+
+    peft_model = PeftModel.from_pretrained(Mamba2ForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    worst = 0.0
+    for text in HF_CHECK_TEXTS:
+        ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text)])
+        with torch.no_grad():
+            diff = (peft_model(input_ids=ids, use_cache=False).logits - model.to("cpu").eval()(ids).logits).abs().max().item()
+        worst = max(worst, diff)
+    if worst > 1e-4:
+        raise CheckpointError(f"{adapter_dir}: PEFT computes other logits than MARK (max difference {worst:.2e})")
+    return worst
+
+
 def export_model(name: str, fmt: str, output: str | Path, source: str | Path | None = None, dtype: str = "f32") -> dict[str, Any]:
     """Write the trained model ``name`` (from ``source``: a checkpoint file or folder, or an
     export directory; default its checkpoint folder) in ``fmt`` to ``output``.
 
     ``hf``: ``output`` is the folder. ``gguf``: ``output`` is the ``.gguf`` file, or a folder
-    that gets ``<name>-<dtype>.gguf``. Returns ``{"outputs": {...}, "metrics": {...}}``.
+    that gets ``<name>-<dtype>.gguf``; both merge a LoRA adapter first. ``peft`` (a model trained
+    with ``model.adapter``): ``output`` is the PEFT adapter folder (see
+    :func:`src.mamba.export.export_peft`), checked against MARK's logits.
+    Returns ``{"outputs": {...}, "metrics": {...}}``.
     """
     from src.core.errors import ConfigError
 
@@ -274,14 +308,24 @@ def export_model(name: str, fmt: str, output: str | Path, source: str | Path | N
         raise ConfigError(f"--model '{name}': only {', '.join(HF_MODELS)} have an ecosystem format")
     if fmt == "gguf" and name not in GGUF_MODELS:
         raise ConfigError(f"--model {name}: the classifier has no GGUF form (llama.cpp runs language models); use --format hf")
+    if fmt == "peft" and name not in GGUF_MODELS:
+        raise ConfigError(f"--model {name}: --format peft exports the Mamba LM's adapters (mamba, rlhf)")
     output = Path(output)
     model, tokenizer, _ = load_model(name, source, device="cpu")
+    if fmt == "peft":
+        from src.mamba.export import export_peft
+
+        adapter_dir, base_dir = export_peft(model, tokenizer, output)
+        worst = check_peft_form(model, tokenizer, adapter_dir, base_dir)
+        log.info("export: %s -> %s (PEFT adapter on %s; max |logit difference| from MARK %.2e)", name, adapter_dir, base_dir, worst)
+        return {"outputs": {"peft": str(adapter_dir), "base": str(base_dir)}, "metrics": {"max_abs_diff": worst}}
     if fmt == "hf":
         info = write_hf_form(name, model, tokenizer, output)
         log.info("export: %s -> %s (loads with %s; max |difference| from MARK %.2e)", name, output, info["loads_with"], info["max_abs_diff"])
         return {"outputs": {"hf": str(output)}, "metrics": {"max_abs_diff": info["max_abs_diff"], "files": len(info["files"])}}
     from src.mamba.export import export_gguf
 
+    _merge_for_export(name, model)
     path = output if output.suffix == ".gguf" else output / f"{name}-{dtype}.gguf"
     export_gguf(model, tokenizer, path, dtype, name=f"mark-{name}")
     log.info("export: %s -> %s (%s, %.1f MB)", name, path, dtype, path.stat().st_size / 1e6)

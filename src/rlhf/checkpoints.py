@@ -12,21 +12,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from src.core.checkpoint import file_sha256, load_checkpoint, load_state_dict_checked, save_checkpoint
+from src.core.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from src.core.config import config_hash, config_to_dict
 from src.core.errors import CheckpointError
 from src.mamba.model import MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.config import StageConfig
+from src.training.adapters import adapter_info, has_adapter, load_trainable_state, trainable_state_dict
 from src.training.engine import TrainTask, fit
 
 
 def lm_extra(model: MambaLM, tokenizer: MambaTokenizer) -> dict[str, Any]:
-    """What ``load_mamba`` needs beside the weights: the architecture and the tokenizer."""
+    """What ``load_mamba`` needs beside the weights: the architecture and the tokenizer (and,
+    for a model with a LoRA adapter, the adapter and where its frozen base comes from)."""
     return {
         "model_args": model.args.to_dict(),
         "tokenizer_json": tokenizer.to_str(),
         "tokenizer_sha256": tokenizer.fingerprint(),
+        **({"adapter": adapter_info(model)} if has_adapter(model) else {}),
     }
 
 
@@ -47,7 +50,7 @@ def save_lm(
     entries (e.g. the PPO value head)."""
     state = {
         "kind": "mamba",
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in trainable_state_dict(model).items()},  # an adapter: only it
         "extra": lm_extra(model, tokenizer),
         "config": config_to_dict(stage),
         "rlhf": stage_record(stage, metrics),
@@ -107,5 +110,5 @@ def fit_best(task: TrainTask, stage: StageConfig, resume: bool, what: str) -> tu
     if result.best_model_path is None:
         raise CheckpointError(f"{stage.paths.checkpoint_dir}: {what} produced no best_model.pt (no validation ran)")
     best = load_checkpoint(result.best_model_path, kind=task.kind)
-    load_state_dict_checked(task.model, best["model"], result.best_model_path)
+    load_trainable_state(task.model, best["model"], result.best_model_path)
     return result, best

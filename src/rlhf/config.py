@@ -44,6 +44,7 @@ from src.core.config import (
 )
 from src.core.errors import ConfigError
 from src.core.logging import get_logger
+from src.training.adapters import AdapterConfig
 
 RLHF_CONFIG_NAME = "rlhf.yaml"
 log = get_logger("rlhf")
@@ -54,7 +55,16 @@ class RLHFModelConfig(StrictModel):
 
     base_model: Literal["mamba"] = Field("mamba", description="the language model RLHF starts from")
     base_checkpoint: Path = Field(
-        Path("checkpoints/mamba/best_model.pt"), description="trained base model (file, or a folder with best_model.pt)"
+        Path("checkpoints/mamba/best_model.pt"),
+        description="the base model: a MARK checkpoint (file, or a folder with best_model.pt), or a pretrained Mamba-2 "
+        "folder in the transformers or mamba_ssm layout (--base-model FOLDER)",
+    )
+    tokenizer: Optional[str] = Field(
+        None, description="a Hugging Face fast tokenizer folder, for a pretrained base folder without one (mamba_ssm layout)"
+    )
+    adapter: Optional[AdapterConfig] = Field(
+        None, description="train a LoRA adapter in every stage (SFT, reward model backbone, PPO policy, DPO) on the "
+        "frozen stage input; DPO and PPO then use the input itself (adapter disabled) as the reference",
     )
     prompt_template: str = Field(
         "{prompt}\n", description="text the model reads before the response; must contain {prompt} "

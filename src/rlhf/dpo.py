@@ -47,6 +47,7 @@ from src.rlhf.config import DPOConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat, evaluate_in_batches
 from src.rlhf.ppo import build_response_batch, reward_scores, response_logprobs
 from src.rlhf.reward_model import count_pairs
+from src.training.adapters import frozen_reference
 from src.training.engine import TrainTask
 
 KIND = "rlhf_dpo"
@@ -202,28 +203,10 @@ def implicit_reward_accuracy(
     return dpo_metrics(outputs)
 
 
-def train_dpo(
-    policy: MambaLM,
-    reference: MambaLM,
-    tokenizer: MambaTokenizer,
-    train_examples: Sequence[PreferenceExample],
-    val_examples: Sequence[PreferenceExample],
-    stage: StageConfig,
-    resume: bool = False,
-    reward_model=None,
-) -> dict[str, Any]:
-    """Optimise ``policy`` (a copy of the SFT model) with the DPO loss against the frozen
-    ``reference`` (the SFT model). ``stage.training`` is a :class:`DPOConfig`; with
-    ``pairs: sampled`` the pairs are the reference's own answers ranked by ``reward_model``
-    (:func:`sampled_pairs`) on the prompts of ``train_examples`` / ``val_examples``. Writes the
-    engine's checkpoints under ``stage.paths.checkpoint_dir`` and the policy with the lowest
-    val DPO loss to ``stage.output_file`` (``dpo_policy.pt``). Returns ``{"metrics", "outputs"}``."""
-    cfg: DPOConfig = stage.training
-    seed_everything(stage.system.seed)
-    fmt = PromptFormat(tokenizer, stage.model.prompt_template, stage.model.max_prompt_tokens, stage.model.max_response_tokens)
-    pad_id = tokenizer.pad_id
-    reference = reference.eval().requires_grad_(False)
-    batch_size = cfg.eval_batch_size or cfg.batch_size
+def _reference_data(reference, reward_model, train_examples, val_examples, fmt: PromptFormat, cfg: DPOConfig,
+                    stage: StageConfig, batch_size: int) -> tuple["DPODataset", "DPODataset", dict[str, Any]]:
+    """The train and val :class:`DPODataset` (pairs with their reference log-probs) and the
+    sampling statistics of ``pairs: sampled``."""
     sampling: dict[str, Any] = {}
     if cfg.pairs == "sampled":
         if reward_model is None:
@@ -236,8 +219,41 @@ def train_dpo(
     else:
         train_pairs = PreferenceDataset(train_examples[: cfg.max_train_examples], fmt)
         val_pairs = PreferenceDataset(val_examples[: cfg.max_val_examples], fmt)
+    pad_id = fmt.tokenizer.pad_id
     train_set = DPODataset(train_pairs, reference_logprobs(reference, train_pairs, pad_id, batch_size))
     val_set = DPODataset(val_pairs, reference_logprobs(reference, val_pairs, pad_id, batch_size))
+    return train_set, val_set, sampling
+
+
+def train_dpo(
+    policy: MambaLM,
+    reference: MambaLM | None,
+    tokenizer: MambaTokenizer,
+    train_examples: Sequence[PreferenceExample],
+    val_examples: Sequence[PreferenceExample],
+    stage: StageConfig,
+    resume: bool = False,
+    reward_model=None,
+) -> dict[str, Any]:
+    """Optimise ``policy`` (a copy of the SFT model) with the DPO loss against the frozen
+    ``reference`` (the SFT model). ``stage.training`` is a :class:`DPOConfig`; with
+    ``pairs: sampled`` the pairs are the reference's own answers ranked by ``reward_model``
+    (:func:`sampled_pairs`) on the prompts of ``train_examples`` / ``val_examples``. Writes the
+    engine's checkpoints under ``stage.paths.checkpoint_dir`` and the policy with the lowest
+    val DPO loss to ``stage.output_file`` (``dpo_policy.pt``). Returns ``{"metrics", "outputs"}``.
+    ``reference=None``: ``policy`` has a LoRA adapter and the reference is the policy with the
+    adapter disabled (the SFT model it is trained on; no second copy in memory)."""
+    cfg: DPOConfig = stage.training
+    seed_everything(stage.system.seed)
+    fmt = PromptFormat(tokenizer, stage.model.prompt_template, stage.model.max_prompt_tokens, stage.model.max_response_tokens)
+    pad_id = tokenizer.pad_id
+    if reference is not None:
+        reference = reference.eval().requires_grad_(False)
+    batch_size = cfg.eval_batch_size or cfg.batch_size
+    # Everything the reference computes happens before training: the frozen copy, or the
+    # policy with its adapter disabled.
+    with frozen_reference(policy, reference) as reference:
+        train_set, val_set, sampling = _reference_data(reference, reward_model, train_examples, val_examples, fmt, cfg, stage, batch_size)
     log.info("DPO: %d train / %d val preference pairs, beta %g, label smoothing %g, rpo_alpha %s",
              len(train_set), len(val_set), cfg.beta, cfg.label_smoothing, cfg.rpo_alpha)
 

@@ -34,7 +34,8 @@ def export_rlhf_model(
         {
             "kind": KIND,
             "model": policy["model"],
-            "extra": {k: extra[k] for k in ("model_args", "tokenizer_json", "tokenizer_sha256") if k in extra},
+            # an adapter policy keeps its adapter record: the file holds only the adapter, loaded onto its base
+            "extra": {k: extra[k] for k in ("model_args", "tokenizer_json", "tokenizer_sha256", "adapter") if k in extra},
             "config": config,
             "metrics": metrics,
             "provenance": provenance,

@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 from src.core.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
-    load_state_dict_checked,
     save_checkpoint,
     write_latest_pointer,
 )
@@ -54,6 +53,7 @@ from src.rlhf.config import KLControlConfig, PPOConfig, StageConfig
 from src.rlhf.data import PromptFormat, pad_right
 from src.rlhf.reward_encoder import EncoderRewardModel
 from src.rlhf.reward_model import RewardModel
+from src.training.adapters import frozen_reference, load_trainable_state, trainable_state_dict
 from src.training.engine import build_optimizer
 
 KIND = "rlhf_ppo"
@@ -336,7 +336,7 @@ class Rollout:
 @torch.no_grad()
 def collect_rollout(
     policy: PolicyWithValueHead,
-    reference: MambaLM,
+    reference: MambaLM | None,
     reward_model: RewardModel,
     tokenizer: MambaTokenizer,
     prompts: Sequence[Sequence[int]],
@@ -353,7 +353,8 @@ def collect_rollout(
     batch = build_response_batch(prompts, responses, tokenizer.pad_id).to(device)
     policy.eval()
     logprobs, values, _ = policy(batch.input_ids, batch.positions, batch.targets, cfg.temperature)
-    ref_logprobs, _, _ = response_logprobs(reference, batch.input_ids, batch.positions, batch.targets, cfg.temperature)
+    with frozen_reference(policy.lm, reference) as ref:  # reference None: the policy with its adapter disabled
+        ref_logprobs, _, _ = response_logprobs(ref, batch.input_ids, batch.positions, batch.targets, cfg.temperature)
     mask = batch.mask
     scores = scores.to(device)
     rewards, _ = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
@@ -419,7 +420,7 @@ def _save_resumable(path: Path, policy, optimizer, kl_ctl, step: int, stage: Sta
     save_checkpoint(
         {
             "kind": KIND,
-            "model": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in trainable_state_dict(policy).items()},  # an adapter: it + value head
             "optimizer": optimizer.state_dict(),
             "kl_controller": kl_ctl.state_dict(),
             "rng": capture_rng_state(),
@@ -439,7 +440,7 @@ def _save_resumable(path: Path, policy, optimizer, kl_ctl, step: int, stage: Sta
 
 def train_ppo(
     policy_lm: MambaLM,
-    reference: MambaLM,
+    reference: MambaLM | None,
     reward_model: RewardModel,
     tokenizer: MambaTokenizer,
     prompts: Sequence[str],
@@ -449,6 +450,8 @@ def train_ppo(
     """Optimise ``policy_lm`` (a copy of the SFT model) with PPO against ``reward_model``, with
     a KL penalty to ``reference`` (the frozen SFT model), on the training ``prompts``.
 
+    ``reference=None``: ``policy_lm`` has a LoRA adapter and the reference is ``policy_lm`` with
+    the adapter disabled (no second copy of the model); the value head trains beside the adapter.
     ``stage.training`` is a :class:`PPOConfig`. Writes ``checkpoint_step_N.pt`` under
     ``stage.paths.checkpoint_dir`` (every ``save_steps`` and at the end), logs to
     ``stage.paths.log_dir``, and delivers ``stage.output_file`` (``ppo_policy.pt``).
@@ -461,7 +464,8 @@ def train_ppo(
     seed_everything(stage.system.seed)
 
     policy = PolicyWithValueHead(policy_lm).to(device)
-    reference = reference.to(device).eval().requires_grad_(False)
+    if reference is not None:
+        reference = reference.to(device).eval().requires_grad_(False)
     reward_model = reward_model.to(device).eval().requires_grad_(False)
     fmt = PromptFormat(tokenizer, stage.model.prompt_template, stage.model.max_prompt_tokens, stage.model.max_response_tokens)
     prompt_ids = [fmt.prompt_ids(p) for p in prompts]
@@ -484,7 +488,7 @@ def train_ppo(
                     f"{latest}: it is at iteration {state['progress']['step']}, past training.ppo.num_steps="
                     f"{cfg.num_steps}; raise num_steps or run without --resume"
                 )
-            load_state_dict_checked(policy, state["model"], latest)
+            load_trainable_state(policy, state["model"], latest)
             optimizer.load_state_dict(state["optimizer"])
             kl_ctl.load_state_dict(state["kl_controller"])
             restore_rng_state(state["rng"])

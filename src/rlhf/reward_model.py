@@ -18,17 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.core.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from src.core.checkpoint import load_checkpoint, save_checkpoint
 from src.core.config import config_to_dict
 from src.core.errors import CheckpointError
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
 from src.data.readers import PreferenceExample
-from src.mamba.model import MambaArgs, MambaLM
+from src.mamba.load import build_lm
+from src.mamba.model import MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 from src.rlhf.checkpoints import fit_best, lm_extra, same_inputs_check, stage_record
 from src.rlhf.config import RewardConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat, collate_preferences, evaluate_in_batches, pad_right
+from src.training.adapters import load_trainable_state, trainable_state_dict
 from src.training.engine import TrainTask
 
 KIND = "rlhf_reward"
@@ -211,7 +213,7 @@ def save_reward_model(
     return save_checkpoint(
         {
             "kind": KIND,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in trainable_state_dict(model).items()},  # adapter: it + head
             "extra": lm_extra(model.lm, tokenizer),
             "config": config_to_dict(stage),
             "rlhf": stage_record(stage, metrics),
@@ -229,7 +231,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{path}: an encoder reward model; load it with src.rlhf.load.load_reward_model")
     if "model_args" not in extra or "tokenizer_json" not in extra:
         raise CheckpointError(f"{path}: not a complete reward-model checkpoint (architecture or tokenizer missing)")
-    model = RewardModel(MambaLM(MambaArgs.from_dict(extra["model_args"])))
-    load_state_dict_checked(model, state["model"], path)
+    model = RewardModel(build_lm(extra, path))
+    load_trainable_state(model, state["model"], path)
     tokenizer = MambaTokenizer.from_str(extra["tokenizer_json"], str(path))
     return model.to(device).eval(), tokenizer

@@ -27,7 +27,8 @@ from src.core.errors import CheckpointError, MarkError
 from src.core.logging import get_logger, setup_logging
 from src.core.runtime import resolve_device
 from src.data.readers import read_preferences, read_sft
-from src.mamba.load import load_mamba, resolve_checkpoint
+from src.mamba.load import is_pretrained_folder, load_mamba, load_start_model, resolve_checkpoint
+from src.mamba.model import ADAPTER_REFUSED_TARGETS
 from src.rlhf.checkpoints import file_record, finished_output, output_metrics, require_output
 from src.rlhf.config import RLHFConfig, StageConfig
 from src.rlhf.dpo import train_dpo
@@ -39,6 +40,7 @@ from src.rlhf.reward_model import KIND as REWARD_KIND
 from src.rlhf.reward_encoder import train_encoder_reward_model
 from src.rlhf.reward_model import train_reward_model
 from src.rlhf.sft import train_sft
+from src.training.adapters import apply_adapter
 
 log = get_logger("rlhf")
 
@@ -78,8 +80,8 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
     reward_cfg = cfg.training.reward
     methods = ("ppo", "dpo") if cfg.training.method == "both" else (cfg.training.method,)
     needs_base = not skip_sft or (not skip_reward and reward_cfg.backbone == "mamba" and reward_cfg.init_from == "base")
-    if needs_base:
-        base_file = resolve_checkpoint(cfg.model.base_checkpoint)  # missing: the error names the training command
+    if needs_base:  # a pretrained folder, or a MARK checkpoint (missing: the error names the training command)
+        base_file = _base_source(cfg.model.base_checkpoint)
     else:  # only for the base model's perplexity in the report
         base_file = _existing_base(cfg.model.base_checkpoint)
     sft_train, sft_val, sft_test = (read_sft(f) for f in (cfg.data.sft_train_file, cfg.data.sft_val_file, cfg.data.sft_test_file))
@@ -101,6 +103,20 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
             paths=PathsConfig(checkpoint_dir=out / name, log_dir=logs / name),
         )
 
+    adapter = cfg.model.adapter
+
+    def start(path: Path):
+        """(model, tokenizer) a stage trains from ``path``; with ``model.adapter`` a fresh LoRA
+        adapter on it (frozen, any adapter it had merged)."""
+        model, tokenizer, record = load_start_model(path, cfg.model.tokenizer)
+        if adapter is not None:
+            apply_adapter(model, adapter, "model.adapter", ADAPTER_REFUSED_TARGETS, base=record)
+        return model, tokenizer
+
+    def reference(path: Path):
+        """The frozen reference of PPO/DPO: with an adapter, none (the policy with its adapter disabled)."""
+        return None if adapter is not None else load_mamba(path)[0]
+
     def timed(name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         started = time.perf_counter()
         result = work()
@@ -115,9 +131,9 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
         log.info("--skip-sft: using %s", files["sft_model"])
     else:
         sft_stage = stage("sft", cfg.training.sft, files["sft_model"],
-                          {"base_model": file_sha256(base_file), "sft_train": data_sha["sft_train_file"], "sft_val": data_sha["sft_val_file"]})
+                          {"base_model": _fingerprint(base_file), "sft_train": data_sha["sft_train_file"], "sft_val": data_sha["sft_val_file"]})
         metrics["sft"] = _reuse_or(resume, files["sft_model"], sft_stage, "mamba") or timed(
-            "sft", lambda: train_sft(*load_mamba(base_file), sft_train, sft_val, sft_stage, resume))["metrics"]
+            "sft", lambda: train_sft(*start(base_file), sft_train, sft_val, sft_stage, resume))["metrics"]
 
     # 2. Reward model
     if skip_reward:
@@ -132,10 +148,10 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
     else:
         backbone_file = files["sft_model"] if reward_cfg.init_from == "sft" else base_file
         rm_stage = stage("reward", reward_cfg, files["reward_model"],
-                         {"backbone": file_sha256(backbone_file), "preferences_train": data_sha["preferences_train_file"],
+                         {"backbone": _fingerprint(backbone_file), "preferences_train": data_sha["preferences_train_file"],
                           "preferences_val": data_sha["preferences_val_file"]})
         metrics["reward"] = _reuse_or(resume, files["reward_model"], rm_stage, REWARD_KIND) or timed(
-            "reward", lambda: train_reward_model(*load_mamba(backbone_file), pref_train, pref_val, rm_stage, resume))["metrics"]
+            "reward", lambda: train_reward_model(*start(backbone_file), pref_train, pref_val, rm_stage, resume))["metrics"]
 
     # 3. PPO: policy and frozen reference both start as the SFT model.
     if "ppo" in methods:
@@ -144,12 +160,11 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
                            "sft_train": data_sha["sft_train_file"]})
 
         def run_ppo() -> dict[str, Any]:
-            policy_lm, tokenizer = load_mamba(files["sft_model"])
-            reference, _ = load_mamba(files["sft_model"])
+            policy_lm, tokenizer = start(files["sft_model"])
             reward_model, rm_tokenizer = load_reward_model(files["reward_model"])
             _check_same_tokenizer(tokenizer, reward_model, rm_tokenizer, files)
             prompts = list(dict.fromkeys(e.prompt for e in sft_train))
-            return train_ppo(policy_lm, reference, reward_model, tokenizer, prompts, ppo_stage, resume)
+            return train_ppo(policy_lm, reference(files["sft_model"]), reward_model, tokenizer, prompts, ppo_stage, resume)
 
         metrics["ppo"] = _reuse_or(resume, files["ppo_policy"], ppo_stage, "mamba") or timed("ppo", run_ppo)["metrics"]
 
@@ -164,13 +179,12 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
         dpo_stage = stage("dpo", cfg.training.dpo, files["dpo_policy"], dpo_inputs)
 
         def run_dpo() -> dict[str, Any]:
-            policy_lm, tokenizer = load_mamba(files["sft_model"])
-            reference, _ = load_mamba(files["sft_model"])
+            policy_lm, tokenizer = start(files["sft_model"])
             reward_model = None
             if sampled:
                 reward_model, rm_tokenizer = load_reward_model(files["reward_model"])
                 _check_same_tokenizer(tokenizer, reward_model, rm_tokenizer, files)
-            return train_dpo(policy_lm, reference, tokenizer, pref_train, pref_val, dpo_stage, resume, reward_model)
+            return train_dpo(policy_lm, reference(files["sft_model"]), tokenizer, pref_train, pref_val, dpo_stage, resume, reward_model)
 
         metrics["dpo"] = _reuse_or(resume, files["dpo_policy"], dpo_stage, "mamba") or timed("dpo", run_dpo)["metrics"]
 
@@ -180,7 +194,7 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
         policies = {name: load_mamba(files[f"{name}_policy"])[0] for name in methods}
         reward_model, rm_tokenizer = load_reward_model(files["reward_model"])
         _check_same_tokenizer(tokenizer, reward_model, rm_tokenizer, files)
-        base_lm = load_mamba(base_file)[0] if base_file is not None else None
+        base_lm = load_start_model(base_file, cfg.model.tokenizer)[0] if base_file is not None else None
         curve = (load_checkpoint(files["ppo_policy"], kind="mamba").get("history") or []) if "ppo" in methods else []
         eval_stage = stage("evaluation", cfg.evaluation, files["evaluation"],
                            {f"{name}_policy": file_sha256(files[f"{name}_policy"]) for name in methods})
@@ -194,7 +208,7 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
     recorded = ("sft_model", "reward_model", *(f"{name}_policy" for name in methods), "evaluation")
     provenance = {name: file_record(files[name]) for name in recorded}
     if base_file is not None:
-        provenance["base_model"] = file_record(base_file)
+        provenance["base_model"] = {"path": str(base_file), "sha256": _fingerprint(base_file)}
     provenance["data"] = {name: {"path": str(p), "sha256": data_sha[name]} for name, p in cfg.data.model_dump().items()}
     provenance["exported_policy"] = exported
     export = timed("export", lambda: export_rlhf_model(files[f"{exported}_policy"], files["rlhf_final_model"], config_to_dict(cfg), metrics, provenance))
@@ -237,11 +251,31 @@ def _check_same_tokenizer(policy_tokenizer, reward_model, reward_tokenizer, file
         )
 
 
+def _base_source(path: Path) -> Path:
+    """The base model's file, or the pretrained folder itself."""
+    return Path(path) if is_pretrained_folder(path) else resolve_checkpoint(path)
+
+
 def _existing_base(path: Path) -> Path | None:
     try:
-        return resolve_checkpoint(path)
+        return _base_source(path)
     except MarkError:
         return None
+
+
+def _fingerprint(path: Path) -> str:
+    """sha256 of a checkpoint file, or of a pretrained folder's config and weight files (what a
+    stage's output is reused for)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and (file.name == "config.json" or file.suffix in (".safetensors", ".bin") or file.name.endswith(".index.json")):
+            digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def _pipeline_logging(log_dir: Path) -> None:

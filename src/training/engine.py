@@ -6,7 +6,8 @@ What lives here, once:
   and Accelerate's own config) and mixed precision;
 * gradient accumulation, clipping, warmup + LR schedule, seeding, DataLoader workers;
 * validation every ``eval_steps`` and at each epoch end, ``best_model.pt`` by the task's metric;
-* checkpoints (``checkpoint_epoch_N.pt``, ``checkpoint_step_N.pt``) holding model, optimizer,
+* checkpoints (``checkpoint_epoch_N.pt``, ``checkpoint_step_N.pt``) holding model (for a model
+  with a LoRA adapter, :mod:`src.training.adapters`, only the adapter: what trains), optimizer,
   scheduler, grad scaler, RNG states, epoch, step and the position in the data, written
   atomically; ``resume=True`` continues from the exact step of the latest one;
 * progress bar, ``train.log`` and ``metrics.jsonl``.
@@ -34,7 +35,6 @@ from tqdm.auto import tqdm
 from src.core.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
-    load_state_dict_checked,
     save_checkpoint,
     write_latest_pointer,
 )
@@ -48,6 +48,7 @@ from src.core.runtime import (
     restore_rng_state,
     tune_cpu_allocator,
 )
+from src.training.adapters import load_trainable_state, trainable_state_dict
 
 Batch = Any
 
@@ -302,7 +303,8 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
                 task.check_resume(ckpt.get("extra", {}))
             # Into the plain module, before accelerator.prepare wraps it: a full state dict
             # cannot be loaded into FSDP's sharded (flattened) parameters afterwards.
-            load_state_dict_checked(task.model, ckpt["model"], last_checkpoint)
+            # An adapted model's checkpoints hold only the adapter: the frozen base is already loaded.
+            load_trainable_state(task.model, ckpt["model"], last_checkpoint)
 
     model = task.model
     optimizer = build_optimizer(model, tcfg.learning_rate, tcfg.weight_decay)
@@ -333,7 +335,7 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
             save_checkpoint(
                 {
                     "kind": kind,
-                    "model": accelerator.get_state_dict(model),
+                    "model": trainable_state_dict(task.model, accelerator.get_state_dict(model)),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -393,7 +395,7 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
                     save_checkpoint(
                         {
                             "kind": kind,
-                            "model": accelerator.get_state_dict(model),
+                            "model": trainable_state_dict(task.model, accelerator.get_state_dict(model)),
                             "config": config_dict,
                             "extra": task.extra_state,
                             "metrics": metrics,

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or llama.cpp (--format gguf: a mamba2 GGUF file; mamba and rlhf only).",
     )
     export.add_argument("--model", required=True, choices=["mamba", "rlhf", "transformer"])
-    export.add_argument("--format", required=True, choices=["hf", "gguf"])
+    export.add_argument("--format", required=True, choices=["hf", "gguf", "peft"], help="peft: the LoRA adapter of a model trained with model.adapter")
     export.add_argument("--output", required=True, help="hf: the folder to write; gguf: the .gguf file, or a folder")
     export.add_argument("--source", help="checkpoint file or folder, or an export directory (default: the model's checkpoint folder)")
     export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="gguf: type of the big matrices (default f32)")

@@ -1,6 +1,6 @@
 """The RLHF pipeline on MARK's Mamba LM: SFT -> reward model -> PPO and/or DPO -> evaluation -> export.
 
-    python -m src.training.rlhf_pipeline --base-model mamba --config configs/rl_train.yaml \\
+    python -m src.training.rlhf_pipeline --base-model mamba|FOLDER --config configs/rl_train.yaml \\
         --output-dir checkpoints/rlhf [--skip-sft] [--skip-reward] [--num-rl-steps N] [--method ppo|dpo|both] \\
         [--device cpu] [--resume] [key.sub=value ...]
 
@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m src.training.rlhf_pipeline",
         description="RLHF on the Mamba LM: SFT -> reward model -> PPO and/or DPO -> evaluation -> export.",
     )
-    parser.add_argument("--base-model", choices=["mamba"], default="mamba", help="the model RLHF starts from")
+    parser.add_argument(
+        "--base-model", default="mamba", metavar="mamba|FOLDER",
+        help="the model RLHF starts from: mamba (model.base_checkpoint, MARK's trained Mamba) or a pretrained Mamba-2 "
+        "folder (transformers or mamba_ssm layout; model.tokenizer for one without tokenizer files)",
+    )
     parser.add_argument("--output-dir", help="where every stage's output goes (overrides paths.checkpoint_dir)")
     parser.add_argument("--skip-sft", action="store_true", help="use <output-dir>/sft_model.pt from an earlier run")
     parser.add_argument("--skip-reward", action="store_true", help="use <output-dir>/reward_model.pt from an earlier run")
@@ -49,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.num_rl_steps is not None:
         overrides.append(f"training.ppo.num_steps={args.num_rl_steps}")
     overrides += [f"training.method={args.method}"] if args.method else []
-    overrides.append(f"model.base_model={args.base_model}")
+    if args.base_model != "mamba":
+        overrides.append(f"model.base_checkpoint={args.base_model}")
     cfg = load_rlhf_config(args.config, overrides)
     return run(cfg, resume=args.resume, evaluate=args.evaluate, skip_sft=args.skip_sft, skip_reward=args.skip_reward)
 

@@ -178,3 +178,27 @@ def test_an_unreachable_hub_id_is_one_line_on_the_command_line(sample_data_dir, 
     assert len(err) == 1, err
     assert err[0].startswith("error: model.base_model: cannot load 'mark-tests/no-such-model'")
     assert "minilm-local" in err[0]
+
+
+def test_a_lora_adapter_on_the_encoder_trains_with_the_head_and_exports_merged(sample_data_dir, tmp_path, one_thread):
+    """model.adapter (src/training/adapters.py): LoRA on the frozen encoder's query/value, the new
+    head trained fully; the checkpoint holds only those and loads onto the pretrained encoder
+    unmerged; the HF export merges it (transformers predicts what MARK does). Mechanics only: a
+    few steps, no accuracy claim."""
+    from src.pipelines.export import export_model
+
+    args = _args(sample_data_dir, tmp_path, "model.adapter={r: 8, alpha: 16, target_modules: [query, value]}",
+                 "training.learning_rate=0.003", "training.num_epochs=1", "data.max_train_examples=32",
+                 "data.max_eval_examples=16", "data.test_file=null")
+    train_transfer.main(args)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best_model.pt", kind="transfer")
+    assert best["extra"]["adapter"]["also_trained"] == ["classifier"]
+    assert len(best["extra"]["adapter"]["modules"]) == 12  # query and value of MiniLM's 6 layers
+    assert {k for k in best["model"] if ".lora_" not in k} == {"classifier.weight", "classifier.bias"}
+    assert any(v.abs().sum() > 0 for k, v in best["model"].items() if ".lora_B." in k)  # the adapter trained
+    classifier = load_classifier(tmp_path / "checkpoints", device="cpu")
+    texts = ["def load(path): return json.loads(open(path).read())", "Open a TCP connection to the host."]
+    probs = classifier.predict_proba(texts)
+    exported = export_model("transformer", "hf", tmp_path / "hf", tmp_path / "checkpoints")
+    assert exported["metrics"]["max_abs_diff"] <= 1e-4
+    assert torch.allclose(load_classifier(tmp_path / "checkpoints", device="cpu").predict_proba(texts), probs, atol=1e-6)

@@ -178,3 +178,70 @@ def test_an_imported_checkpoint_exports_back_to_transformers_and_gguf_unchanged(
     model, tokenizer, _ = load_pretrained(str(ssm_dir), tokenizer=str(tok_dir))
     tokens = GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf")).fields["tokenizer.ggml.tokens"].contents()
     assert len(tokens) == 416 and tokens[400] == "[PAD400]" and tokens[0] == "<|endoftext|>"
+
+
+def test_lora_fine_tuning_of_a_pretrained_folder_then_peft_and_merged_exports(folders, corpus, tmp_path, caplog):
+    """``--target=mamba`` with ``model.adapter`` (src/training/adapters.py): the checkpoint holds
+    only the adapter, the base stays the folder's, and the adapter leaves as PEFT (peft on
+    Mamba2ForCausalLM gives MARK's logits) and merged (hf, gguf)."""
+    from gguf import GGUFReader
+
+    from src.pipelines.export import export_model
+    from src.training import orchestrator
+    from src.training.adapters import merge_adapter
+
+    hf_dir = folders[0]
+    start_model, start_tok, _ = load_pretrained(str(hf_dir), chunk_size=16)
+    before = _val_loss(start_model.eval(), start_tok, corpus)
+    adapter = "model.adapter={r: 8, alpha: 16, target_modules: [in_proj]}"
+    with caplog.at_level("INFO"):
+        summary = orchestrator.main(["train", "--target=mamba", *_argv(corpus, tmp_path, f"model.pretrained={hf_dir}", adapter,
+                                                                  "training.learning_rate=0.03")])
+    assert "LoRA r=8 alpha=16 on backbone.layers.1.mixer.in_proj" in caplog.text
+    metrics = summary["metrics"]
+    assert metrics["trainable_parameters"] == 2 * 8 * (32 + 2 * 64 + 2 * 2 * 8 + 4)  # r * (in + out) per in_proj
+    assert metrics["val_loss"] < before - 0.1, (before, metrics["val_loss"])
+    best = tmp_path / "ckpt" / "best_model.pt"
+    assert all(".lora_" in k for k in load_checkpoint(best)["model"])  # only the adapter, not the base
+    assert best.stat().st_size < 100_000
+
+    model, tokenizer = load_mamba(tmp_path / "ckpt")  # base folder + adapter, unmerged (load_model and the server)
+    assert model.has_adapter()
+    assert math.isclose(_val_loss(model, tokenizer, corpus), metrics["best_val_loss"], rel_tol=1e-4)
+    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("def parse(path):")])
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        merged_model = merge_adapter(load_mamba(tmp_path / "ckpt")[0])
+        assert (merged_model(ids).logits - unmerged).abs().max().item() <= 1e-5
+
+    peft = export_model("mamba", "peft", tmp_path / "peft", tmp_path / "ckpt")
+    assert peft["metrics"]["max_abs_diff"] <= 1e-4 and peft["outputs"]["base"] == str(hf_dir)
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "peft").iterdir()}
+    assert export_model("mamba", "hf", tmp_path / "hf", tmp_path / "ckpt")["metrics"]["max_abs_diff"] <= 1e-4
+    gguf = export_model("mamba", "gguf", tmp_path / "m.gguf", tmp_path / "ckpt")["outputs"]["gguf"]
+    tensors = {t.name: t for t in GGUFReader(gguf).tensors}
+    written = torch.tensor(tensors["blk.1.ssm_in.weight"].data.copy()).reshape(merged_model.backbone.layers[1].mixer.in_proj.weight.shape)
+    assert torch.equal(written, merged_model.backbone.layers[1].mixer.in_proj.weight.detach())  # the merged weights
+
+
+def test_an_out_proj_adapter_trains_in_mark_but_exports_merged_only(folders, corpus, tmp_path, capsys):
+    """LoRA on out_proj works in MARK's Mamba (its forward calls out_proj as a module, unlike
+    transformers' fused CUDA path, which PEFT therefore refuses: PR 2562); --format peft says so."""
+    hf_dir = folders[0]
+    adapter = "model.adapter={r: 4, target_modules: [out_proj], layers: [1]}"
+    main(_argv(corpus, tmp_path, f"model.pretrained={hf_dir}", adapter, "training.max_steps=4"))
+    model, _ = load_mamba(tmp_path / "ckpt")
+    assert model.adapter_modules == ["backbone.layers.1.mixer.out_proj"]
+    assert float(model.backbone.layers[1].mixer.out_proj.lora_B["default"].weight.abs().sum()) > 0  # it trained
+    from src.training import orchestrator
+
+    capsys.readouterr()  # the training's log lines
+    code = run_cli(orchestrator.main, ["export", "--model", "mamba", "--format", "peft", "--output", str(tmp_path / "peft"),
+                                       "--source", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: --format peft: "), err
+    assert "PEFT refuses LoRA on out_proj/conv1d for Mamba-2 models" in err and "export --format hf or gguf" in err
+    assert not (tmp_path / "peft").exists()
+    from src.pipelines.export import export_model
+
+    assert export_model("mamba", "hf", tmp_path / "hf", tmp_path / "ckpt")["metrics"]["max_abs_diff"] <= 1e-4

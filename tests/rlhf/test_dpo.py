@@ -143,3 +143,45 @@ def test_sampled_pairs_are_the_policys_best_and_worst_answers_under_the_reward_m
     assert metrics["val_loss"] < math.log(2) and metrics["val_reward_accuracy"] > 0.5, metrics
     with pytest.raises(ValueError, match="reward model"):
         train_dpo(lm, reference, tok, train, val, stage)
+
+
+def test_dpo_with_an_adapter_uses_the_policy_with_its_adapter_disabled_as_reference(tiny_base_model, sample_data_dir, tmp_path):
+    """model.adapter: no second model; the reference log-probs are those of a frozen copy, and
+    training moves only the adapter (src/training/adapters.py)."""
+    from src.core.checkpoint import file_sha256, load_checkpoint
+    from src.training.adapters import AdapterConfig, apply_adapter, frozen_reference
+
+    lm, tok = load_mamba(tiny_base_model)
+    frozen, _ = load_mamba(tiny_base_model)
+    base_weights = {k: v.clone() for k, v in lm.state_dict().items()}
+    apply_adapter(lm, AdapterConfig(r=4, target_modules=["in_proj", "out_proj"]),
+                  base={"checkpoint": str(tiny_base_model), "sha256": file_sha256(tiny_base_model)})
+    with torch.no_grad():  # a trained-looking adapter: the policy now differs from its base
+        for name, param in lm.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    prompts = [e.prompt for e in read_sft(sample_data_dir / "sft_train.jsonl")[:40]]
+    pairs = [PreferenceExample(prompt=p, chosen=f"It is about {p.split()[2].split('.')[0]}.", rejected="It does what its name says.")
+             for p in prompts]
+    fmt = PromptFormat(tok, max_prompt_tokens=24, max_response_tokens=16)
+    dataset = PreferenceDataset(pairs, fmt)
+    with frozen_reference(lm) as reference:
+        disabled = reference_logprobs(reference, dataset, tok.pad_id)
+    assert torch.equal(disabled, reference_logprobs(frozen, dataset, tok.pad_id))
+    assert not torch.allclose(reference_logprobs(lm, dataset, tok.pad_id), disabled, atol=1e-3)  # the adapter is back on
+
+    cfg = DPOConfig(batch_size=8, num_epochs=2, learning_rate=0.01, beta=0.5, log_steps=4)
+    stage = StageConfig(
+        stage="dpo", training=cfg, model=RLHFModelConfig(max_prompt_tokens=24, max_response_tokens=16),
+        paths=PathsConfig(checkpoint_dir=tmp_path / "dpo", log_dir=tmp_path / "logs"),
+        system=SystemConfig(device="cpu", seed=0), output_file=tmp_path / "dpo_policy.pt", inputs={"sft_model": "test"},
+    )
+    summary = train_dpo(lm, None, tok, pairs[:32], pairs[32:], stage)
+    assert summary["metrics"]["val_reward_accuracy"] >= 0.9, summary["metrics"]
+    trained = lm.state_dict()
+    for key, value in base_weights.items():  # the frozen base, bitwise
+        assert torch.equal(trained.get(key.replace("proj.weight", "proj.base_layer.weight"), trained.get(key)), value), key
+    assert all(".lora_" in k for k in load_checkpoint(tmp_path / "dpo_policy.pt")["model"])
+    policy, _ = load_mamba(tmp_path / "dpo_policy.pt")  # base checkpoint + adapter
+    after = implicit_reward_accuracy(policy, frozen, pairs[32:], fmt, cfg)
+    assert after["val_loss"] == pytest.approx(summary["metrics"]["val_loss"], abs=1e-5)

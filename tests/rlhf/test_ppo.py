@@ -201,3 +201,27 @@ def test_prompt_order_uses_every_prompt_once_per_epoch():
     seen = [i for step in range(5) for i in _prompt_order(10, seed=3, step=step, batch_size=2)]
     assert sorted(seen) == list(range(10))
     assert _prompt_order(10, 3, 7, 2) == _prompt_order(10, 3, 7, 2)  # a function of (seed, step)
+
+
+def test_rollouts_of_an_adapter_policy_use_its_disabled_adapter_as_the_frozen_reference(tiny_base_model):
+    from src.rlhf.ppo import collect_rollout
+    from src.rlhf.reward_model import RewardModel
+    from src.training.adapters import AdapterConfig, apply_adapter
+
+    lm, tok = load_mamba(tiny_base_model)
+    frozen, _ = load_mamba(tiny_base_model)
+    apply_adapter(lm, AdapterConfig(r=4, target_modules=["in_proj"]))
+    with torch.no_grad():
+        for name, param in lm.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    policy = PolicyWithValueHead(lm)
+    torch.manual_seed(0)
+    reward_model = RewardModel(load_mamba(tiny_base_model)[0]).eval()
+    prompts = [[tok.bos_id] + tok.encode(p) for p in ("def load", "class Cache", "import os")]
+    cfg = PPOConfig(rollout_batch_size=3, mini_batch_size=3, max_new_tokens=6)
+    shared = collect_rollout(policy, None, reward_model, tok, prompts, cfg, 0.1, seed=3)
+    copied = collect_rollout(policy, frozen, reward_model, tok, prompts, cfg, 0.1, seed=3)
+    assert torch.equal(shared.kl, copied.kl) and torch.equal(shared.rewards, copied.rewards)
+    assert shared.kl.abs().sum() > 0  # the policy differs from its reference
+    assert all(p.requires_grad == (".lora_" in n or n.startswith("value_head")) for n, p in policy.named_parameters())

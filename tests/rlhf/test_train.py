@@ -239,3 +239,80 @@ def test_reward_scorer_scores_texts_with_either_backbone(pipeline_run, tiny_base
     assert len(again) == 1 and again == mamba_scorer.score(["What does json.dumps do?"], ["Serialize obj to a JSON formatted str."])
     with pytest.raises(NotTrainedError, match="no reward model"):
         load_reward_scorer(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def pretrained_hf_folder(sample_data_dir, tmp_path_factory) -> Path:
+    """A tiny Mamba2ForCausalLM saved by transformers (save_pretrained) with a GPT-NeoX-style tokenizer."""
+    from src.data.readers import read_documents
+    from tests.mamba.pretrained_folders import save_hf_mamba2, save_neox_style_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrained_hf")
+    texts = [d.text[:3000] for d in read_documents(sample_data_dir / "lm_train.jsonl")][:40]
+    texts += [json.loads(line)["prompt"] + " " + json.loads(line)["response"]
+              for line in (sample_data_dir / "sft_train.jsonl").read_text().splitlines()[:200]]
+    tokenizer = save_neox_style_tokenizer(texts, root / "tokenizer", vocab_size=400)
+    save_hf_mamba2(root / "hf", vocab_size=400, tied=True, n_groups=1, tokenizer=tokenizer)
+    return root / "hf"
+
+
+ADAPTER = {"r": 8, "alpha": 16, "target_modules": ["in_proj"]}
+
+
+def test_lora_from_a_pretrained_folder_through_mamba_sft_reward_and_dpo_then_peft_and_gguf(
+    pretrained_hf_folder, sample_data_dir, tmp_path
+):
+    """The issue's chain: a transformers Mamba-2 folder, LoRA-tuned by --target=mamba, then SFT,
+    the Mamba reward model and DPO each with an adapter (DPO's reference: its adapter disabled),
+    then the policy leaves as a PEFT adapter (peft on Mamba2ForCausalLM: MARK's logits) and merged as GGUF."""
+    from gguf import GGUFReader
+
+    from src.pipelines.export import export_model
+    from src.training import orchestrator
+
+    lm = tmp_path / "lm"
+    orchestrator.main([
+        "train", "--target=mamba", "--config", str(REPO / "configs" / "mamba_train.yaml"), "--device", "cpu",
+        f"data.train_file={sample_data_dir / 'lm_train.jsonl'}", f"data.val_file={sample_data_dir / 'lm_val.jsonl'}",
+        f"paths.checkpoint_dir={lm / 'ckpt'}", f"paths.log_dir={lm / 'logs'}", f"model.pretrained={pretrained_hf_folder}",
+        "model.adapter={r: 8, alpha: 16, target_modules: [in_proj]}", "model.max_length=64", "model.chunk_size=16",
+        "training.batch_size=16", "training.max_steps=6", "training.learning_rate=0.01", "training.torch_threads=1",
+    ])
+    config = tiny_rlhf_config(lm / "ckpt", sample_data_dir, tmp_path, training={"method": "dpo"})
+    config["model"]["adapter"] = ADAPTER
+    config["training"]["sft"]["learning_rate"] = 0.01
+    config["training"]["reward"]["init_from"] = "sft"
+    summary = rlhf_pipeline.main(["--base-model", str(lm / "ckpt"), "--config", str(write_yaml(tmp_path / "rlhf.yaml", config)),
+                                  "--device", "cpu"])
+    out = tmp_path / "rlhf"
+    metrics = summary["metrics"]
+    assert metrics["sft"]["val_loss"] < metrics["sft"]["base_val_loss"]
+    for name, kind in (("sft_model.pt", "mamba"), ("reward_model.pt", "rlhf_reward"), ("dpo_policy.pt", "mamba")):
+        state = load_checkpoint(out / name, kind=kind)
+        assert state["extra"]["adapter"]["modules"] == ["backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"]
+        assert {k.split(".lora_")[0] if ".lora_" in k else k for k in state["model"]} <= {
+            "backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj", "lm.backbone.layers.0.mixer.in_proj",
+            "lm.backbone.layers.1.mixer.in_proj", "head.weight", "head.bias", "score_mean", "score_std"}, name
+    assert load_checkpoint(out / "dpo_policy.pt")["extra"]["adapter"]["base"]["checkpoint"] == str((out / "sft_model.pt").resolve())
+    assert 0.0 <= metrics["evaluation"]["dpo_win_rate_vs_sft"] <= 1.0
+
+    policy, tokenizer = load_rlhf_model(out)  # served unmerged: base (merged SFT) + the DPO adapter
+    assert policy.has_adapter()
+    assert isinstance(generate(policy, tokenizer, "How do I", max_new_tokens=6, temperature=0.0), str)
+    peft = export_model("rlhf", "peft", tmp_path / "peft", out)
+    assert peft["metrics"]["max_abs_diff"] <= 1e-4 and peft["outputs"]["base"] == str(tmp_path / "peft" / "base")
+    gguf = export_model("rlhf", "gguf", tmp_path / "rlhf.gguf", out)["outputs"]["gguf"]
+    assert len(GGUFReader(gguf).fields["tokenizer.ggml.tokens"].contents()) == 400
+
+
+def test_rlhf_starts_from_a_pretrained_folder_directly(pretrained_hf_folder, sample_data_dir, tmp_path):
+    """--base-model FOLDER: SFT (full fine-tuning here) reads the transformers folder and its tokenizer."""
+    config = tiny_rlhf_config(tmp_path / "unused.pt", sample_data_dir, tmp_path, training={"method": "dpo"})
+    config["training"]["sft"]["max_train_examples"] = 16
+    summary = rlhf_pipeline.main(["--base-model", str(pretrained_hf_folder), "--config",
+                                  str(write_yaml(tmp_path / "rlhf.yaml", config)), "--device", "cpu", "--method", "dpo"])
+    record = load_checkpoint(tmp_path / "rlhf" / "rlhf_final_model.pt", kind="rlhf")["provenance"]["base_model"]
+    assert record["path"] == str(pretrained_hf_folder) and len(record["sha256"]) == 64
+    policy, tokenizer = load_rlhf_model(tmp_path / "rlhf")
+    assert not policy.has_adapter() and tokenizer.is_pretrained and policy.args.vocab_size == 400
+    assert summary["metrics"]["sft"]["val_loss"] < summary["metrics"]["sft"]["base_val_loss"]

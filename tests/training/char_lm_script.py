@@ -21,6 +21,7 @@ from torch import nn  # noqa: E402
 from src.core.cli import add_common_args, overrides_with_device, run_cli  # noqa: E402
 from src.core.config import PathsConfig, StrictModel, SystemConfig, TrainingConfig, load_config  # noqa: E402
 from src.core.runtime import seed_everything  # noqa: E402
+from src.training.adapters import AdapterConfig, apply_adapter  # noqa: E402
 from src.training.engine import TrainTask, fit  # noqa: E402
 
 
@@ -28,6 +29,7 @@ class CharModelConfig(StrictModel):
     hidden: int = 32
     context: int = 32
     dropout: float = 0.1
+    adapter: AdapterConfig | None = None  # LoRA on the (frozen) model's linear layers
 
 
 class CharDataConfig(StrictModel):
@@ -78,6 +80,8 @@ def build_task(cfg: CharLMConfig) -> TrainTask:
     split = int(len(windows) * 0.9)
     seed_everything(cfg.system.seed)
     model = CharLM(len(chars), cfg.model.hidden, cfg.model.dropout)
+    if cfg.model.adapter is not None:
+        apply_adapter(model, cfg.model.adapter)
     loss_f = nn.CrossEntropyLoss()
 
     def loss_fn(m, batch):

@@ -39,8 +39,14 @@ def _final_weights(tmp_path, name, epochs=2):
     return load_checkpoint(tmp_path / name / "ckpt" / f"checkpoint_epoch_{epochs}.pt")["model"]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    common = ["data.max_chars=40000", "training.save_steps=4", "training.eval_steps=25"]
+ADAPTER = "model.adapter={r: 4, alpha: 8, dropout: 0.1, target_modules: [head]}"
+
+
+@pytest.mark.parametrize("adapter", [[], [ADAPTER]], ids=["full", "lora"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, adapter):
+    # With a LoRA adapter (src/training/adapters.py) the checkpoints hold only the adapter and the
+    # resumed run must still end with the uninterrupted run's adapter weights.
+    common = ["data.max_chars=40000", "training.save_steps=4", "training.eval_steps=25", *adapter]
     ref_cfg = _config(tmp_path, "ref")
     assert _run(["--config", str(ref_cfg), *common]).returncode == 0
     steps_total = load_checkpoint(tmp_path / "ref" / "ckpt" / "checkpoint_epoch_2.pt")["progress"]["step"]
@@ -69,6 +75,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert "resumed from" in resumed.stderr
 
     ref, res = _final_weights(tmp_path, "ref"), _final_weights(tmp_path, "killed")
+    if adapter:
+        assert sorted(ref) == ["head.lora_A.default.weight", "head.lora_B.default.weight"]  # only what trains
     diff = max((ref[k] - res[k]).abs().max().item() for k in ref)
     assert diff <= 1e-6, f"max abs weight difference {diff}"
     ref_final = load_checkpoint(tmp_path / "ref" / "ckpt" / "checkpoint_epoch_2.pt")
