@@ -7,10 +7,9 @@
 Settings: the ``rlhf:`` section of ``--config`` when it has one; a file that is itself an
 RLHF config (``configs/rlhf.yaml``) is used as it is; any other file (``rl_train.yaml``
 without the section) falls back to ``rlhf.yaml`` beside it, else ``configs/rlhf.yaml``.
-Overrides address the RLHF config (``training.ppo.num_steps=20``).
-
-Outputs (``sft_model.pt``, ``reward_model.pt``, ``ppo_policy.pt``, ``evaluation.*``,
-``rlhf_final_model.pt``) go to ``--output-dir``; the recipe is :mod:`src.rlhf.train`.
+Overrides address the RLHF config (``training.ppo.num_steps=20``). Outputs (``sft_model.pt``,
+``reward_model.pt``, ``ppo_policy.pt``, ``evaluation.*``, ``rlhf_final_model.pt``) go to
+``--output-dir``; the recipe is :mod:`src.rlhf.train`.
 """
 
 from __future__ import annotations
@@ -30,11 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m src.training.rlhf_pipeline",
         description="RLHF on the Mamba LM: SFT -> reward model -> PPO and/or DPO -> evaluation -> export.",
     )
-    parser.add_argument(
-        "--base-model", default="mamba", metavar="mamba|FOLDER",
-        help="the model RLHF starts from: mamba (model.base_checkpoint, MARK's trained Mamba) or a pretrained Mamba-2 "
-        "folder (transformers or mamba_ssm layout; model.tokenizer for one without tokenizer files)",
-    )
+    parser.add_argument("--base-model", default="mamba", metavar="mamba|FOLDER",
+                        help="mamba (model.base_checkpoint) or a pretrained Mamba-2 folder (transformers or mamba_ssm layout)")
     parser.add_argument("--output-dir", help="where every stage's output goes (overrides paths.checkpoint_dir)")
     parser.add_argument("--skip-sft", action="store_true", help="use <output-dir>/sft_model.pt from an earlier run")
     parser.add_argument("--skip-reward", action="store_true", help="use <output-dir>/reward_model.pt from an earlier run")
