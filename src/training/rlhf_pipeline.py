@@ -49,8 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.num_rl_steps is not None:
         overrides.append(f"training.ppo.num_steps={args.num_rl_steps}")
     overrides += [f"training.method={args.method}"] if args.method else []
-    if args.base_model != "mamba":
-        overrides.append(f"model.base_checkpoint={args.base_model}")
+    overrides += [f"model.base_checkpoint={args.base_model}"] if args.base_model != "mamba" else []
     cfg = load_rlhf_config(args.config, overrides)
     return run(cfg, resume=args.resume, evaluate=args.evaluate, skip_sft=args.skip_sft, skip_reward=args.skip_reward)
 
