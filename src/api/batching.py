@@ -17,8 +17,9 @@ Scheduling, as embedding servers (TEI, Infinity) do it:
   costliest item: what a padded batch computes). A request larger than that is split, and
   its sub-batches take turns with the other requests of its lane (round robin), so a
   256-text request does not hold back the small ones queued after it.
-* With several replicas, at most ``replicas - 1`` run bulk work at once: one worker is
-  always free for the interactive lane.
+* With several replicas, at most ``replicas - 1`` run full bulk sub-batches at once; the
+  last worker is kept for the interactive lane and helps with bulk work only while no
+  interactive request waits, in sub-batches of a quarter of ``max_cost``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 log = get_logger("api")
 LANES = ("interactive", "bulk")
+SMALL_SUB_BATCH = 4  # the worker kept for interactive work runs bulk sub-batches of max_cost / 4
 
 
 @dataclass(eq=False)
@@ -140,17 +142,24 @@ class MicroBatcher(Generic[Item, Result]):
             self._waiting = 0
 
     # ------------------------------------------------------------------ scheduling
-    def _pick_lane(self) -> str | None:
-        """The lane of the next sub-batch (called under the lock)."""
+    def _pick_lane(self) -> tuple[str, int | None] | None:
+        """The lane of the next sub-batch and its token budget, or None: nothing to run on
+        this worker now (called under the lock)."""
         interactive, bulk = self._lanes["interactive"], self._lanes["bulk"]
         bulk_allowed = bool(bulk) and (len(self.batch_fns) == 1 or self._bulk_running < len(self.batch_fns) - 1)
         if interactive and not (bulk_allowed and self._interactive_turns >= self.interactive_weight):
-            return "interactive"
-        return "bulk" if bulk_allowed else None
+            return "interactive", self.max_cost
+        if bulk_allowed:
+            return "bulk", self.max_cost
+        if bulk and not interactive and self.max_cost is not None:
+            # The worker kept for interactive work helps with bulk work while no query waits,
+            # in small sub-batches, so a query that comes waits for a small one at most.
+            return "bulk", max(1, self.max_cost // SMALL_SUB_BATCH)
+        return None
 
-    def _next_batch(self, lane: str) -> list[tuple[_Request, int, int]]:
-        """Items of ``lane``'s requests, in turn, up to the sub-batch limits: ``[(request,
-        start, end)]`` (called under the lock)."""
+    def _next_batch(self, lane: str, max_cost: int | None) -> list[tuple[_Request, int, int]]:
+        """Items of ``lane``'s requests, in turn, up to ``max_items`` and ``max_cost``:
+        ``[(request, start, end)]`` (called under the lock)."""
         queue = self._lanes[lane]
         parts: list[tuple[_Request, int, int]] = []
         count, widest = 0, 0
@@ -163,7 +172,7 @@ class MicroBatcher(Generic[Item, Result]):
             start = request.next
             while request.next < len(request.items) and count < self.max_items:
                 wider = max(widest, request.costs[request.next])
-                if count and self.max_cost is not None and (count + 1) * wider > self.max_cost:
+                if count and max_cost is not None and (count + 1) * wider > max_cost:
                     break
                 widest, count = wider, count + 1
                 request.next += 1
@@ -180,11 +189,12 @@ class MicroBatcher(Generic[Item, Result]):
     def _run(self, batch_fn: Callable[[list[Item]], Sequence[Result]]) -> None:
         while True:
             with self._cond:
-                while not self._closed and (lane := self._pick_lane()) is None:
+                while not self._closed and (picked := self._pick_lane()) is None:
                     self._cond.wait()
                 if self._closed:
                     return
-                parts = self._next_batch(lane)
+                lane, max_cost = picked
+                parts = self._next_batch(lane, max_cost)
                 if not parts:
                     continue
                 if lane == "bulk":

@@ -6,9 +6,10 @@ a :class:`GenerationWorker` per language model (continuous batching), a
 event loop only awaits them; model loading runs in a thread, so a first request that
 loads a model does not stall the others.
 
-Embeddings have two lanes (see :mod:`src.api.batching`): search queries and ``/query``'s
-evidence sentences are ``interactive``, ``/v1/embeddings`` is ``bulk``, so a one-line query
-waits for at most one bounded sub-batch of bulk work, never for a whole bulk request.
+Embeddings have two lanes (see :mod:`src.api.batching`): search queries (``/rag-search``,
+``/query``) are ``interactive``; ``/v1/embeddings`` and ``/query``'s evidence sentences are
+``bulk``, so a one-line query waits for at most one bounded sub-batch of bulk work, never for
+a whole bulk request or for other queries' evidence.
 """
 
 from __future__ import annotations
@@ -290,10 +291,10 @@ class ModelService:
         embedder = await self.aembedder()
         # The index's chunks are fixed, so their sentences' vectors are kept (LRU) across queries.
         missing = [sentence for _, sentence in candidates if sentence not in self._sentence_vectors]
-        texts = missing if query_vector is not None else [query] + missing
-        rows = await embedder.arun(texts, "interactive") if texts else []
         if query_vector is None:
-            query_vector, rows = rows[0][0], rows[1:]
+            query_vector = await self.embed_query(query)
+        # Many texts: the bulk lane, so that one-line search queries do not wait for them.
+        rows = await embedder.arun(missing, "bulk") if missing else []
         with self._lock:
             for sentence, (vector, _) in zip(missing, rows):
                 self._sentence_vectors[sentence] = np.asarray(vector, dtype=np.float32)
