@@ -8,11 +8,11 @@ seconds have passed or ``--max-requests`` have been sent. Reports per endpoint: 
 errors (any non-2xx status or transport error), throughput, p50/p99/max latency.
 Goal: 0 errors at 64 clients; ``/rag-search`` p99 <= 1 s and ``/query`` p99 <= 3 s.
 
-With ``--baseline REF`` the same load first runs against the server of git revision
-``REF`` (``git archive`` into a temporary folder, same models, same settings), then
-against this working tree, and the table gains the ratios (baseline / this tree) of each
-endpoint's p50 and p99 latency and throughput: a comparison that holds on a shared,
-noisy machine where absolute numbers do not.
+With ``--baseline REF`` the server of git revision ``REF`` (``git archive`` into a
+temporary folder, same models, same settings) runs next to this working tree's; the load
+alternates between them in ``--rounds`` rounds each (A B B A ...), and the table gains the
+ratios of each endpoint's p50 and p99 latency and throughput: a comparison that holds on a
+shared, noisy machine where absolute numbers do not.
 
     python bench/api_load.py --checkpoints-dir checkpoints [--clients 64] [--duration 30]
         [--max-requests 5000] [--endpoints health rag-search generate classify query chat completions embeddings tokenize score]
@@ -272,62 +272,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-args", default="", help="more arguments for this tree's server, e.g. '--embedding-workers 2'")
     parser.add_argument("--baseline", default=None, metavar="REF",
                         help="first load the server of git revision REF (e.g. main) the same way, and report ratios")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="load rounds per server of duration/rounds seconds, alternating between the servers "
+                        "(A B B A ...; default 2 with --baseline, else 1)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "api_load.json")
     return parser
 
 
-def run_server_load(args: argparse.Namespace, code: Path | None, extra: list[str], label: str) -> dict:
-    """Start the server of source tree ``code`` (None: ``--url``), load it, stop it; its result."""
-    process = None
-    if code is None:
-        url = args.url.rstrip("/")
-    else:
-        server_log = Path(tempfile.gettempdir()) / f"mark_api_load_server_{label}.log"
-        process, url = start_server(args, server_log, code, extra)
-        print(f"[{label}] server log: {server_log}")
-    try:
+class Server:
+    """A server under test: started from the source tree ``code`` (or already running at
+    ``url``), its endpoints (those whose models are trained), and its load rounds so far."""
+
+    def __init__(self, args: argparse.Namespace, label: str, code: Path | None, extra: list[str]) -> None:
+        self.label, self.extra, self.process = label, extra, None
+        if code is None:
+            self.url = args.url.rstrip("/")
+        else:
+            log_path = Path(tempfile.gettempdir()) / f"mark_api_load_server_{label.replace(' ', '_')}.log"
+            self.process, self.url = start_server(args, log_path, code, extra)
+            print(f"[{label}] server log: {log_path}")
+        self.records: dict[str, list] = {}
+        self.wall = self.server_cpu = self.client_cpu = 0.0
+        self.load_average: list[float] = []
+
+    def ready(self, wanted: list[str]) -> list[str]:
         startup = time.perf_counter()
-        health = wait_ready(url, process)
-        print(f"[{label}] server ready at {url} in {time.perf_counter() - startup:.1f}s; models: {health['models']}")
+        health = wait_ready(self.url, self.process)
+        print(f"[{self.label}] server ready at {self.url} in {time.perf_counter() - startup:.1f}s; models: {health['models']}")
         trained = {name for name, state in health["models"].items() if state == "loaded"}
-        endpoints, skipped = [], []
-        for endpoint in args.endpoints:
-            needs = ENDPOINTS[endpoint][2]
-            (endpoints if needs is None or set(needs.split("+")) <= trained else skipped).append(endpoint)
-        if skipped:
-            print(f"[{label}] skipped (model not trained): {', '.join(skipped)}")
-        server_proc = psutil.Process(process.pid) if process is not None else None
-        server_cpu = sum(server_proc.cpu_times()[:2]) if server_proc else None
-        client_cpu, load_before = time.process_time(), os.getloadavg()
+        return [e for e in wanted if ENDPOINTS[e][2] is None or set(ENDPOINTS[e][2].split("+")) <= trained]
+
+    def load(self, args: argparse.Namespace, endpoints: list[str], duration: float) -> None:
+        """One round of ``duration`` seconds; its records add to the earlier rounds'."""
+        proc = psutil.Process(self.process.pid) if self.process is not None else None
+        cpu, client_cpu, load_before = sum(proc.cpu_times()[:2]) if proc else 0.0, time.process_time(), os.getloadavg()[0]
         records, wall = asyncio.run(run_load(
-            url, endpoints, args.clients, args.duration, args.max_requests, args.max_new_tokens, args.timeout, args.embedding_inputs,
+            self.url, endpoints, args.clients, duration, args.max_requests, args.max_new_tokens, args.timeout, args.embedding_inputs,
         ))
-        client_cpu = time.process_time() - client_cpu
-        if server_proc is not None:
-            server_cpu = sum(server_proc.cpu_times()[:2]) - server_cpu
-        load_after = os.getloadavg()
-        rows = summarise(records, wall)
-        models = httpx.get(f"{url}/models", timeout=30).json()
-    finally:
-        if process is not None:
-            process.terminate()
+        self.server_cpu += sum(proc.cpu_times()[:2]) - cpu if proc else 0.0
+        self.client_cpu += time.process_time() - client_cpu
+        self.wall += wall
+        self.load_average += [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        for endpoint, items in records.items():
+            self.records.setdefault(endpoint, []).extend(items)
+        print(f"[{self.label}] round of {wall:.1f}s: {sum(map(len, records.values()))} requests, load average {load_before:.1f}")
+
+    def result(self, endpoints: list[str], skipped: list[str]) -> dict:
+        models = httpx.get(f"{self.url}/models", timeout=30).json()
+        return {
+            "label": self.label, "endpoints_run": endpoints, "skipped": skipped, "wall_s": round(self.wall, 2),
+            "rows": summarise(self.records, self.wall), "server_args": self.extra, "generation_batching": models.get("generation"),
+            "models": [{k: m.get(k) for k in ("name", "status", "source", "trained_at", "details")} for m in models.get("models", [])],
+            "cpu_seconds": {"server": round(self.server_cpu, 2) if self.process else None, "client": round(self.client_cpu, 2)},
+            "server_cores_used": round(self.server_cpu / self.wall, 2) if self.process and self.wall else None,
+            "load_average": [min(self.load_average), max(self.load_average)],
+        }
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
             try:
-                process.wait(timeout=30)
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
-    return {
-        "label": label, "endpoints_run": endpoints, "skipped": skipped, "wall_s": round(wall, 2), "rows": rows,
-        "server_args": extra, "generation_batching": models.get("generation"),
-        "models": [{k: m.get(k) for k in ("name", "status", "source", "trained_at", "details")} for m in models.get("models", [])],
-        "cpu_seconds": {"server": None if server_cpu is None else round(server_cpu, 2), "client": round(client_cpu, 2)},
-        "server_cores_used": None if server_cpu is None else round(server_cpu / wall, 2),
-        "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
-    }
+                self.process.kill()
+
+
+def round_order(servers: int, rounds: int) -> list[int]:
+    """Which server each round loads: 0 1 1 0 0 1 ... (ABBA), so a trend in the machine's
+    load over the run weighs on both sides alike."""
+    order = []
+    for r in range(rounds):
+        order += list(range(servers)) if r % 2 == 0 else list(reversed(range(servers)))
+    return order
 
 
 def report(run: dict, args: argparse.Namespace, baseline: dict | None = None) -> None:
     rows = run["rows"]
-    print(f"\n[{run['label']}] {args.clients} clients, {run['wall_s']:.1f}s, {rows['all']['requests']} requests, "
+    print(f"\n[{run['label']}] {args.clients} clients, {run['wall_s']:.1f}s in {args.rounds} round(s), {rows['all']['requests']} requests, "
           f"max {args.max_new_tokens} new tokens per generation, {args.embedding_inputs} texts per /v1/embeddings\n")
     print(format_table(rows, baseline["rows"] if baseline else None))
     for name, row in rows.items():
@@ -337,29 +358,43 @@ def report(run: dict, args: argparse.Namespace, baseline: dict | None = None) ->
     cpu = run["cpu_seconds"]
     print(
         f"CPU seconds during the load: server {cpu['server']} ({run['server_cores_used']} cores), client {cpu['client']}; "
-        f"machine load average {run['load_average'][0]:.1f} -> {run['load_average'][1]:.1f} on {os.cpu_count()} cores"
+        f"machine load average {run['load_average'][0]:.1f} to {run['load_average'][1]:.1f} on {os.cpu_count()} cores"
     )
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.clients < 1 or args.duration <= 0 or args.max_requests < 1 or not 1 <= args.embedding_inputs <= 256:
-        raise SystemExit("--clients, --duration and --max-requests must be positive, --embedding-inputs 1 to 256")
+    args.rounds = args.rounds or (2 if args.baseline else 1)
+    if args.clients < 1 or args.duration <= 0 or args.max_requests < 1 or args.rounds < 1 or not 1 <= args.embedding_inputs <= 256:
+        raise SystemExit("--clients, --duration, --rounds and --max-requests must be positive, --embedding-inputs 1 to 256")
     if args.url:
         host = urlparse(args.url).hostname
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit(f"--url must be on loopback (127.0.0.1), not {host}")
         if args.baseline:
             raise SystemExit("--baseline starts its own servers; it does not go with --url")
-    baseline = None
-    if args.baseline:
-        folder = Path(tempfile.mkdtemp(prefix="mark_api_load_baseline_"))
-        try:
-            baseline = run_server_load(args, checkout(args.baseline, folder), [], f"baseline {args.baseline}")
-        finally:
+    servers: list[Server] = []
+    folder = Path(tempfile.mkdtemp(prefix="mark_api_load_baseline_")) if args.baseline else None
+    try:
+        if args.baseline:
+            servers.append(Server(args, f"baseline {args.baseline}", checkout(args.baseline, folder), []))
+        servers.append(Server(args, "this tree", None if args.url else REPO_ROOT, shlex.split(args.server_args)))
+        available = [server.ready(args.endpoints) for server in servers]
+        endpoints = [e for e in args.endpoints if all(e in a for a in available)]  # the same load for both
+        skipped = [e for e in args.endpoints if e not in endpoints]
+        if skipped:
+            print(f"skipped (model not trained): {', '.join(skipped)}")
+        for index in round_order(len(servers), args.rounds):
+            servers[index].load(args, endpoints, args.duration / args.rounds)
+        results = [server.result(endpoints, skipped) for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+        if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+    baseline, current = (results[0], results[1]) if args.baseline else (None, results[0])
+    if baseline:
         report(baseline, args)
-    current = run_server_load(args, None if args.url else REPO_ROOT, shlex.split(args.server_args), "this tree")
     report(current, args, baseline)
     rows = current["rows"]
     result = {
@@ -367,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
             "clients": args.clients, "duration_s": args.duration, "max_requests": args.max_requests,
             "max_new_tokens": args.max_new_tokens, "embedding_inputs": args.embedding_inputs,
             "endpoints": current["endpoints_run"], "skipped": current["skipped"], "server_args": current["server_args"],
+            "rounds": args.rounds,
             "source": args.url or str(args.export_dir or args.checkpoints_dir), "baseline": args.baseline,
         },
         "machine": {

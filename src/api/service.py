@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import os
 import re
 import threading
 from dataclasses import dataclass, field, replace
@@ -53,10 +54,10 @@ class ServerSettings:
     request_timeout_s: Optional[float] = 300.0  # None: no limit
 
     # Embedding workers, each with its own copy of the encoder (a fast tokenizer must not be
-    # shared across threads), and the bound of one sub-batch in padded tokens: an interactive
-    # request waits for at most one such sub-batch of bulk work.
-    embedding_workers: int = 1
-    embedding_batch_tokens: int = 2048
+    # shared across threads; 0: one per core, at most 2), and the bound of one sub-batch in
+    # padded tokens: an interactive request waits for at most one such sub-batch of bulk work.
+    embedding_workers: int = 0
+    embedding_batch_tokens: int = 1024
 
     # The language models' decoding step (src.mamba.generate.Decoder): auto = MARK's native
     # CPU kernel where the model allows it, else eager; compile = torch.compile at start-up.
@@ -173,7 +174,8 @@ class ModelService:
             return min(max_len, 2 + len(text) // 4)
 
         def build() -> MicroBatcher:
-            replicas = [encoder] + [encoder_replica(encoder) for _ in range(s.embedding_workers - 1)]
+            workers = s.embedding_workers or min(2, os.cpu_count() or 1)
+            replicas = [encoder] + [encoder_replica(encoder) for _ in range(workers - 1)]
             return MicroBatcher(
                 [embedding_fn(e) for e in replicas], "embedding", 64, s.max_pending,
                 cost=estimated_tokens, max_cost=s.embedding_batch_tokens,

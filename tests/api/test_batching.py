@@ -175,3 +175,28 @@ def test_batched_results_equal_encoding_one_text_at_a_time(tiny_checkpoints):
         alone = encoder.encode([text])[0]
         np.testing.assert_allclose(vector, alone, atol=1e-5)
         assert tokens == len(encoder.tokenizer(text)["input_ids"])
+
+
+def test_the_worker_kept_for_queries_helps_with_bulk_work_in_small_sub_batches():
+    gate, held = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def model(items):  # the first sub-batch holds one worker until the gate opens
+        if not held.is_set():
+            held.set()
+            gate.wait(5)
+        sizes.append(sum(map(len, items)))
+        return items
+
+    batcher = MicroBatcher([model, model], "embedding", max_items=64, cost=len, max_cost=40)
+    try:
+        bulk = batcher.submit(["xxxx"] * 40, "bulk")  # 160 tokens: 4 full sub-batches
+        assert held.wait(5)
+        time.sleep(0.1)  # the other worker goes on with quarter sub-batches (10 tokens)
+        assert sizes and max(sizes) <= 10
+        gate.set()
+        assert bulk.result(5) == ["xxxx"] * 40
+        assert max(sizes) == 40
+    finally:
+        gate.set()
+        batcher.close()
