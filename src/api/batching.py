@@ -195,6 +195,8 @@ class MicroBatcher(Generic[Item, Result]):
                     return
                 lane, max_cost = picked
                 parts = self._next_batch(lane, max_cost)
+                if any(self._lanes.values()):
+                    self._cond.notify()  # another worker may take what is left
                 if not parts:
                     continue
                 if lane == "bulk":
