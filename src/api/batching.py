@@ -14,9 +14,11 @@ Scheduling, as embedding servers (TEI, Infinity) do it:
   so bulk work always moves but never holds a query back by more than one sub-batch.
 * Bounded sub-batches. A sub-batch holds at most ``max_items`` items and, with a ``cost``
   function (an item's estimated tokens), at most ``max_cost`` padded tokens (items x the
-  costliest item: what a padded batch computes). A request larger than that is split, and
-  its sub-batches take turns with the other requests of its lane (round robin), so a
-  256-text request does not hold back the small ones queued after it.
+  costliest item: what a padded batch computes). A request larger than that is split.
+  Within a lane the request with the fewest items left goes first (shortest remaining work
+  first, which keeps the mean wait lowest), so a 256-text request does not hold back the
+  small ones queued after it; one passed over ``MAX_SKIPS`` times goes first once, so a
+  large request is never starved.
 * With several replicas, at most ``replicas - 1`` run full bulk sub-batches at once; the
   last worker is kept for the interactive lane and helps with bulk work only while no
   interactive request waits, in sub-batches of a quarter of ``max_cost``.
@@ -38,6 +40,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 log = get_logger("api")
 LANES = ("interactive", "bulk")
+MAX_SKIPS = 8  # a request passed over this many times goes first once
 SMALL_SUB_BATCH = 4  # the worker kept for interactive work runs bulk sub-batches of max_cost / 4
 
 
@@ -51,6 +54,8 @@ class _Request:
     next: int = 0  # the first item not yet handed to a worker
     left: int = 0  # items handed out whose results have not come back
     failed: bool = False
+    seq: int = 0  # arrival order
+    skipped: int = 0  # sub-batches of its lane formed without it since it was last served
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -77,6 +82,7 @@ class MicroBatcher(Generic[Item, Result]):
         self.interactive_weight = interactive_weight
         self._lanes: dict[str, collections.deque[_Request]] = {lane: collections.deque() for lane in LANES}
         self._waiting = 0  # requests not fully handed out yet
+        self._submitted = 0
         self._bulk_running = 0
         self._interactive_turns = 0  # interactive sub-batches since the last bulk one
         self._cond = threading.Condition()
@@ -108,6 +114,8 @@ class MicroBatcher(Generic[Item, Result]):
                 future.set_running_or_notify_cancel()
                 future.set_result([])
                 return future
+            self._submitted += 1
+            request.seq = self._submitted
             self._lanes[lane].append(request)
             self._waiting += 1
             self._cond.notify()
@@ -158,32 +166,42 @@ class MicroBatcher(Generic[Item, Result]):
         return None
 
     def _next_batch(self, lane: str, max_cost: int | None) -> list[tuple[_Request, int, int]]:
-        """Items of ``lane``'s requests, in turn, up to ``max_items`` and ``max_cost``:
-        ``[(request, start, end)]`` (called under the lock)."""
+        """Items of ``lane``'s requests up to ``max_items`` and ``max_cost``: ``[(request,
+        start, end)]`` (called under the lock). The request with the fewest items left goes
+        first (earlier on ties), so small requests are not held back by large ones; those passed
+        over ``MAX_SKIPS`` times go first, oldest first, so a large request still moves."""
         queue = self._lanes[lane]
         parts: list[tuple[_Request, int, int]] = []
-        count, widest = 0, 0
-        while queue and count < self.max_items:
-            request = queue[0]
+        count, widest, full = 0, 0, False
+        def order(r: _Request) -> tuple:  # passed over too often: oldest first; else fewest items left
+            return (0, r.seq, 0) if r.skipped >= MAX_SKIPS else (1, len(r.items) - r.next, r.seq)
+
+        for request in sorted(queue, key=order):
+            if full or count >= self.max_items:
+                break
             if request.next == 0 and not request.future.set_running_or_notify_cancel():
-                queue.popleft()  # cancelled while it waited
+                queue.remove(request)  # cancelled while it waited
                 self._waiting -= 1
                 continue
             start = request.next
-            while request.next < len(request.items) and count < self.max_items:
+            while request.next < len(request.items):
                 wider = max(widest, request.costs[request.next])
-                if count and max_cost is not None and (count + 1) * wider > max_cost:
+                if count >= self.max_items or (count and max_cost is not None and (count + 1) * wider > max_cost):
+                    full = True
                     break
                 widest, count = wider, count + 1
                 request.next += 1
             if request.next > start:
                 parts.append((request, start, request.next))
                 request.left += request.next - start
-            queue.popleft()
-            if request.next < len(request.items):
-                queue.append(request)  # the rest waits for its next turn
-                break
-            self._waiting -= 1
+                request.skipped = 0
+            if request.next == len(request.items):
+                queue.remove(request)
+                self._waiting -= 1
+        served = {id(request) for request, _, _ in parts}
+        for request in queue:
+            if id(request) not in served:
+                request.skipped += 1
         return parts
 
     def _run(self, batch_fn: Callable[[list[Item]], Sequence[Result]]) -> None:

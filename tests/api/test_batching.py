@@ -66,7 +66,7 @@ def test_sub_batches_stay_within_the_padded_token_budget():
         batcher.close()
 
 
-def test_requests_of_a_lane_take_turns_and_bulk_is_never_starved():
+def test_small_requests_go_before_large_ones_and_bulk_is_never_starved():
     model = Recorder()
     batcher = MicroBatcher(model, "embedding", max_items=4, interactive_weight=3)
     try:
@@ -80,13 +80,31 @@ def test_requests_of_a_lane_take_turns_and_bulk_is_never_starved():
         assert small.result(5) == ["rs0", "rs1"]
         assert all(len(q.result(5)) == 1 for q in queries) and len(big.result(5)) == 40
         order = [item for batch in model.batches for item in batch]
-        # The small bulk request came right after the big one's first sub-batch ...
-        assert order.index("s0") < order.index("B4")
+        # The small bulk request, sent after the big one, went first ...
+        assert order.index("s1") < order.index("B0")
         # ... and while interactive work kept coming, bulk got one sub-batch in four.
         first_small = next(i for i, b in enumerate(model.batches) if "s0" in b)
         assert first_small <= 1 + 3 + 1 + 3 + 1
         bulk_turns = [i for i, b in enumerate(model.batches[1:12], 1) if b[0][0] in "Bs"]
         assert len(bulk_turns) >= 2
+    finally:
+        model.gate.set()
+        batcher.close()
+
+
+def test_a_large_request_still_moves_while_small_ones_keep_coming():
+    model = Recorder()
+    batcher = MicroBatcher(model, "embedding", max_items=4)
+    try:
+        hold = batcher.submit(["h"], "bulk")
+        assert model.started.wait(5)
+        big = batcher.submit([f"B{i}" for i in range(8)], "bulk")
+        smalls = [batcher.submit([f"s{i}"], "bulk") for i in range(60)]
+        model.gate.set()
+        assert big.result(5) == [f"rB{i}" for i in range(8)] and hold.result(5) == ["rh"]
+        assert all(f.result(5) for f in smalls)
+        first_big = next(i for i, b in enumerate(model.batches) if "B0" in b)
+        assert 1 < first_big <= 1 + 8 + 1  # passed over by smaller requests at most 8 times
     finally:
         model.gate.set()
         batcher.close()
