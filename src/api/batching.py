@@ -54,6 +54,7 @@ class _Request:
     next: int = 0  # the first item not yet handed to a worker
     left: int = 0  # items handed out whose results have not come back
     failed: bool = False
+    started: bool = False  # its future is running (a worker took it up)
     seq: int = 0  # arrival order
     skipped: int = 0  # sub-batches of its lane formed without it since it was last served
 
@@ -144,8 +145,7 @@ class MicroBatcher(Generic[Item, Result]):
             for queue in self._lanes.values():
                 while queue:
                     request = queue.popleft()
-                    started = request.next > 0  # its future is already running
-                    if (started or request.future.set_running_or_notify_cancel()) and not request.future.done():
+                    if (request.started or request.future.set_running_or_notify_cancel()) and not request.future.done():
                         request.future.set_exception(ServerBusyError(f"the {self.name} worker is shut down"))
             self._waiting = 0
 
@@ -179,10 +179,12 @@ class MicroBatcher(Generic[Item, Result]):
         for request in sorted(queue, key=order):
             if full or count >= self.max_items:
                 break
-            if request.next == 0 and not request.future.set_running_or_notify_cancel():
-                queue.remove(request)  # cancelled while it waited
-                self._waiting -= 1
-                continue
+            if not request.started:
+                if not request.future.set_running_or_notify_cancel():
+                    queue.remove(request)  # cancelled while it waited
+                    self._waiting -= 1
+                    continue
+                request.started = True
             start = request.next
             while request.next < len(request.items):
                 wider = max(widest, request.costs[request.next])

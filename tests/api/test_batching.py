@@ -66,6 +66,23 @@ def test_sub_batches_stay_within_the_padded_token_budget():
         batcher.close()
 
 
+def test_a_request_that_did_not_fit_into_a_sub_batch_is_served_by_the_next():
+    model = Recorder()
+    batcher = MicroBatcher(model, "embedding", max_items=64, cost=len, max_cost=10)
+    try:
+        hold = batcher.submit(["h"], "bulk")
+        assert model.started.wait(5)
+        # Each alone fits; together they pass the budget (2 x 8 > 10), so the second waits for
+        # the next sub-batch, having been looked at once already.
+        first, second = batcher.submit(["xxxxx"], "bulk"), batcher.submit(["yyyyyyyy"], "bulk")
+        model.gate.set()
+        assert (hold.result(5), first.result(5), second.result(5)) == (["rh"], ["rxxxxx"], ["ryyyyyyyy"])
+        assert model.batches == [["h"], ["xxxxx"], ["yyyyyyyy"]]
+    finally:
+        model.gate.set()
+        batcher.close()
+
+
 def test_small_requests_go_before_large_ones_and_bulk_is_never_starved():
     model = Recorder()
     batcher = MicroBatcher(model, "embedding", max_items=4, interactive_weight=3)
