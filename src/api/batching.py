@@ -219,11 +219,10 @@ class MicroBatcher(Generic[Item, Result]):
                     self._cond.notify()  # another worker may take what is left
                 if not parts:
                     continue
-                if lane == "bulk":
-                    self._bulk_running += 1
-                    self._interactive_turns = 0
-                else:
-                    self._interactive_turns += 1
+                # A full bulk sub-batch takes a bulk worker's place; the kept worker's small ones do not.
+                full_bulk = lane == "bulk" and max_cost == self.max_cost
+                self._bulk_running += full_bulk
+                self._interactive_turns = 0 if lane == "bulk" else self._interactive_turns + 1
             try:
                 results = list(batch_fn([item for request, start, end in parts for item in request.items[start:end]]))
                 error = None
@@ -231,8 +230,7 @@ class MicroBatcher(Generic[Item, Result]):
                 log.exception("%s batch failed", self.name)
                 error = err
             with self._cond:
-                if lane == "bulk":
-                    self._bulk_running -= 1
+                self._bulk_running -= full_bulk
                 self.batches += 1
                 self.lane_batches[lane] += 1
                 self.items += sum(end - start for _, start, end in parts)
