@@ -6,10 +6,17 @@ Each client sends one request at a time, cycling through the endpoints (client `
 starts at endpoint ``i``, so every endpoint is under load at once), until ``--duration``
 seconds have passed or ``--max-requests`` have been sent. Reports per endpoint: requests,
 errors (any non-2xx status or transport error), throughput, p50/p99/max latency.
-Goal: 0 errors at 64 clients.
+Goal: 0 errors at 64 clients; ``/rag-search`` p99 <= 1 s and ``/query`` p99 <= 3 s.
+
+With ``--baseline REF`` the server of git revision ``REF`` (``git archive`` into a
+temporary folder, same models, same settings) runs next to this working tree's; the load
+alternates between them in ``--rounds`` rounds each (A B B A ...), and the table gains the
+ratios of each endpoint's p50 and p99 latency and throughput: a comparison that holds on a
+shared, noisy machine where absolute numbers do not.
 
     python bench/api_load.py --checkpoints-dir checkpoints [--clients 64] [--duration 30]
         [--max-requests 5000] [--endpoints health rag-search generate classify query chat completions embeddings tokenize score]
+        [--embedding-inputs 2] [--baseline main] [--server-args="--embedding-workers 2"]
     python bench/api_load.py --url http://127.0.0.1:8000 ...     # a server already running here
 
 Writes ``bench/results/api_load.json`` and prints a table.
@@ -19,12 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -77,7 +88,7 @@ ENDPOINTS = {
 }
 
 
-def request_body(endpoint: str, n: int, max_new_tokens: int) -> dict | None:
+def request_body(endpoint: str, n: int, max_new_tokens: int, embedding_inputs: int = 2) -> dict | None:
     """The ``n``-th request body of ``endpoint`` (varied, deterministic)."""
     query, prompt, text = QUERIES[n % len(QUERIES)], PROMPTS[n % len(PROMPTS)], TEXTS[n % len(TEXTS)]
     if endpoint == "rag-search":
@@ -93,7 +104,8 @@ def request_body(endpoint: str, n: int, max_new_tokens: int) -> dict | None:
     if endpoint == "completions":  # with logprobs and echo, as evaluation harnesses ask
         return {"model": "mamba", "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0.7, "seed": n, "logprobs": 1, "echo": n % 2 == 0}
     if endpoint == "embeddings":
-        return {"model": "minilm", "input": [query, text]}
+        texts = [f"{TEXTS[(n + i) % len(TEXTS)]} ({i})" for i in range(embedding_inputs - 1)]
+        return {"model": "minilm", "input": [query] + texts}
     if endpoint == "tokenize":
         return {"prompt": query}
     if endpoint == "score":
@@ -107,20 +119,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, log_path: Path, code: Path = REPO_ROOT, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """``python -m src.api.main`` of the source tree ``code`` on a free loopback port."""
     port = free_port()
     command = [sys.executable, "-m", "src.api.main", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if args.export_dir:
-        command += ["--export-dir", str(args.export_dir)]
+        command += ["--export-dir", str(args.export_dir.resolve())]
     else:
-        command += ["--checkpoints-dir", str(args.checkpoints_dir)]
+        command += ["--checkpoints-dir", str(args.checkpoints_dir.resolve())]
     if args.torch_threads:
         command += ["--torch-threads", str(args.torch_threads)]
-    env = {**os.environ}
+    command += list(extra)
+    env = {**os.environ, "PYTHONPATH": str(code)}
     env.pop("MARK_API_KEY", None)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=code, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}"
+
+
+def checkout(ref: str, into: Path) -> Path:
+    """The files of git revision ``ref`` of this repository, written under ``into``."""
+    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=REPO_ROOT, capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--baseline {ref}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into
 
 
 def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300.0) -> dict:
@@ -139,7 +163,10 @@ def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300.
     raise SystemExit(f"the server at {url} was not ready after {timeout:.0f}s")
 
 
-async def run_load(url: str, endpoints: list[str], clients: int, duration: float, max_requests: int, max_new_tokens: int, timeout: float) -> tuple[dict, float]:
+async def run_load(
+    url: str, endpoints: list[str], clients: int, duration: float, max_requests: int, max_new_tokens: int, timeout: float,
+    embedding_inputs: int = 2,
+) -> tuple[dict, float]:
     """Run the clients; returns ({endpoint: [(latency_s, ok, status_or_error)]}, wall seconds)."""
     records: dict[str, list[tuple[float, bool, str]]] = {e: [] for e in endpoints}
     sent = 0
@@ -155,7 +182,7 @@ async def run_load(url: str, endpoints: list[str], clients: int, duration: float
             while time.perf_counter() < stop_at and sent < max_requests:
                 endpoint = endpoints[turn % len(endpoints)]
                 method, path, _ = ENDPOINTS[endpoint]
-                body = request_body(endpoint, sent, max_new_tokens)
+                body = request_body(endpoint, sent, max_new_tokens, embedding_inputs)
                 sent += 1
                 turn += 1
                 began = time.perf_counter()
@@ -196,13 +223,36 @@ def _stats(items: list, wall: float) -> dict:
     }
 
 
-def format_table(rows: dict) -> str:
+def format_table(rows: dict, baseline: dict | None = None) -> str:
+    """The per-endpoint table; with ``baseline`` (the same rows of the baseline server) also
+    the ratios baseline / this of p50 and p99 latency (> 1: faster now) and this / baseline
+    of throughput (> 1: more requests now)."""
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     header = f"{'endpoint':<12} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}"
+    if baseline:
+        header += f" {'p50 x':>7} {'p99 x':>7} {'req/s x':>8}"
     lines = [header, "-" * len(header)]
     for name, r in rows.items():
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"{name:<12} {r['requests']:>8} {r['errors']:>6} {r['throughput_rps']:>8.2f} {fmt(r['p50_ms']):>9} {fmt(r['p99_ms']):>9} {fmt(r['max_ms']):>9}")
+        line = f"{name:<12} {r['requests']:>8} {r['errors']:>6} {r['throughput_rps']:>8.2f} {fmt(r['p50_ms']):>9} {fmt(r['p99_ms']):>9} {fmt(r['max_ms']):>9}"
+        if baseline:
+            ratio = ratios(baseline.get(name), r)
+            line += "".join(f" {'-' if ratio[k] is None else f'{ratio[k]:.2f}':>{w}}" for k, w in (("p50", 7), ("p99", 7), ("throughput", 8)))
+        lines.append(line)
     return "\n".join(lines)
+
+
+def ratios(before: dict | None, after: dict) -> dict:
+    """Speed-ups of ``after`` over ``before``: p50 and p99 latency (before / after) and
+    throughput (after / before); None where a side has no number."""
+    def div(a, b):
+        return round(a / b, 2) if a and b else None
+
+    before = before or {}
+    return {
+        "p50": div(before.get("p50_ms"), after["p50_ms"]),
+        "p99": div(before.get("p99_ms"), after["p99_ms"]),
+        "throughput": div(after["throughput_rps"], before.get("throughput_rps")),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,85 +266,161 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-requests", type=int, default=5000, help="stop after this many requests in all")
     parser.add_argument("--endpoints", nargs="+", choices=list(ENDPOINTS), default=list(ENDPOINTS))
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--embedding-inputs", type=int, default=2, help="texts in each /v1/embeddings request (bulk work: up to 256)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     parser.add_argument("--torch-threads", type=int, default=0, help="passed to the server (0: its default)")
+    parser.add_argument("--server-args", default="", help="more arguments for this tree's server, e.g. '--embedding-workers 2'")
+    parser.add_argument("--baseline", default=None, metavar="REF",
+                        help="first load the server of git revision REF (e.g. main) the same way, and report ratios")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="load rounds per server of duration/rounds seconds, alternating between the servers "
+                        "(A B B A ...; default 2 with --baseline, else 1)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "api_load.json")
     return parser
 
 
+class Server:
+    """A server under test: started from the source tree ``code`` (or already running at
+    ``url``), its endpoints (those whose models are trained), and its load rounds so far."""
+
+    def __init__(self, args: argparse.Namespace, label: str, code: Path | None, extra: list[str]) -> None:
+        self.label, self.extra, self.process = label, extra, None
+        if code is None:
+            self.url = args.url.rstrip("/")
+        else:
+            log_path = Path(tempfile.gettempdir()) / f"mark_api_load_server_{label.replace(' ', '_')}.log"
+            self.process, self.url = start_server(args, log_path, code, extra)
+            print(f"[{label}] server log: {log_path}")
+        self.records: dict[str, list] = {}
+        self.wall = self.server_cpu = self.client_cpu = 0.0
+        self.load_average: list[float] = []
+
+    def ready(self, wanted: list[str]) -> list[str]:
+        startup = time.perf_counter()
+        health = wait_ready(self.url, self.process)
+        print(f"[{self.label}] server ready at {self.url} in {time.perf_counter() - startup:.1f}s; models: {health['models']}")
+        trained = {name for name, state in health["models"].items() if state == "loaded"}
+        return [e for e in wanted if ENDPOINTS[e][2] is None or set(ENDPOINTS[e][2].split("+")) <= trained]
+
+    def load(self, args: argparse.Namespace, endpoints: list[str], duration: float) -> None:
+        """One round of ``duration`` seconds; its records add to the earlier rounds'."""
+        proc = psutil.Process(self.process.pid) if self.process is not None else None
+        cpu, client_cpu, load_before = sum(proc.cpu_times()[:2]) if proc else 0.0, time.process_time(), os.getloadavg()[0]
+        records, wall = asyncio.run(run_load(
+            self.url, endpoints, args.clients, duration, args.max_requests, args.max_new_tokens, args.timeout, args.embedding_inputs,
+        ))
+        self.server_cpu += sum(proc.cpu_times()[:2]) - cpu if proc else 0.0
+        self.client_cpu += time.process_time() - client_cpu
+        self.wall += wall
+        self.load_average += [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        for endpoint, items in records.items():
+            self.records.setdefault(endpoint, []).extend(items)
+        print(f"[{self.label}] round of {wall:.1f}s: {sum(map(len, records.values()))} requests, load average {load_before:.1f}")
+
+    def result(self, endpoints: list[str], skipped: list[str]) -> dict:
+        models = httpx.get(f"{self.url}/models", timeout=30).json()
+        return {
+            "label": self.label, "endpoints_run": endpoints, "skipped": skipped, "wall_s": round(self.wall, 2),
+            "rows": summarise(self.records, self.wall), "server_args": self.extra, "generation_batching": models.get("generation"),
+            "models": [{k: m.get(k) for k in ("name", "status", "source", "trained_at", "details")} for m in models.get("models", [])],
+            "cpu_seconds": {"server": round(self.server_cpu, 2) if self.process else None, "client": round(self.client_cpu, 2)},
+            "server_cores_used": round(self.server_cpu / self.wall, 2) if self.process and self.wall else None,
+            "load_average": [min(self.load_average), max(self.load_average)],
+        }
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def round_order(servers: int, rounds: int) -> list[int]:
+    """Which server each round loads: 0 1 1 0 0 1 ... (ABBA), so a trend in the machine's
+    load over the run weighs on both sides alike."""
+    order = []
+    for r in range(rounds):
+        order += list(range(servers)) if r % 2 == 0 else list(reversed(range(servers)))
+    return order
+
+
+def report(run: dict, args: argparse.Namespace, baseline: dict | None = None) -> None:
+    rows = run["rows"]
+    print(f"\n[{run['label']}] {args.clients} clients, {run['wall_s']:.1f}s in {args.rounds} round(s), {rows['all']['requests']} requests, "
+          f"max {args.max_new_tokens} new tokens per generation, {args.embedding_inputs} texts per /v1/embeddings\n")
+    print(format_table(rows, baseline["rows"] if baseline else None))
+    for name, row in rows.items():
+        if row["errors"] and name != "all":
+            print(f"{name} errors: {row['error_examples']}")
+    print(f"generation batching: {run['generation_batching']}")
+    cpu = run["cpu_seconds"]
+    print(
+        f"CPU seconds during the load: server {cpu['server']} ({run['server_cores_used']} cores), client {cpu['client']}; "
+        f"machine load average {run['load_average'][0]:.1f} to {run['load_average'][1]:.1f} on {os.cpu_count()} cores"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.clients < 1 or args.duration <= 0 or args.max_requests < 1:
-        raise SystemExit("--clients, --duration and --max-requests must be positive")
-    process = None
+    args.rounds = args.rounds or (2 if args.baseline else 1)
+    if args.clients < 1 or args.duration <= 0 or args.max_requests < 1 or args.rounds < 1 or not 1 <= args.embedding_inputs <= 256:
+        raise SystemExit("--clients, --duration, --rounds and --max-requests must be positive, --embedding-inputs 1 to 256")
     if args.url:
         host = urlparse(args.url).hostname
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit(f"--url must be on loopback (127.0.0.1), not {host}")
-        url = args.url.rstrip("/")
-    else:
-        server_log = Path(tempfile.gettempdir()) / "mark_api_load_server.log"
-        process, url = start_server(args, server_log)
-        print(f"server log: {server_log}")
+        if args.baseline:
+            raise SystemExit("--baseline starts its own servers; it does not go with --url")
+    servers: list[Server] = []
+    folder = Path(tempfile.mkdtemp(prefix="mark_api_load_baseline_")) if args.baseline else None
     try:
-        startup = time.perf_counter()
-        health = wait_ready(url, process)
-        print(f"server ready at {url} in {time.perf_counter() - startup:.1f}s; models: {health['models']}")
-        trained = {name for name, state in health["models"].items() if state == "loaded"}
-        endpoints, skipped = [], []
-        for endpoint in args.endpoints:
-            needs = ENDPOINTS[endpoint][2]
-            (endpoints if needs is None or set(needs.split("+")) <= trained else skipped).append(endpoint)
+        if args.baseline:
+            servers.append(Server(args, f"baseline {args.baseline}", checkout(args.baseline, folder), []))
+        servers.append(Server(args, "this tree", None if args.url else REPO_ROOT, shlex.split(args.server_args)))
+        available = [server.ready(args.endpoints) for server in servers]
+        endpoints = [e for e in args.endpoints if all(e in a for a in available)]  # the same load for both
+        skipped = [e for e in args.endpoints if e not in endpoints]
         if skipped:
             print(f"skipped (model not trained): {', '.join(skipped)}")
-        server_proc = psutil.Process(process.pid) if process is not None else None
-        server_cpu = sum(server_proc.cpu_times()[:2]) if server_proc else None
-        client_cpu, load_before = time.process_time(), os.getloadavg()
-        records, wall = asyncio.run(
-            run_load(url, endpoints, args.clients, args.duration, args.max_requests, args.max_new_tokens, args.timeout)
-        )
-        client_cpu = time.process_time() - client_cpu
-        if server_proc is not None:
-            server_cpu = sum(server_proc.cpu_times()[:2]) - server_cpu
-        load_after = os.getloadavg()
-        rows = summarise(records, wall)
-        models = httpx.get(f"{url}/models", timeout=30).json()
+        for index in round_order(len(servers), args.rounds):
+            servers[index].load(args, endpoints, args.duration / args.rounds)
+        results = [server.result(endpoints, skipped) for server in servers]
     finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-    print(f"\n{args.clients} clients, {wall:.1f}s, {rows['all']['requests']} requests, max {args.max_new_tokens} new tokens per generation\n")
-    print(format_table(rows))
-    for name, row in rows.items():
-        if row["errors"] and name != "all":
-            print(f"{name} errors: {row['error_examples']}")
-    print(f"generation batching: {models.get('generation')}")
-    print(
-        f"CPU seconds during the load: server {server_cpu if server_cpu is None else round(server_cpu, 1)}, "
-        f"client {client_cpu:.1f}; machine load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores"
-    )
+        for server in servers:
+            server.stop()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    baseline, current = (results[0], results[1]) if args.baseline else (None, results[0])
+    if baseline:
+        report(baseline, args)
+    report(current, args, baseline)
+    rows = current["rows"]
     result = {
         "config": {
             "clients": args.clients, "duration_s": args.duration, "max_requests": args.max_requests,
-            "max_new_tokens": args.max_new_tokens, "endpoints": endpoints, "skipped": skipped,
-            "source": args.url or str(args.export_dir or args.checkpoints_dir),
+            "max_new_tokens": args.max_new_tokens, "embedding_inputs": args.embedding_inputs,
+            "endpoints": current["endpoints_run"], "skipped": current["skipped"], "server_args": current["server_args"],
+            "rounds": args.rounds,
+            "source": args.url or str(args.export_dir or args.checkpoints_dir), "baseline": args.baseline,
         },
         "machine": {
             "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "load_average_before": round(load_before[0], 2), "load_average_after": round(load_after[0], 2),
+            "shared": "load average before -> after each run in runs[].load_average",
         },
-        "cpu_seconds": {"server": None if server_cpu is None else round(server_cpu, 2), "client": round(client_cpu, 2)},
-        "wall_s": round(wall, 2),
+        "wall_s": current["wall_s"],
         "endpoints": rows,
-        "generation_batching": models.get("generation"),
-        "models": [{k: m.get(k) for k in ("name", "status", "source", "trained_at", "details")} for m in models.get("models", [])],
-        "goal": {"zero_errors": rows["all"]["errors"] == 0},
+        "runs": [r for r in (baseline, current) if r is not None],
+        "ratios_vs_baseline": {name: ratios(baseline["rows"].get(name), row) for name, row in rows.items()} if baseline else None,
+        "goal": {
+            "zero_errors": rows["all"]["errors"] == 0,
+            "rag_search_p99_le_1s": rows.get("rag-search", {}).get("p99_ms") is not None and rows["rag-search"]["p99_ms"] <= 1000,
+            "query_p99_le_3s": rows.get("query", {}).get("p99_ms") is not None and rows["query"]["p99_ms"] <= 3000,
+        },
     }
     atomic_write_json(args.output, result)
+    print(f"goal: {result['goal']}")
     print(f"wrote {args.output}")
     return result
 

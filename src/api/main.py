@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=32, help="generation requests decoded together at most")
     parser.add_argument("--max-pending", type=int, default=512, help="requests waiting per model before 503 busy")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
+    parser.add_argument("--embedding-workers", type=int, default=0,
+                        help="embedding worker threads, each with its own copy of the encoder (0: one per core, at most 2); "
+                        "with 2 or more, one is kept for search queries while the others run bulk work")
+    parser.add_argument("--embedding-batch-tokens", type=int, default=1024,
+                        help="padded tokens in one embedding sub-batch at most: a search query waits for at most one")
     parser.add_argument("--max-request-bytes", type=int, default=1_000_000)
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds a generation request may wait and run before it fails with 504 (0: no limit)")
@@ -54,9 +59,11 @@ def settings_from_args(args: argparse.Namespace):
     """``ServerSettings`` from parsed arguments; impossible values are a ``ConfigError``."""
     from src.api.service import ServerSettings
 
-    for name in ("max_batch_size", "max_pending", "max_prompt_tokens", "max_request_bytes"):
+    for name in ("max_batch_size", "max_pending", "max_prompt_tokens", "max_request_bytes", "embedding_batch_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.embedding_workers < 0:
+        raise ConfigError(f"--embedding-workers must be 0 (one per core, at most 2) or more (got {args.embedding_workers})")
     if args.request_timeout < 0:
         raise ConfigError(f"--request-timeout must be 0 (no limit) or more seconds (got {args.request_timeout})")
     if args.export_dir is not None and not args.export_dir.is_dir():
@@ -70,6 +77,8 @@ def settings_from_args(args: argparse.Namespace):
         max_prompt_tokens=args.max_prompt_tokens,
         max_batch_size=args.max_batch_size,
         max_pending=args.max_pending,
+        embedding_workers=args.embedding_workers,
+        embedding_batch_tokens=args.embedding_batch_tokens,
         preload=not args.no_preload,
         request_timeout_s=args.request_timeout or None,
         decoder="compile" if args.compile_decoder else args.decoder,

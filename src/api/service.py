@@ -5,17 +5,24 @@ a :class:`GenerationWorker` per language model (continuous batching), a
 :class:`MicroBatcher` for the RAG encoder's embeddings and one for the classifier. The
 event loop only awaits them; model loading runs in a thread, so a first request that
 loads a model does not stall the others.
+
+Embeddings have two lanes (see :mod:`src.api.batching`): search queries (``/rag-search``,
+``/query``) are ``interactive``; ``/v1/embeddings`` and ``/query``'s evidence sentences are
+``bulk``, so a one-line query waits for at most one bounded sub-batch of bulk work, never for
+a whole bulk request or for other queries' evidence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import copy
+import os
 import re
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -45,6 +52,12 @@ class ServerSettings:
     max_pending: int = 512
     preload: bool = True
     request_timeout_s: Optional[float] = 300.0  # None: no limit
+
+    # Embedding workers, each with its own copy of the encoder (a fast tokenizer must not be
+    # shared across threads; 0: one per core, at most 2), and the bound of one sub-batch in
+    # padded tokens: an interactive request waits for at most one such sub-batch of bulk work.
+    embedding_workers: int = 0
+    embedding_batch_tokens: int = 1024
 
     # The language models' decoding step (src.mamba.generate.Decoder): auto = MARK's native
     # CPU kernel where the model allows it, else eager; compile = torch.compile at start-up.
@@ -81,6 +94,26 @@ def split_sentences(text: str, min_chars: int = 12) -> list[str]:
     """``text``'s sentences (split after . ! ? and at line breaks), without the very short ones."""
     sentences = (" ".join(part.split()) for part in _SENTENCE_END.split(text))
     return [s for s in sentences if len(s) >= min_chars]
+
+
+def embedding_fn(encoder) -> Callable[[list[str]], list[tuple[np.ndarray, int]]]:
+    """Texts -> ``(unit vector, tokens read)`` with ``encoder``, for one embedding worker thread."""
+
+    def embed(texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        vectors = encoder.encode(texts, batch_size=64)
+        # Counted here, on the worker thread: a fast tokenizer must not be shared across threads.
+        lengths = [min(len(ids), encoder.max_seq_length) for ids in encoder.tokenizer(texts)["input_ids"]]
+        return list(zip(vectors, lengths))
+
+    return embed
+
+
+def encoder_replica(encoder):
+    """A copy of the RAG ``encoder`` with its own weights and tokenizer, for a second worker thread."""
+    replica = copy.copy(encoder)
+    replica.model = copy.deepcopy(encoder.model)
+    replica.tokenizer = replica.model.tokenizer
+    return replica
 
 
 class ModelService:
@@ -132,13 +165,23 @@ class ModelService:
         except NotTrainedError as err:
             raise NotTrainedError(f"embeddings use the RAG index's encoder: {err}") from None
 
-        def embed(texts: list[str]) -> list[tuple[np.ndarray, int]]:
-            vectors = encoder.encode(texts, batch_size=64)
-            # Counted here, on the worker thread: a fast tokenizer must not be shared across threads.
-            lengths = [min(len(ids), encoder.max_seq_length) for ids in encoder.tokenizer(texts)["input_ids"]]
-            return list(zip(vectors, lengths))
+        s = self.settings
+        max_len = encoder.max_seq_length
 
-        return self._worker("embed", lambda: MicroBatcher(embed, "embedding", 64, self.settings.max_pending))
+        def estimated_tokens(text: str) -> int:
+            # A scheduling estimate (about 4 characters per word piece); the exact count
+            # needs the tokenizer, which belongs to the worker threads.
+            return min(max_len, 2 + len(text) // 4)
+
+        def build() -> MicroBatcher:
+            workers = s.embedding_workers or min(2, os.cpu_count() or 1)
+            replicas = [encoder] + [encoder_replica(encoder) for _ in range(workers - 1)]
+            return MicroBatcher(
+                [embedding_fn(e) for e in replicas], "embedding", 64, s.max_pending,
+                cost=estimated_tokens, max_cost=s.embedding_batch_tokens,
+            )
+
+        return self._worker("embed", build)
 
     def classifier(self) -> MicroBatcher:
         """Texts -> ``{"label", "probabilities"}`` with the fine-tuned classifier."""
@@ -195,15 +238,26 @@ class ModelService:
             )
 
     async def search(self, query: str, top_k: int, mode: str | None = None) -> tuple[str, list]:
-        """``(mode used, SearchResults)`` for ``query``; the query is embedded by the shared encoder worker."""
+        """``(mode used, SearchResults)`` for ``query``; the query is embedded in the
+        embedding workers' interactive lane."""
+        mode, hits, _ = await self._search(query, top_k, mode)
+        return mode, hits
+
+    async def _search(self, query: str, top_k: int, mode: str | None) -> tuple[str, list, np.ndarray | None]:
+        """:meth:`search`, and the query's vector (None in ``bm25`` mode)."""
         retriever = await run_in_threadpool(self.retriever)
         mode = mode or retriever.config.mode
         vector = None
         if mode != "bm25":
-            embedder = await self.aembedder()
-            vector = (await embedder.arun([query]))[0][0]
+            vector = await self.embed_query(query)
+        # In a worker thread: the event loop goes on serving while FAISS / BM25 search.
         hits = await run_in_threadpool(retriever.search, query, top_k, mode, vector)
-        return mode, hits
+        return mode, hits, vector
+
+    async def embed_query(self, query: str) -> np.ndarray:
+        """``query``'s vector, from the interactive lane."""
+        embedder = await self.aembedder()
+        return np.asarray((await embedder.arun([query], "interactive"))[0][0], dtype=np.float32)
 
     async def answer(
         self, query: str, top_k: int, model: str | None, params: GenerationParams, mode: str | None = None, evidence_k: int = 3
@@ -212,20 +266,21 @@ class ModelService:
         or ``"auto"``: the aligned model when trained, else the base model."""
         model = self.registry.answer_model(model)
         worker = await self.agenerator(model)  # fail fast (503) before searching when the LM is missing
-        _, hits = await self.search(query, top_k, mode)
+        _, hits, vector = await self._search(query, top_k, mode)
         used = select_passages([Passage(h.doc_id, h.text) for h in hits])
         prompt = grounded_prompt(query, used)
         params = replace(params, stop=tuple(params.stop) + ANSWER_STOP)
         result, evidence = await asyncio.gather(
             worker.agenerate(self.prompt_ids(worker, prompt), params),
-            self.evidence(query, hits, evidence_k),
+            self.evidence(query, hits, evidence_k, vector),
         )
         return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence)
 
-    async def evidence(self, query: str, hits: list, k: int) -> list[Evidence]:
+    async def evidence(self, query: str, hits: list, k: int, query_vector: np.ndarray | None = None) -> list[Evidence]:
         """The ``k`` sentences of the retrieved chunks most similar to ``query`` under the RAG
         encoder (cosine of the normalized embeddings), best first: an extractive answer that
-        does not depend on the language model."""
+        does not depend on the language model. ``query_vector``: the query's embedding when
+        the search already made it."""
         candidates: list[tuple[str, str]] = []
         seen: set[str] = set()
         for hit in hits:
@@ -238,9 +293,12 @@ class ModelService:
         embedder = await self.aembedder()
         # The index's chunks are fixed, so their sentences' vectors are kept (LRU) across queries.
         missing = [sentence for _, sentence in candidates if sentence not in self._sentence_vectors]
-        rows = await embedder.arun([query] + missing)
+        if query_vector is None:
+            query_vector = await self.embed_query(query)
+        # Many texts: the bulk lane, so that one-line search queries do not wait for them.
+        rows = await embedder.arun(missing, "bulk") if missing else []
         with self._lock:
-            for sentence, (vector, _) in zip(missing, rows[1:]):
+            for sentence, (vector, _) in zip(missing, rows):
                 self._sentence_vectors[sentence] = np.asarray(vector, dtype=np.float32)
             vectors = []
             for _, sentence in candidates:
@@ -248,7 +306,7 @@ class ModelService:
                 vectors.append(self._sentence_vectors[sentence])
             while len(self._sentence_vectors) > SENTENCE_CACHE_SIZE:
                 self._sentence_vectors.popitem(last=False)
-        scores = np.stack(vectors) @ np.asarray(rows[0][0], dtype=np.float32)
+        scores = np.stack(vectors) @ np.asarray(query_vector, dtype=np.float32)
         order = np.argsort(-scores, kind="stable")[:k]
         return [Evidence(candidates[i][0], candidates[i][1], round(float(scores[i]), 6)) for i in order]
 

@@ -226,3 +226,29 @@ def test_tokenize_and_detokenize_round_trip(server, tiny_lm):
     info = httpx.get(f"{server.url}/tokenizer_info").json()
     assert (info["bos_token"], info["eos_token"], info["vocab_size"]) == ("<|bos|>", "<|eos|>", tokenizer.vocab_size)
     assert post(server, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"] == [tokenizer.eos_id]
+
+
+def test_a_search_issued_while_a_large_embeddings_request_runs_returns_before_it(server):
+    """Search queries and /v1/embeddings share the encoder, but in different lanes: a
+    /rag-search sent while 256 long texts are being embedded waits for one sub-batch of them,
+    not for all (src.api.batching)."""
+    words = "open the socket send the request read the response headers and close the connection".split()
+    texts = [" ".join(words[(i + j) % len(words)] for j in range(50)) for i in range(128)]
+    finished: dict[str, float] = {}
+
+    def timed(name: str, path: str, body: dict) -> httpx.Response:
+        response = post(server, path, body)
+        finished[name] = time.perf_counter()
+        return response
+
+    with ThreadPoolExecutor(2) as pool:
+        start = time.perf_counter()
+        bulk = pool.submit(timed, "embeddings", "/v1/embeddings", {"model": "minilm", "input": texts})
+        time.sleep(0.5)  # the bulk request is being embedded
+        search = pool.submit(timed, "search", "/rag-search", {"query": "how do I read a response header?", "top_k": 3})
+        assert search.result(120).status_code == 200 and len(search.result().json()["results"]) == 3
+        embeddings = bulk.result(120)
+    assert embeddings.status_code == 200 and len(embeddings.json()["data"]) == 128
+    bulk_s, search_s = finished["embeddings"] - start, finished["search"] - start - 0.5
+    assert finished["search"] < finished["embeddings"]
+    assert search_s < bulk_s / 3, (search_s, bulk_s)

@@ -408,7 +408,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
     if body.dimensions is not None and body.dimensions != encoder.dim:
         raise APIError(400, f"dimensions: {EMBEDDING_MODEL_ID} embeddings have {encoder.dim} dimensions", "invalid_request_error", "dimensions")
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
-    rows = await embedder.arun(texts)
+    rows = await embedder.arun(texts, "bulk")  # batch work: search queries go first (src.api.batching)
     data = []
     for i, (vector, _) in enumerate(rows):
         vector = np.asarray(vector, dtype="<f4")
