@@ -61,6 +61,14 @@ class TrainingConfig(StrictModel):
     save_steps: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: only at epoch end)")
     save_total_limit: int = Field(2, ge=1, description="step checkpoints kept")
     log_steps: int = Field(10, gt=0)
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=0,
+        description="stop after this many validations in a row without improving the task's metric; the best "
+        "weights (best_model.pt) are restored at the end (0 / null: off)",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="early stopping: an improvement smaller than this counts as none"
+    )
 
 
 class BaseConfig(StrictModel):

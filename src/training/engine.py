@@ -6,6 +6,8 @@ What lives here, once:
   and Accelerate's own config) and mixed precision;
 * gradient accumulation, clipping, warmup + LR schedule, seeding, DataLoader workers;
 * validation every ``eval_steps`` and at each epoch end, ``best_model.pt`` by the task's metric;
+  early stopping after ``early_stopping_patience`` validations without improvement, the best
+  weights restored into the model at the end;
 * checkpoints (``checkpoint_epoch_N.pt``, ``checkpoint_step_N.pt``) holding model (for a model
   with a LoRA adapter, :mod:`src.training.adapters`, only the adapter: what trains), optimizer,
   scheduler, grad scaler, RNG states, epoch, step and the position in the data, written
@@ -105,6 +107,7 @@ class TrainResult:
     global_step: int
     epochs_completed: int
     history: list[dict[str, Any]]
+    stopped_early: bool = False
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -263,6 +266,13 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
     Writes ``<checkpoint_dir>/checkpoint_epoch_N.pt``, ``checkpoint_step_N.pt`` (every
     ``save_steps``), ``best_model.pt``, ``config.yaml``; logs to ``<log_dir>/train.log`` and
     ``metrics.jsonl``. With ``resume=True`` continues from the latest checkpoint.
+
+    Early stopping (``training.early_stopping_patience`` > 0): after that many validations in
+    a row whose ``task.metric_for_best`` is not better than the best so far by more than
+    ``early_stopping_min_delta``, training ends (a resumable checkpoint is written first); the
+    counter and the best value are part of every checkpoint, so a resumed run stops where the
+    uninterrupted one would. With it on, ``best_model.pt``'s weights are loaded back into
+    ``task.model`` at the end and the returned ``metrics`` are that checkpoint's.
     """
     tcfg, scfg, paths = cfg.training, cfg.system, cfg.paths
     kind = task.kind or task.name
@@ -290,7 +300,9 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         total_steps = min(total_steps, tcfg.max_steps)
     warmup = tcfg.warmup_steps or int(tcfg.warmup_ratio * total_steps)
 
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_step": None}
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_step": None,
+             "evals_without_improvement": 0, "stopped_early": False}
+    patience = tcfg.early_stopping_patience or 0
     last_checkpoint: Path | None = None
     ckpt = None
     if resume:
@@ -389,6 +401,17 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         if value is not None:
             best = state["best_metric"]
             better = best is None or (value > best if task.greater_is_better else value < best)
+            if patience:
+                gain = None if best is None else (value - best if task.greater_is_better else best - value)
+                improved = gain is None or gain > tcfg.early_stopping_min_delta
+                state["evals_without_improvement"] = 0 if improved else state["evals_without_improvement"] + 1
+                if state["evals_without_improvement"] >= patience:
+                    state["stopped_early"] = True
+                    log.info(
+                        "early stopping at step %d: %s has not improved by more than %g for %d validations "
+                        "(best %.4f at step %s)", state["step"], task.metric_for_best, tcfg.early_stopping_min_delta,
+                        patience, best, state["best_step"],
+                    )
             if better:
                 state["best_metric"], state["best_step"] = float(value), state["step"]
                 if is_main:
@@ -416,7 +439,7 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
     )
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {task.name}", disable=not is_main, dynamic_ncols=True)
     window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    done = state["step"] >= total_steps
+    done = state["step"] >= total_steps or state["stopped_early"]
     model.train()
     while state["epoch"] < tcfg.num_epochs and not done:
         epoch = state["epoch"]
@@ -467,6 +490,10 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
             done = state["step"] >= total_steps
             if tcfg.eval_steps and state["step"] % tcfg.eval_steps == 0 and not end_of_epoch:
                 evaluate()
+                if state["stopped_early"]:
+                    last_checkpoint = save_resumable(ckpt_dir / f"checkpoint_step_{state['step']}.pt")
+                    done = True
+                    break
             if tcfg.save_steps and state["step"] % tcfg.save_steps == 0 and not end_of_epoch:
                 last_checkpoint = save_resumable(ckpt_dir / f"checkpoint_step_{state['step']}.pt")
             if done:
@@ -476,10 +503,13 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
             state["batch_in_epoch"] = 0
             evaluate()
             last_checkpoint = save_resumable(ckpt_dir / f"checkpoint_epoch_{state['epoch']}.pt")
-        elif done:  # max_steps reached mid-epoch
+            done = done or state["stopped_early"]
+        elif done and not state["stopped_early"]:  # max_steps reached mid-epoch
             evaluate()
             last_checkpoint = save_resumable(ckpt_dir / f"checkpoint_step_{state['step']}.pt")
     progress.close()
+    if patience and state["best_metric"] is not None and best_path.exists():
+        last_metrics = _restore_best(accelerator, task.model, best_path, kind, log)
     if not last_metrics and task.val_dataset is not None and state["step"] > 0 and resume:
         evaluate()  # resumed a finished run: still report its metrics
     metrics_log.close()
@@ -492,7 +522,24 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         global_step=state["step"],
         epochs_completed=state["epoch"],
         history=history,
+        stopped_early=bool(state["stopped_early"]),
     )
+
+
+def _restore_best(accelerator, model: nn.Module, best_path: Path, kind: str, log) -> dict[str, float]:
+    """Load ``best_model.pt``'s weights into ``model`` (the unwrapped module; DDP shares its
+    parameters) and return the metrics they scored. Under FSDP the module holds shards, so the
+    weights stay where training left them and ``best_model.pt`` alone holds the best ones."""
+    from accelerate.utils import DistributedType
+
+    accelerator.wait_for_everyone()
+    best = load_checkpoint(best_path, kind=kind)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        log.info("FSDP: the best weights are in %s (not loaded back into the sharded model)", best_path)
+    else:
+        load_trainable_state(model, best["model"], best_path)  # an adapted model's hold only the adapter
+        log.info("restored the best weights (step %s) from %s", best.get("step"), best_path)
+    return dict(best.get("metrics", {}))
 
 
 def _accumulate_gradients(task: TrainTask, model, accelerator, group: list[Batch], world: int) -> tuple[float, float, int]:

@@ -110,10 +110,15 @@ def build_task(cfg: CharLMConfig) -> TrainTask:
 def main(argv=None):
     parser = argparse.ArgumentParser()
     add_common_args(parser, default_config="")
+    parser.add_argument("--final-weights", default=None, help="save the model's weights after fit() here")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, CharLMConfig, overrides_with_device(args))
     torch.set_num_threads(1)
-    result = fit(build_task(cfg), cfg, resume=args.resume)
+    task = build_task(cfg)
+    result = fit(task, cfg, resume=args.resume)
+    if args.final_weights:
+        torch.save({"model": task.model.state_dict(), "metrics": result.metrics, "step": result.global_step,
+                    "stopped_early": result.stopped_early}, args.final_weights)
     return {"metrics": result.metrics, "step": result.global_step}
 
 

@@ -172,3 +172,93 @@ def test_same_seed_twice_gives_identical_metrics_and_weights(tmp_path):
     assert len(rows1) >= 3 and any(r["kind"] == "eval" for r in rows1)
     assert rows1 == rows2
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def _evals(tmp_path, name):
+    rows = [json.loads(x) for x in (tmp_path / name / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+
+
+def _expected_stop(evals, patience, min_delta):
+    """The step at which early stopping should end training, replayed from the logged validations."""
+    best, waited = None, 0
+    for step, loss in evals:
+        waited = 0 if best is None or best - loss > min_delta else waited + 1
+        best = loss if best is None or loss < best else best
+        if waited >= patience:
+            return step
+    return None
+
+
+# Small corpus, no dropout, constant high LR: the char model overfits within ~100 steps.
+EARLY = ["data.max_chars=3000", "model.dropout=0.0"]
+
+
+def _early_config(tmp_path, name, **training):
+    return _config(tmp_path, name, num_epochs=30, learning_rate=0.01, lr_scheduler="constant", warmup_steps=0,
+                   gradient_accumulation_steps=1, eval_steps=5, early_stopping_patience=3, **training)
+
+
+@pytest.mark.parametrize("min_delta", [0.0, 0.02])
+def test_early_stopping_stops_and_restores_the_best_weights(tmp_path, min_delta):
+    cfg = _early_config(tmp_path, "es", early_stopping_min_delta=min_delta)
+    final = tmp_path / "final.pt"
+    proc = _run(["--config", str(cfg), *EARLY, "--final-weights", str(final)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = _evals(tmp_path, "es")
+    out = torch.load(final)
+    assert out["stopped_early"] and out["step"] < 30 * 11  # 83 windows / batch 8: 11 steps per epoch
+    assert out["step"] == evals[-1][0] == _expected_stop(evals, 3, min_delta)
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    best = load_checkpoint(tmp_path / "es" / "ckpt" / "best_model.pt", kind="charlm")
+    assert best["step"] == best_step and best["metrics"]["val_loss"] == pytest.approx(best_loss, abs=1e-6)
+    if min_delta == 0:  # (with a min_delta, improvements too small to count can still make the last the best)
+        assert evals[-1][1] > best_loss + 0.005  # the last weights are worse
+    assert out["metrics"]["val_loss"] == pytest.approx(best_loss, abs=1e-6)  # fit() returns the best's
+    assert all(torch.equal(out["model"][k], best["model"][k]) for k in best["model"])
+    assert "early stopping at step" in (tmp_path / "es" / "logs" / "train.log").read_text()
+
+
+def test_early_stopping_resumes_after_sigkill_with_its_patience_counter(tmp_path):
+    ref = _run(["--config", str(_early_config(tmp_path, "ref")), *EARLY])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_evals = _evals(tmp_path, "ref")
+    stop_step = ref_evals[-1][0]
+    best_step = min(ref_evals, key=lambda e: e[1])[0]
+    first_miss = next(s for s, _ in ref_evals if s > best_step)  # the counter is 1 from here on
+
+    cfg = _early_config(tmp_path, "killed", save_steps=5)
+    pointer = tmp_path / "killed" / "ckpt" / "latest.json"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(cfg), *EARLY], env=ENV, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at, deadline = None, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists():
+            info = json.loads(pointer.read_text())
+            if info["step"] >= first_miss:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = info["step"]
+                break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert killed_at < stop_step
+    at_kill = load_checkpoint(pointer.parent / json.loads(pointer.read_text())["path"])["progress"]
+    assert at_kill["evals_without_improvement"] >= 1 and not at_kill["stopped_early"]
+
+    final = tmp_path / "final.pt"
+    resumed = _run(["--config", str(cfg), "--resume", *EARLY, "--final-weights", str(final)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    out = torch.load(final)
+    assert out["stopped_early"] and out["step"] == stop_step
+    ref_best = load_checkpoint(tmp_path / "ref" / "ckpt" / "best_model.pt")
+    res_best = load_checkpoint(tmp_path / "killed" / "ckpt" / "best_model.pt")
+    assert res_best["step"] == ref_best["step"] == best_step
+    assert max((ref_best["model"][k] - out["model"][k]).abs().max().item() for k in out["model"]) <= 1e-6
+
+    evals = _evals(tmp_path, "killed")
+    assert evals[-1][0] == stop_step
+    again = _run(["--config", str(cfg), "--resume", *EARLY])  # a stopped run stays stopped
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _evals(tmp_path, "killed") == evals
