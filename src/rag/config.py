@@ -38,6 +38,19 @@ class RagIndexConfig(StrictModel):
     hnsw_m: int = Field(32, gt=1, description="HNSW neighbours per node")
     hnsw_ef_construction: int = Field(200, gt=0)
     hnsw_ef_search: int = Field(64, gt=0)
+    on_disk: bool = Field(
+        False,
+        description="ivf only: the large-corpus path. faiss.index is trained on a sample, built in shards and merged "
+        "into inverted lists memory-mapped from faiss.ivfdata (for corpora larger than RAM)",
+    )
+    ivf_train_sample: int = Field(100_000, gt=0, description="on_disk: vectors the IVF cells are trained on")
+    ivf_shard_size: int = Field(1_000_000, gt=0, description="on_disk: vectors per shard (each shard one file, merged at the end)")
+
+    @model_validator(mode="after")
+    def _on_disk_is_ivf(self) -> "RagIndexConfig":
+        if self.on_disk and self.type != "ivf":
+            raise ValueError(f"on_disk: needs type ivf (got {self.type})")
+        return self
 
 
 class RagRetrievalConfig(StrictModel):
@@ -96,6 +109,6 @@ class RagConfig(BaseConfig):
     index: RagIndexConfig = RagIndexConfig()
     retrieval: RagRetrievalConfig = RagRetrievalConfig()
     training: RagTrainingConfig = RagTrainingConfig()
-    data: RagDataConfig
+    data: RagDataConfig = RagDataConfig()
     paths: RagPathsConfig = RagPathsConfig()
     system: SystemConfig = SystemConfig()

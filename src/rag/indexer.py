@@ -26,7 +26,7 @@ from src.data.readers import Document
 from src.rag.chunking import Chunk, check_chunk_size, chunk_document
 from src.rag.config import RagIndexConfig
 from src.rag.encoder import Encoder
-from src.rag.store import INDEX_FILE, METADATA_FILE, STORE_FILE, ChunkRecord, ChunkStore, DocumentRecord, search_faiss
+from src.rag.store import INDEX_FILE, METADATA_FILE, STORE_FILE, ChunkRecord, ChunkStore, DocumentRecord, build_ivf_on_disk, search_faiss
 
 __all__ = ["INDEX_FILE", "METADATA_FILE", "STORE_FILE", "RagIndex", "document_hash", "search_faiss"]
 
@@ -54,6 +54,8 @@ def index_settings(encoder: Encoder, index_config: RagIndexConfig, chunk_size: i
     params: dict[str, Any] = {"type": cfg.type}
     if cfg.type == "ivf":
         params.update(ivf_nlist=cfg.ivf_nlist, ivf_nprobe=cfg.ivf_nprobe)
+        if cfg.on_disk:
+            params.update(on_disk=True, ivf_train_sample=cfg.ivf_train_sample, ivf_shard_size=cfg.ivf_shard_size)
     elif cfg.type == "hnsw":
         params.update(hnsw_m=cfg.hnsw_m, hnsw_ef_construction=cfg.hnsw_ef_construction, hnsw_ef_search=cfg.hnsw_ef_search)
     return {
@@ -245,8 +247,14 @@ class RagIndex:
         return {"added": len(new), "updated": len(changed), "deleted": len(gone), "unchanged": len(docs) - len(new) - len(changed)}
 
     def compact(self) -> None:
-        """Merge the appended vectors into ``faiss.index`` and drop deleted chunks' vectors."""
-        self._writable_store().compact()
+        """Merge the appended vectors into ``faiss.index`` and drop deleted chunks' vectors
+        (``index.on_disk``: rebuild the on-disk IVF, see :func:`src.rag.store.build_ivf_on_disk`)."""
+        store = self._writable_store()
+        params = store.settings["index"]
+        if params.get("on_disk") and store.path is not None:
+            build_ivf_on_disk(store, params["ivf_train_sample"], params["ivf_shard_size"])
+        else:
+            store.compact()
 
     # ----------------------------------------------------------------- reading
     def chunk_vectors(self, chunk_ids: Iterable[int] | np.ndarray) -> np.ndarray:
@@ -281,7 +289,7 @@ class RagIndex:
         """
         checkpoint_dir = Path(checkpoint_dir)
         if self.path is not None and checkpoint_dir.resolve() == self.path.resolve():
-            self.store.compact()
+            self.compact()
         else:
             self.store.save_copy(checkpoint_dir)
         return {"faiss_index": checkpoint_dir / INDEX_FILE, "metadata": checkpoint_dir / METADATA_FILE, "store": checkpoint_dir / STORE_FILE}

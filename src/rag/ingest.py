@@ -15,23 +15,22 @@ A file that cannot be read is skipped with one line naming it and why (``strict`
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from src.core.errors import ConfigError, DataError, UnreadableFileError
 from src.core.logging import get_logger
+from src.data.files import iter_source_files, read_source_file
 from src.data.readers import Document
 from src.rag.config import RagConfig, RagIndexConfig, RagModelConfig, RagTrainingConfig
 from src.rag.encoder import Encoder
 from src.rag.indexer import RagIndex, document_hash
-from src.rag.store import STORE_FILE
+from src.rag.store import STORE_FILE, ChunkStore
 
 log = get_logger("rag")
 
@@ -39,12 +38,6 @@ log = get_logger("rag")
 # holds at least this share of the vectors: adding a few documents to a big index then
 # never rewrites it, and search never scans a large unindexed segment.
 COMPACT_FRACTION = 0.2
-
-try:  # the per-format readers (kb-readers); until they land, the minimal ones below
-    from src.data.files import iter_source_files, read_source_file  # type: ignore
-except ImportError:  # pragma: no cover - replaced when src/data/files.py exists
-    iter_source_files = read_source_file = None  # type: ignore
-
 
 @dataclass
 class IngestReport:
@@ -76,76 +69,13 @@ class IngestReport:
         )
 
 
-# ---------------------------------------------------------------------- minimal readers
-@dataclass(frozen=True)
-class _SourceFile:
-    path: Path
-    root: Path
-    rel_id: str
-
-
-MINIMAL_EXTENSIONS = (".txt", ".md", ".jsonl")
-
-
-def _minimal_iter_source_files(paths, include=None, exclude=None) -> Iterator[_SourceFile]:
-    for given in paths:
-        given = Path(given)
-        if not given.exists():
-            raise DataError(f"{given}: no such file or folder")
-        root = given if given.is_dir() else given.parent
-        files = sorted(p for p in given.rglob("*") if p.is_file()) if given.is_dir() else [given]
-        for path in files:
-            rel = path.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in Path(rel).parts):
-                continue
-            if include and not any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(path.name, g) for g in include):
-                continue
-            if exclude and any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(path.name, g) for g in exclude):
-                continue
-            if path.suffix.lower() in MINIMAL_EXTENSIONS:
-                yield _SourceFile(path.resolve(), root.resolve(), rel)
-
-
-def _minimal_read_source_file(source: _SourceFile) -> list[Document]:
-    raw = source.path.read_bytes()
-    meta = {"source": source.rel_id, "mtime": source.path.stat().st_mtime, "content_hash": hashlib.sha256(raw).hexdigest()}
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{source.path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if "\x00" in text:
-        raise DataError(f"{source.path}: binary data under a text extension")
-    if source.path.suffix.lower() == ".jsonl":
-        docs = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = Document.model_validate(json.loads(line))
-            except ValueError as err:
-                raise DataError(f"{source.path}:{line_no}: not a document ({str(err).splitlines()[0][:120]})") from None
-            docs.append(Document(id=doc.id, text=doc.text, metadata={**doc.metadata, **meta, "format": "jsonl"}))
-        return docs
-    if not text.strip():
-        raise DataError(f"{source.path}: no text")
-    title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.strip()), source.rel_id)
-    return [Document(id=source.rel_id, text=text, metadata={**meta, "title": title[:200], "format": source.path.suffix.lower()[1:]})]
-
-
-def _readers():
-    if iter_source_files is not None:
-        return iter_source_files, read_source_file
-    return _minimal_iter_source_files, _minimal_read_source_file
-
-
 def read_sources(paths: Sequence[str | Path], include=None, exclude=None, strict: bool = False) -> tuple[list[Document], list[tuple[str, str]]]:
     """Every document of the files under ``paths`` and the skipped ``(file, reason)`` pairs."""
-    find, read = _readers()
     docs: list[Document] = []
     skipped: list[tuple[str, str]] = []
-    for source in find(paths, include, exclude):
+    for source in iter_source_files(paths, include, exclude):
         try:
-            docs.extend(read(source))
+            docs.extend(read_source_file(source))
         except DataError as err:
             _skip(source.path, err, strict, skipped)
     return docs, skipped
@@ -208,11 +138,12 @@ def ingest(
     training_cfg = config.training if config else RagTrainingConfig()
     seed = config.system.seed if config else 42
     device = config.system.device if config else "auto"
+    report = IngestReport(index_dir=str(index_dir))
+    sources = list(iter_source_files(paths, include, exclude))  # discovery errors (a missing path) come before any write
+    if (index_dir / STORE_FILE).exists():  # a second writer hears so now, not after loading the model
+        ChunkStore.open(index_dir, writable=True).close()
     if encoder is None:
         encoder = Encoder(model_cfg.embedding_model, device)
-    report = IngestReport(index_dir=str(index_dir))
-    find, read = _readers()
-    sources = list(find(paths, include, exclude))  # discovery errors (a missing path) come before any write
     index = open_index(index_dir, encoder, model_cfg, index_cfg, training_cfg, seed)
     try:
         store = index.store
@@ -235,7 +166,7 @@ def ingest(
                 if stored_files.get(rel) == content_hash:
                     report.unchanged += len(by_source.get(rel, []))
                     continue
-                docs = _ray_documents(ray_results[rel], embedded) if rel in ray_results else read(source)
+                docs = _ray_documents(ray_results[rel], embedded) if rel in ray_results else read_source_file(source)
             except (DataError, OSError) as err:
                 _skip(source.path, err, strict, report.skipped_files)
                 continue

@@ -90,6 +90,7 @@ CREATE INDEX chunks_doc ON chunks(doc_id, chunk_index);
 CREATE TABLE files (source TEXT PRIMARY KEY, content_hash TEXT NOT NULL, num_documents INTEGER NOT NULL);
 CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, content='', tokenize="unicode61 remove_diacritics 0 tokenchars '_'");
 CREATE VIRTUAL TABLE chunks_vocab USING fts5vocab(chunks_fts, 'row');
+CREATE VIRTUAL TABLE chunks_terms USING fts5vocab(chunks_fts, 'instance');
 """
 
 
@@ -207,13 +208,24 @@ def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
+def is_on_disk(ivf: faiss.IndexIVF) -> bool:
+    """Whether an IVF index's inverted lists are memory-mapped from ``faiss.ivfdata``."""
+    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
 def _stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """Every ``(labels, vectors)`` a base index holds (dead labels included)."""
+    """Every ``(labels, vectors)`` an index holds (dead labels included).
+
+    Flat storage is returned as a view, not a copy (a 1M x 384 index is 1.5 GB)."""
     if index.ntotal == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, index.d), dtype=np.float32)
-    if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
+    if isinstance(index, (faiss.IndexIDMap2, faiss.IndexIDMap)):
         labels = faiss.vector_to_array(index.id_map).astype(np.int64)
-        return labels, index.index.reconstruct_n(0, index.ntotal)
+        inner = faiss.downcast_index(index.index)
+        storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+        if isinstance(storage, faiss.IndexFlat):
+            return labels, faiss.rev_swig_ptr(storage.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        return labels, inner.reconstruct_n(0, index.ntotal)
     ivf = _ivf_of(index)
     labels = []
     for list_no in range(ivf.nlist):
@@ -337,13 +349,9 @@ class ChunkStore:
             if not index_path.is_file():
                 raise CheckpointError(f"{index_path}: missing ({base_ntotal} vectors expected): " + REBUILD_HINT.format(dir=self.path))
             try:
-                flags = 0 if self.writable else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-                cwd = os.getcwd()
-                os.chdir(self.path)  # an on-disk IVF names its faiss.ivfdata relative to the folder
-                try:
-                    self.base = faiss.read_index(INDEX_FILE, flags)
-                finally:
-                    os.chdir(cwd)
+                # An on-disk IVF finds its faiss.ivfdata beside faiss.index (memory-mapped).
+                flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if self.writable else faiss.IO_FLAG_READ_ONLY)
+                self.base = faiss.read_index(str(index_path), flags)
             except RuntimeError as err:
                 raise CheckpointError(f"{index_path}: cannot read FAISS index ({str(err).strip().splitlines()[-1][:160]})") from None
             if self.base.d != self.dim:
@@ -356,8 +364,9 @@ class ChunkStore:
             ivf = _ivf_of(self.base)
             if ivf is not None:
                 ivf.nprobe = int(self.settings["index"].get("ivf_nprobe", 10))
-                if ivf.direct_map.type != faiss.DirectMap.Hashtable:
-                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+                # (re)build the id -> list position map: merged on-disk lists come without it
+                ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         rows = int(self.meta("segment_rows", "0"))
         ids_path, vec_path = self.path / SEGMENT_IDS_FILE, self.path / SEGMENT_VECTORS_FILE
         if rows:
@@ -623,15 +632,10 @@ class ChunkStore:
 
     def _compact(self) -> None:
         live = np.fromiter((r[0] for r in self._sql("SELECT id FROM chunks ORDER BY id")), dtype=np.int64)
-        base_ids, base_vectors = _stored_vectors(self.base)
         seg_ids, seg_vectors = _stored_vectors(self.segment)
-        ids = np.concatenate([base_ids, seg_ids])
-        vectors = np.concatenate([base_vectors, seg_vectors])
-        _, first = np.unique(ids, return_index=True)  # a label twice (after a killed compaction): same vector
-        keep = np.sort(first[np.isin(ids[first], live)])
-        ids, vectors = ids[keep], vectors[keep]
+        base_ids, base_vectors = _stored_vectors(self.base)
         ivf = _ivf_of(self.base)
-        if ivf is not None and isinstance(ivf.invlists, faiss.OnDiskInvertedLists):
+        if ivf is not None and is_on_disk(ivf):
             raise ConfigError("index: an on-disk IVF index is built by src.rag.store.build_ivf_on_disk, not compacted")
         if ivf is not None and self.base.is_trained:
             index = faiss.clone_index(self.base)  # keeps the trained centroids
@@ -639,11 +643,25 @@ class ChunkStore:
             _ivf_of(index).set_direct_map_type(faiss.DirectMap.Hashtable)
         else:
             index = new_base_index(self.dim, self.settings["index"])
-        old_base = self.base
-        self.base = index
+        old_base, self.base = self.base, index
         try:
-            if len(ids):
-                self._add_to_base(ids, vectors)
+            if _ivf_of(index) is not None and not index.is_trained:  # IVF trains on everything at once
+                keep_b = np.isin(base_ids, live) & ~np.isin(base_ids, seg_ids)
+                keep_s = np.isin(seg_ids, live)
+                ids = np.concatenate([base_ids[keep_b], seg_ids[keep_s]])
+                if len(ids):
+                    self._add_to_base(ids, np.concatenate([base_vectors[keep_b], seg_vectors[keep_s]]))
+            else:
+                # In pieces, base first (a label in both, after a killed compaction, is the same vector).
+                step = 1 << 16
+                for ids, vectors, skip in ((base_ids, base_vectors, seg_ids), (seg_ids, seg_vectors, None)):
+                    for start in range(0, len(ids), step):
+                        part = ids[start : start + step]
+                        keep = np.isin(part, live)
+                        if skip is not None and len(skip):
+                            keep &= ~np.isin(part, skip)
+                        if keep.any():
+                            index.add_with_ids(np.ascontiguousarray(vectors[start : start + step][keep]), part[keep])
         except BaseException:
             self.base = old_base
             raise
@@ -812,27 +830,120 @@ class ChunkStore:
         if not df:
             return []
         if doc_ids is not None:
-            rows = []
-            for doc_id in doc_ids:
-                rows += self._sql("SELECT id, doc_id, num_terms, text FROM chunks WHERE doc_id = ?", (doc_id,))
+            ids = [r[0] for d in doc_ids for r in self._sql("SELECT id FROM chunks WHERE doc_id = ?", (d,))]
         else:
             match = " OR ".join(f'"{t}"' for t in df)
-            sql = "SELECT c.id, c.doc_id, c.num_terms, c.text FROM chunks c JOIN (SELECT rowid AS id FROM chunks_fts WHERE chunks_fts MATCH ?"
-            sql += " ORDER BY rank LIMIT ?) m ON c.id = m.id" if limit is not None else ") m ON c.id = m.id"
-            rows = self._sql(sql, (match, limit) if limit is not None else (match,))
+            sql = "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ?" + (" ORDER BY rank LIMIT ?" if limit is not None else "")
+            ids = [r[0] for r in self._sql(sql, (match, limit) if limit is not None else (match,))]
+        if not ids:
+            return []
+        # Term frequencies from the postings (the FTS5 'instance' table): no chunk text is read.
+        terms_sql = ",".join("?" * len(df))
+        tf: dict[int, Counter] = {}
+        wanted = set(ids)
+        if len(ids) <= 2000:
+            rows = self._sql(
+                f"SELECT doc, term, count(*) FROM chunks_terms WHERE term IN ({terms_sql}) AND doc IN ({','.join('?' * len(ids))}) GROUP BY doc, term",
+                [*df, *ids],
+            )
+        else:
+            rows = [r for r in self._sql(f"SELECT doc, term, count(*) FROM chunks_terms WHERE term IN ({terms_sql}) GROUP BY doc, term", list(df)) if r[0] in wanted]
+        for chunk_id, term, count in rows:
+            tf.setdefault(chunk_id, Counter())[term] = count
+        info: dict[int, tuple[str, int]] = {}
+        for start in range(0, len(ids), 30000):
+            part = ids[start : start + 30000]
+            info.update((r[0], (r[1], r[2])) for r in self._sql(f"SELECT id, doc_id, num_terms FROM chunks WHERE id IN ({','.join('?' * len(part))})", part))
         n = self.num_chunks
         avg_len = max(int(self.meta("total_terms", "0")) / n, 1e-9)
         idf = {t: np.log(1.0 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
         query_terms = [t for t in terms if t in df]  # a repeated query term counts again, as in bm25s
         out = []
-        for chunk_id, doc_id, length, text in rows:
-            counts = Counter(t for t in keyword_terms(text) if t in idf)
+        for chunk_id, counts in tf.items():
+            doc_id, length = info[chunk_id]
             norm = k1 * (1 - b + b * length / avg_len)
             score = sum(idf[t] * counts[t] / (counts[t] + norm) for t in query_terms if counts[t])
             if score > 0:
                 out.append((chunk_id, doc_id, float(score)))
         out.sort(key=lambda r: (-r[2], r[0]))
         return out
+
+
+def build_ivf_on_disk(store: ChunkStore, train_sample: int = 100_000, shard_size: int = 1_000_000) -> None:
+    """Rebuild ``faiss.index`` as an IVF whose inverted lists live on disk (``faiss.ivfdata``).
+
+    FAISS's path for corpora larger than RAM: train the coarse quantizer on a random sample of
+    ``train_sample`` vectors, add the vectors shard by shard (``shard_size`` each, each shard an
+    index file of its own: shards can be built by separate processes or machines), then merge
+    the shards' inverted lists into one memory-mapped ``faiss.ivfdata`` with
+    ``faiss.contrib.ondisk.merge_ondisk``. The segment's vectors are read memory-mapped.
+    Chunks added later go to the segment (searched exactly) until the next rebuild.
+    """
+    from faiss.contrib.ondisk import merge_ondisk
+
+    store._check_writable()
+    if store.path is None:
+        raise ConfigError("index.on_disk: an in-memory index has no folder for faiss.ivfdata (save it first)")
+    params = store.settings["index"]
+    if params["type"] != "ivf":
+        raise ConfigError(f"index.on_disk: needs index.type=ivf (the index is {params['type']})")
+    with store._lock:
+        live = np.fromiter((r[0] for r in store._sql("SELECT id FROM chunks ORDER BY id")), dtype=np.int64)
+        rows = int(store.segment.ntotal)
+        seg_ids = np.fromfile(store.path / SEGMENT_IDS_FILE, dtype=np.int64, count=rows) if rows else np.zeros(0, np.int64)
+        seg_vectors = (
+            np.memmap(store.path / SEGMENT_VECTORS_FILE, dtype=np.float32, mode="r", shape=(rows, store.dim))
+            if rows else np.zeros((0, store.dim), np.float32)
+        )
+        base_ids, base_vectors = _stored_vectors(store.base)
+        sources = [(base_ids, base_vectors), (seg_ids, seg_vectors)]
+        total = sum(len(ids) for ids, _ in sources)
+        nlist = int(params["ivf_nlist"])
+        if len(live) < nlist:
+            raise ConfigError(f"index.ivf_nlist: {nlist} IVF cells need at least {nlist} chunks to train, the corpus has {len(live)}")
+        rng = np.random.default_rng(int(store.settings.get("seed", 42)))
+        sample_rows = np.sort(rng.choice(total, size=min(train_sample, total), replace=False))
+        flat = np.concatenate([v[sample_rows[(sample_rows >= off) & (sample_rows < off + len(v))] - off]
+                               for off, (_, v) in zip(np.cumsum([0] + [len(i) for i, _ in sources[:-1]]), sources)])
+        trained = new_base_index(store.dim, params)
+        _ivf_of(trained).cp.seed = int(store.settings.get("seed", 42))
+        trained.train(np.ascontiguousarray(flat, dtype=np.float32))
+        build = store.path / ".ivf-build"
+        build.mkdir(exist_ok=True)
+        shard_files, seen = [], set()
+        for ids, vectors in sources:
+            for start in range(0, len(ids), shard_size):
+                part_ids = ids[start : start + shard_size]
+                keep = np.isin(part_ids, live) & ~np.isin(part_ids, np.fromiter(seen, dtype=np.int64, count=len(seen)))
+                if not keep.any():
+                    continue
+                seen.update(part_ids[keep].tolist())
+                shard = faiss.clone_index(trained)
+                shard.add_with_ids(np.ascontiguousarray(vectors[start : start + shard_size][keep], dtype=np.float32), part_ids[keep])
+                shard_files.append(str(build / f"shard_{len(shard_files):04d}.index"))
+                faiss.write_index(shard, shard_files[-1])
+        merged = faiss.clone_index(trained)
+        cwd = os.getcwd()
+        os.chdir(build)  # the index records its ivfdata file by this relative name
+        try:
+            merge_ondisk(merged, [Path(f).name for f in shard_files], IVF_DATA_FILE)
+            faiss.write_index(merged, INDEX_FILE)
+        finally:
+            os.chdir(cwd)
+        sha = _file_sha256(build / INDEX_FILE)
+        os.replace(build / IVF_DATA_FILE, store.path / IVF_DATA_FILE)
+        os.replace(build / INDEX_FILE, store.path / INDEX_FILE)
+        for f in shard_files:
+            Path(f).unlink()
+        build.rmdir()
+        store.conn.execute("BEGIN IMMEDIATE")
+        store._set_meta({"base_ntotal": int(merged.ntotal), "segment_rows": 0, "faiss_index_sha256": sha})
+        store.conn.execute("COMMIT")
+        for name in (SEGMENT_IDS_FILE, SEGMENT_VECTORS_FILE):
+            (store.path / name).unlink(missing_ok=True)
+        store.segment = faiss.IndexIDMap2(faiss.IndexFlatIP(store.dim))
+        store._load_vectors()
+    store.write_manifest()
 
 
 def _init_schema(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:

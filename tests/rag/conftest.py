@@ -64,3 +64,17 @@ def sample_subset_dir(sample_data_dir: Path, tmp_path_factory: pytest.TempPathFa
     (out / "documents.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chosen))
     (out / "rag_eval.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in examples))
     return out
+
+
+@pytest.fixture
+def count_encoded(encoder, monkeypatch) -> list[str]:
+    """Counts the texts the encoder embeds from here on."""
+    seen: list[str] = []
+    real_encode = encoder.encode
+
+    def counting(texts, *args, **kwargs):
+        seen.extend(texts)
+        return real_encode(texts, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", counting)
+    return seen

@@ -14,20 +14,6 @@ from src.rag.indexer import INDEX_FILE, METADATA_FILE, STORE_FILE, RagIndex
 from src.rag.retriever import Retriever
 
 
-@pytest.fixture
-def count_encoded(encoder, monkeypatch):
-    """Counts the texts the encoder embeds from here on."""
-    seen: list[str] = []
-    real_encode = encoder.encode
-
-    def counting(texts, *args, **kwargs):
-        seen.extend(texts)
-        return real_encode(texts, *args, **kwargs)
-
-    monkeypatch.setattr(encoder, "encode", counting)
-    return seen
-
-
 def test_build_stores_normalised_vectors_and_metadata(tiny_index, encoder, tiny_docs):
     assert tiny_index.num_chunks == 5 and tiny_index.num_vectors == 5
     vectors = tiny_index.chunk_vectors(range(5))

@@ -128,3 +128,36 @@ def test_results_carry_heading_path_and_source(encoder):
     index.add_documents([{"id": "guide/install.md", "text": "Install the package with pip.", "metadata": {"source": "guide/install.md"}}])
     hit = Retriever(index).search("install with pip", top_k=1, mode="hybrid")[0]
     assert hit.source == "guide/install.md" and hit.heading_path == [] and hit.to_dict()["source"] == "guide/install.md"
+
+
+def test_keyword_ranking_agrees_with_bm25s_on_the_sample_data(encoder, sample_data_dir):
+    """The persisted keyword index ranks as the bm25s library did (README: the agreement rate).
+
+    Random vectors stand in for the embeddings: only the keyword side is compared."""
+    import bm25s
+
+    from src.rag.eval import read_eval_queries
+
+    index = RagIndex(encoder, RagIndexConfig(), chunk_size=200, chunk_overlap=32)
+    records, texts = index.prepare_documents(load_documents(sample_data_dir / "documents.jsonl"))
+    vectors = np.random.default_rng(0).standard_normal((len(texts), 384)).astype(np.float32)
+    index.store.add(records, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    chunks = index.get_chunks(range(index.num_chunks))
+    doc_of = [chunks[i]["doc_id"] for i in range(index.num_chunks)]
+    bm = bm25s.BM25(k1=1.5, b=0.75)
+    bm.index(bm25s.tokenize([chunks[i]["text"] for i in range(index.num_chunks)], stopwords="en", return_ids=False, show_progress=False), show_progress=False)
+    retriever = Retriever(index)
+    queries = read_eval_queries(sample_data_dir / "rag_eval.jsonl")
+    same = 0
+    for query in queries:
+        tokens = bm25s.tokenize([query.query], stopwords="en", return_ids=False, show_progress=False)[0]
+        best: dict[str, float] = {}
+        for doc_id, score in zip(doc_of, bm.get_scores(tokens) if tokens else []):
+            if score > best.get(doc_id, 0.0):
+                best[doc_id] = float(score)
+        expected = sorted(best, key=lambda d: -best[d])[:5]
+        got = retriever.keyword_ranking(query.query, 5)
+        same += [s.doc_id for s in got] == expected
+        for s in got:
+            assert s.score == pytest.approx(best[s.doc_id], rel=1e-4)
+    assert len(queries) == 400 and same / len(queries) >= 0.95, same
