@@ -138,16 +138,19 @@ class EncoderRewardModel(nn.Module):
         device = self.head.weight.device
         was_training = self.training
         self.eval()
-        scores = []
-        for start in range(0, len(prompts), batch_size):
-            texts = list(prompts[start : start + batch_size])
-            if not templated:
-                texts = [apply_template(self.template, p) for p in texts]
-            texts = [question_first(p) for p in texts]
-            batch = self.encode(texts, responses[start : start + batch_size])
-            scores.append(self(**{k: v.to(device) for k, v in batch.items()}).cpu())
+        texts = [p if templated else apply_template(self.template, p) for p in prompts]
+        texts = [question_first(p) for p in texts]
+        # Batches of pairs of similar length, each padded to its longest: most pairs are short
+        # (median ~30 word-pieces) and a batch in prompt order is padded to its one long pair.
+        lengths = [len(ids) for ids in self.tokenizer(texts, list(responses), truncation="longest_first", max_length=self.max_length)["input_ids"]] if texts else []
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        scores = torch.zeros(len(texts))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = self.encode([texts[i] for i in rows], [responses[i] for i in rows])
+            scores[rows] = self(**{k: v.to(device) for k, v in batch.items()}).cpu()
         self.train(was_training)
-        return torch.cat(scores) if scores else torch.zeros(0)
+        return scores
 
     @torch.no_grad()
     def score_responses(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], policy_tokenizer) -> torch.Tensor:
