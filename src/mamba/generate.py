@@ -186,9 +186,16 @@ def weights_fingerprint(model: MambaLM) -> tuple:
     misses (``p.data.copy_(...)``). Summing is one pass over the weights: far cheaper than a
     generation, and the native kernel's packed copies are rebuilt only when this changes."""
     with torch.no_grad():
-        parts = [(p.data_ptr(), str(p.device), p.dtype, p._version) for p in model.parameters()]
+        parts = [(p.data_ptr(), str(p.device), p.dtype, _version(p)) for p in model.parameters()]
         sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()]).tolist()
     return tuple(parts), tuple(sums)
+
+
+def _version(param: torch.Tensor) -> int:
+    try:
+        return param._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
+        return -1
 
 
 def default_decoder(model: MambaLM) -> Decoder:
