@@ -13,7 +13,9 @@ final hidden states, ``model.args.d_model`` wide) for value or reward heads.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from typing import Sequence
 
 import torch
@@ -34,7 +36,8 @@ class Decoder:
     vocab) for one token per row, ``cache`` updated in place; :meth:`greedy` feeds the argmax
     back in for many steps. ``backend``:
 
-    * ``"eager"`` (the default): ``MambaLM.step_`` itself. It always reads the model's current
+    * ``"eager"`` (the class's default; ``generate_ids`` without a decoder uses ``auto``,
+      :func:`default_decoder`): ``MambaLM.step_`` itself. It always reads the model's current
       weights, as RLHF needs while the policy trains.
     * ``"native"``: MARK's fused C kernel for the CPU (:mod:`src.mamba.native`, float32
       models): all layers, the LM head and the greedy argmax of a block of tokens in one call,
@@ -163,8 +166,51 @@ def _auto_backend(model: MambaLM) -> str:
         ok, reason = native.available()
         if ok:
             return "native"
-    log.info("decoding with the eager step: %s", reason)
+    if reason not in _logged_reasons:  # a default decoder rebuilt after each PPO update says it once
+        _logged_reasons.add(reason)
+        log.info("decoding with the eager step: %s", reason)
     return "eager"
+
+
+_logged_reasons: set[str] = set()
+
+
+_default_decoders: "weakref.WeakKeyDictionary[MambaLM, tuple[tuple, Decoder]]" = weakref.WeakKeyDictionary()
+_default_lock = threading.Lock()
+
+
+def weights_fingerprint(model: MambaLM) -> tuple:
+    """What identifies the current weights of ``model``: per parameter its storage, device,
+    dtype, autograd version counter (bumped by every in-place change: optimizer steps,
+    ``load_state_dict``, ``p.mul_()``) and a float64 sum, which catches the writes the counter
+    misses (``p.data.copy_(...)``). Summing is one pass over the weights: far cheaper than a
+    generation, and the native kernel's packed copies are rebuilt only when this changes."""
+    with torch.no_grad():
+        parts = [(p.data_ptr(), str(p.device), p.dtype, _version(p)) for p in model.parameters()]
+        sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()]).tolist()
+    return tuple(parts), tuple(sums)
+
+
+def _version(param: torch.Tensor) -> int:
+    try:
+        return param._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
+        return -1
+
+
+def default_decoder(model: MambaLM) -> Decoder:
+    """The decoder ``generate`` / ``generate_ids`` use when none is given: ``Decoder(model,
+    "auto")`` (the native kernel where it runs, else eager), built once per model and rebuilt
+    when :func:`weights_fingerprint` says the weights changed since (the native kernel decodes
+    from packed copies of the weights)."""
+    fingerprint = weights_fingerprint(model)
+    with _default_lock:
+        cached = _default_decoders.get(model)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        decoder = Decoder(model, "auto")
+        _default_decoders[model] = (fingerprint, decoder)
+        return decoder
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -194,32 +240,42 @@ def generate_ids(
     decoder: Decoder | None = None,
 ) -> list[list[int]]:
     """Continue each token-id prompt; returns the new ids per prompt (ending at ``eos_id``
-    when it is sampled). Prompts may have different lengths: each is prefilled on its own,
-    then all are decoded together, one token per step. The same ``seed`` gives the same output.
-    ``decoder``: a :class:`Decoder` of ``model`` to reuse across calls (default: eager);
-    with a ``native`` or ``compile`` one and ``temperature <= 0``, the tokens come from its
-    greedy loop (:meth:`Decoder.greedy`, ``Decoder.block`` tokens per call; the same tokens).
+    when it is sampled). Prompts may have different lengths: each distinct one is prefilled on
+    its own, then all are decoded together, one token per step. The same ``seed`` gives the same output.
+    ``decoder``: a :class:`Decoder` of ``model``; default :func:`default_decoder` (the native
+    kernel where it runs, rebuilt when the weights change). Pass ``Decoder(model, "eager")``
+    to decode from the live weights without any copy. With a ``native`` or ``compile`` one and
+    ``temperature <= 0``, the tokens come from its greedy loop (:meth:`Decoder.greedy`,
+    ``Decoder.block`` tokens per call; the same tokens). Sampling draws the same random numbers
+    on every backend (:func:`sample_next` on each step's logits, one ``generator``): the same
+    seed gives the same samples.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
+    if decoder is None:
+        decoder = default_decoder(model)
     was_training = model.training
     model.eval()
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    # Each distinct prompt is read once (RLHF samples several answers per prompt), then its
+    # state is copied to every row that continues it.
+    rows: dict[tuple[int, ...], int] = {}
+    index = [rows.setdefault(tuple(prompt), len(rows)) for prompt in prompts]
     caches, logits = [], []
-    for prompt in prompts:
+    for prompt in rows:
         out = model(torch.tensor([list(prompt)], dtype=torch.long, device=device), return_cache=True)
         caches.append(out.cache)
         logits.append(out.logits[:, -1])
-    cache = MambaCache.concat(caches)  # a fresh copy: the steps below update it in place
-    next_logits = torch.cat(logits)
-    if decoder is not None and decoder.fused_greedy and temperature <= 0:
+    cache = MambaCache.concat([caches[i] for i in index])  # a fresh copy: the steps below update it in place
+    next_logits = torch.cat([logits[i] for i in index])
+    if decoder.fused_greedy and temperature <= 0:
         outputs = _greedy_outputs(decoder, next_logits.argmax(-1), cache, max_new_tokens, eos_id)
         model.train(was_training)
         return outputs
-    decode_step = (decoder or Decoder(model)).step
+    decode_step = decoder.step
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):
@@ -265,14 +321,16 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 0.95,
     seed: int | None = None,
+    decoder: Decoder | None = None,
 ) -> str:
     """The model's continuation of ``prompt`` as text (the prompt itself not included).
 
     The prompt is read as the start of a document (``<|bos|>`` first); generation stops
     after ``max_new_tokens`` or at ``<|eos|>``. ``temperature=0`` is greedy decoding.
+    ``decoder``: as for :func:`generate_ids` (default: the fast one, rebuilt when the weights change).
     """
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    new = generate_ids(model, [ids], max_new_tokens, temperature, top_p, seed, eos_id=tokenizer.eos_id)[0]
+    new = generate_ids(model, [ids], max_new_tokens, temperature, top_p, seed, eos_id=tokenizer.eos_id, decoder=decoder)[0]
     return tokenizer.decode(new)
 
 
@@ -284,4 +342,4 @@ def token_logprobs(model: MambaLM, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-__all__ = ["BACKENDS", "Decoder", "generate", "generate_ids", "sample_next", "token_logprobs"]
+__all__ = ["BACKENDS", "Decoder", "default_decoder", "weights_fingerprint", "generate", "generate_ids", "sample_next", "token_logprobs"]

@@ -21,8 +21,9 @@ process through its component's ``run(cfg, resume, evaluate)``, as ``mark train`
 A stage whose outputs are current for its config and inputs is skipped (see
 :mod:`src.pipelines.state`) unless ``--force``. A failing stage stops the pipeline with one
 line naming the stage and the log holding the traceback. At the end: a summary table
-(stage, status, wall and CPU time, key metric, output), ``<output-dir>/pipeline_manifest.json``
-and a report with curves and evaluation tables (``<output-dir>/report/report.md``).
+(stage, status, wall and CPU time, key metric, output), the targets table (every model's metric
+against its cheap baseline on the same split, ✓ / ✗: :mod:`src.pipelines.targets`),
+``<output-dir>/pipeline_manifest.json`` and a report with curves and evaluation tables (``<output-dir>/report/report.md``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from src.pipelines.stages import (
     load_stage_config,
 )
 from src.pipelines.state import STATE_FILE, PipelineState, fingerprint, json_safe, why_not_current
+from src.pipelines.targets import check_targets, checks_as_dicts, format_targets
 
 MANIFEST_FILE = "pipeline_manifest.json"
 PIPELINE_LOG = "pipeline.log"
@@ -221,9 +223,13 @@ def run_pipeline(opts: PipelineOptions, argv: list[str] | None = None) -> dict:
     if opts.report:
         report_path = write_pipeline_report(configs, output_dir / REPORT_DIR)
     manifest["report"] = str(report_path) if report_path else None
+    checks = check_targets({r.stage: r.metrics for r in results})
+    manifest["targets"] = checks_as_dicts(checks)
     _finish_manifest(manifest, manifest_path, results, started, "completed")
     total = time.perf_counter() - started
     print(format_summary(results))
+    if checks:
+        print(format_targets(checks))
     print(format_next_steps(output_dir, manifest_path, report_path, export_dir if EXPORT_MODELS in opts.stages else None,
                             configs, total))
     return {
@@ -231,6 +237,7 @@ def run_pipeline(opts: PipelineOptions, argv: list[str] | None = None) -> dict:
         "outputs": {"manifest": str(manifest_path), "state": str(state.path), "report": str(report_path) if report_path else None,
                     "export_dir": str(export_dir) if EXPORT_MODELS in opts.stages else None},
         "stages": [_row(r) for r in results],
+        "targets": checks_as_dicts(checks),
         "seconds": round(total, 1),
     }
 

@@ -72,28 +72,30 @@ TRAIN_STAGES: dict[str, TrainStage] = {
         TrainStage(
             "train_mamba", "mamba", "mamba_train.yaml", "src.scripts.train_mamba",
             "src.mamba.config:MambaTrainConfig",
-            key_metrics=(("best_val_perplexity", "val ppl"), ("kn3_val_perplexity", "3-gram ppl"),
-                         ("unigram_val_perplexity", "unigram ppl"), ("best_val_loss", "val loss")),
+            key_metrics=(("best_val_perplexity", "val ppl"), ("kn3_val_perplexity", "3-gram val ppl"),
+                         ("unigram_val_perplexity", "unigram val ppl"), ("best_val_loss", "val loss")),
         ),
         TrainStage(
             "train_transformer", "transformer", "transfer_train.yaml", "src.scripts.train_transfer",
             "src.classifier.config:TransferConfig",
-            key_metrics=(("test_macro_f1", "test macro-F1"), ("tfidf_macro_f1", "TF-IDF"), ("majority_macro_f1", "majority"),
+            key_metrics=(("test_macro_f1", "test macro-F1"), ("tfidf_macro_f1", "TF-IDF test"), ("majority_macro_f1", "majority test"),
                          ("best_val_macro_f1", "val macro-F1")),
         ),
         TrainStage(
             "build_rag", "rag", "rag_indexer.yaml", "src.scripts.train_rag_indexer", "src.rag.config:RagConfig",
             evaluate=True,
-            key_metrics=(("recall@5", "recall@5"), ("mrr", "MRR"), ("num_chunks", "chunks")),
+            key_metrics=(("recall@5", "rag_eval recall@5"), ("mrr", "MRR"), ("num_chunks", "chunks")),
         ),
         TrainStage(
             "train_rl", "rl", "rl_train.yaml", "src.scripts.train_rl", "src.rl.config:RLConfig",
-            key_metrics=(("trained_mean_reward", "reward"), ("best_fixed_mean_reward", "best fixed")),
+            # The test split when the environment has one (the retrieval env does), else the val split.
+            key_metrics=(("test_trained_mean_reward", "test reward"), ("test_best_fixed_mean_reward", "best fixed (chosen on val) test"),
+                         ("trained_mean_reward", "val reward"), ("best_fixed_mean_reward", "best fixed val")),
         ),
         TrainStage(
             "train_rlhf", "rlhf", "rlhf.yaml", "src.training.rlhf_pipeline", "src.rlhf.config:RLHFConfig",
             # {policy}: the exported policy (export/policy: ppo, dpo or sft).
-            key_metrics=(("evaluation/{policy}_win_rate_vs_sft", "{POLICY} win rate vs SFT"),
+            key_metrics=(("evaluation/{policy}_win_rate_vs_sft", "{POLICY} test win rate vs SFT"),
                          ("evaluation/reward_{policy}_mean", "reward {POLICY}"), ("evaluation/reward_sft_mean", "SFT")),
         ),
     )

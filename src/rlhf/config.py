@@ -116,6 +116,14 @@ class RewardConfig(TrainingConfig):
         "minilm-local", description="backbone: encoder only: a local folder, 'minilm-local' (offline) or an HF encoder id"
     )
     max_length: int = Field(256, ge=8, description="backbone: encoder only: word-pieces per (prompt, response) pair")
+    encoder_layers: Optional[int] = Field(
+        None, gt=0, description="backbone: encoder only: keep the encoder's first N transformer layers (null: all); "
+        "a shallower encoder trains and scores (PPO, DPO pairs, evaluation) proportionally faster"
+    )
+    frozen_layers: int = Field(
+        0, ge=0, description="backbone: encoder only: the embeddings and the first N layers stay frozen "
+        "(no gradients through them); 0: everything trains"
+    )
     max_train_examples: Optional[int] = Field(None, gt=0, description="use only the first N training pairs")
     max_val_examples: Optional[int] = Field(None, gt=0, description="use only the first N validation pairs")
     normalization_examples: int = Field(

@@ -16,6 +16,7 @@ Trained through the shared engine like the Mamba reward model; delivers ``reward
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 
 from src.core.checkpoint import load_state_dict_checked, save_checkpoint
 from src.core.config import config_to_dict
+from src.core.errors import ConfigError
 from src.core.hub import hub_error, resolve_pretrained
 from src.core.logging import get_logger
 from src.core.runtime import seed_everything
@@ -42,21 +44,49 @@ BACKBONE = "encoder"
 log = get_logger("rlhf_reward")
 
 
-def load_encoder(name: str, key: str = "training.reward.encoder_model", pretrained: bool = True):
+def load_encoder(name: str, key: str = "training.reward.encoder_model", pretrained: bool = True, layers: int | None = None):
     """``(encoder, tokenizer)`` for ``name`` (a folder, ``minilm-local`` or a hub id);
-    ``pretrained=False`` builds the architecture only (its weights come from a checkpoint)."""
+    ``pretrained=False`` builds the architecture only (its weights come from a checkpoint);
+    ``layers``: keep only the first N transformer layers (the pretrained weights of the others are not loaded)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     source = resolve_pretrained(name, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
+        if layers is not None:
+            if layers > config.num_hidden_layers:
+                raise ConfigError(f"training.reward.encoder_layers: {layers}, but {name} has {config.num_hidden_layers} layers")
+            config.num_hidden_layers = layers
         if pretrained:
-            encoder = AutoModel.from_pretrained(source)
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # "some weights were not used": the layers left out, on purpose
+            try:
+                encoder = AutoModel.from_pretrained(source, config=config)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         else:
-            encoder = AutoModel.from_config(AutoConfig.from_pretrained(source))
+            encoder = AutoModel.from_config(config)
+    except ConfigError:
+        raise
     except Exception as err:  # offline hub miss, not a model folder, ...
         raise hub_error(name, key, err) from None
     return encoder, tokenizer
+
+
+def freeze_lower_layers(encoder: nn.Module, layers: int) -> int:
+    """Freeze the embeddings and the first ``layers`` transformer layers of a BERT-style
+    encoder (parameters named ``embeddings.*`` and ``...layer.<i>.*``); returns the number of
+    parameters left trainable."""
+    if layers:
+        index = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+        for name, param in encoder.named_parameters():
+            found = index.search(name)
+            if name.startswith("embeddings.") or (found is not None and int(found.group(1)) < layers):
+                param.requires_grad_(False)
+    return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
 
 
 class EncoderRewardModel(nn.Module):
@@ -108,16 +138,19 @@ class EncoderRewardModel(nn.Module):
         device = self.head.weight.device
         was_training = self.training
         self.eval()
-        scores = []
-        for start in range(0, len(prompts), batch_size):
-            texts = list(prompts[start : start + batch_size])
-            if not templated:
-                texts = [apply_template(self.template, p) for p in texts]
-            texts = [question_first(p) for p in texts]
-            batch = self.encode(texts, responses[start : start + batch_size])
-            scores.append(self(**{k: v.to(device) for k, v in batch.items()}).cpu())
+        texts = [p if templated else apply_template(self.template, p) for p in prompts]
+        texts = [question_first(p) for p in texts]
+        # Batches of pairs of similar length, each padded to its longest: most pairs are short
+        # (median ~30 word-pieces) and a batch in prompt order is padded to its one long pair.
+        lengths = [len(ids) for ids in self.tokenizer(texts, list(responses), truncation="longest_first", max_length=self.max_length)["input_ids"]] if texts else []
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        scores = torch.zeros(len(texts))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = self.encode([texts[i] for i in rows], [responses[i] for i in rows])
+            scores[rows] = self(**{k: v.to(device) for k, v in batch.items()}).cpu()
         self.train(was_training)
-        return torch.cat(scores) if scores else torch.zeros(0)
+        return scores
 
     @torch.no_grad()
     def score_responses(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], policy_tokenizer) -> torch.Tensor:
@@ -190,12 +223,17 @@ def train_encoder_reward_model(
     Returns ``{"metrics": ..., "outputs": ...}``."""
     cfg: RewardConfig = stage.training
     seed_everything(stage.system.seed)
-    encoder, tokenizer = load_encoder(cfg.encoder_model)
+    encoder, tokenizer = load_encoder(cfg.encoder_model, layers=cfg.encoder_layers)
+    if cfg.frozen_layers > encoder.config.num_hidden_layers:
+        raise ConfigError(f"training.reward.frozen_layers: {cfg.frozen_layers}, but the encoder has {encoder.config.num_hidden_layers} layers")
+    trainable = freeze_lower_layers(encoder, cfg.frozen_layers)
     seed_everything(stage.system.seed)  # the head's initialisation must not depend on how the encoder loaded
     model = EncoderRewardModel(encoder, tokenizer, cfg.max_length, stage.model.prompt_template)
     train_set = TextPreferenceDataset(train_examples[: cfg.max_train_examples], stage.model.prompt_template)
     val_set = TextPreferenceDataset(val_examples[: cfg.max_val_examples], stage.model.prompt_template)
-    log.info("reward model: %d train / %d val preference pairs, encoder %s", len(train_set), len(val_set), cfg.encoder_model)
+    log.info("reward model: %d train / %d val preference pairs, encoder %s (%d layers, first %d frozen, %d trainable parameters), "
+             "%d word-pieces per pair", len(train_set), len(val_set), cfg.encoder_model, encoder.config.num_hidden_layers,
+             cfg.frozen_layers, trainable, cfg.max_length)
 
 
     task = TrainTask(
@@ -245,7 +283,8 @@ def train_encoder_reward_model(
 
 def encoder_extra(model: EncoderRewardModel, encoder_model: str) -> dict[str, Any]:
     """What :func:`load_encoder_reward_model` needs beside the weights."""
-    return {"backbone": BACKBONE, "encoder_model": encoder_model, "max_length": model.max_length, "prompt_template": model.template}
+    return {"backbone": BACKBONE, "encoder_model": encoder_model, "max_length": model.max_length, "prompt_template": model.template,
+            "encoder_layers": int(model.encoder.config.num_hidden_layers)}
 
 
 def save_encoder_reward_model(path: Path, model: EncoderRewardModel, encoder_model: str, stage: StageConfig, metrics: dict[str, Any]) -> Path:
@@ -265,7 +304,8 @@ def save_encoder_reward_model(path: Path, model: EncoderRewardModel, encoder_mod
 def load_encoder_reward_model(state: dict[str, Any], path: str | Path, device: str | torch.device = "cpu") -> EncoderRewardModel:
     """The :class:`EncoderRewardModel` of a loaded ``reward_model.pt`` ``state``, in eval mode."""
     extra = state.get("extra") or {}
-    encoder, tokenizer = load_encoder(extra["encoder_model"], key=f"{path}: encoder_model", pretrained=False)
+    encoder, tokenizer = load_encoder(extra["encoder_model"], key=f"{path}: encoder_model", pretrained=False,
+                                      layers=extra.get("encoder_layers"))
     model = EncoderRewardModel(encoder, tokenizer, int(extra.get("max_length", 256)), extra.get("prompt_template", "{prompt}\n"))
     load_state_dict_checked(model, state["model"], path)
     return model.to(device).eval()

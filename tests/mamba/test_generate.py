@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from src.mamba.generate import generate, generate_ids, sample_next, token_logprobs
+from src.mamba import native
+from src.mamba.generate import Decoder, default_decoder, generate, generate_ids, sample_next, token_logprobs
 from src.mamba.model import MambaArgs, MambaCache, MambaLM
 from src.mamba.tokenizer import MambaTokenizer
 
@@ -55,17 +56,18 @@ def test_decoding_uses_one_token_steps_on_a_fixed_size_state(model, monkeypatch)
 
     monkeypatch.setattr(MambaLM, "forward", counting_forward)
     monkeypatch.setattr(MambaLM, "step_", counting_step)
+    eager = Decoder(model, "eager")
     short, long = [1] * 5, [1, 2, 3] * 400
-    generate_ids(model, [short, long], max_new_tokens=6, temperature=0)
-    assert calls["forward_lengths"] == [5, 1200]  # one prefill per prompt, nothing re-read
-    assert calls["step_shapes"] == [(2,)] * 5  # then one token per sequence per step
+    generate_ids(model, [short, long, short], max_new_tokens=6, temperature=0, decoder=eager)
+    assert calls["forward_lengths"] == [5, 1200]  # one prefill per distinct prompt, nothing re-read
+    assert calls["step_shapes"] == [(3,)] * 5  # then one token per sequence per step
     assert len(set(calls["state_numel"])) == 1
 
     calls["state_numel"].clear()
-    generate_ids(model, [short], max_new_tokens=3, temperature=0)
+    generate_ids(model, [short], max_new_tokens=3, temperature=0, decoder=eager)
     short_state = calls["state_numel"][0]
     calls["state_numel"].clear()
-    generate_ids(model, [long], max_new_tokens=3, temperature=0)
+    generate_ids(model, [long], max_new_tokens=3, temperature=0, decoder=eager)
     assert calls["state_numel"][0] == short_state
 
 
@@ -224,3 +226,40 @@ def test_block_greedy_outputs_equal_step_by_step_generation_with_eos(model):
             got = _greedy_outputs(Decoder(model), first, cache, max_new, eos)
         assert got == expected, max_new
     assert len(expected[1]) == 5 and expected[1][-1] == eos
+
+
+@pytest.mark.skipif(not native.available()[0], reason="the native kernel cannot be built here")
+def test_generate_uses_the_fast_decoder_by_default_and_follows_changed_weights(tokenizer, monkeypatch):
+    """Without a decoder, generation runs on the native kernel (no eager step at all), gives
+    the eager tokens and samples, and after an in-place change of the weights (an optimizer
+    step, ``p.data.copy_``) the next call decodes from the new weights, not stale packed copies."""
+    torch.manual_seed(1)
+    lm = MambaLM(MambaArgs(vocab_size=300, d_model=32, n_layers=2, n_heads=4, state_size=8, chunk_size=16)).eval()
+    prompts = [[1, 17, 45, 99, 3], [1, 5], [1, 17, 45, 99, 3]]
+    eager = Decoder(lm, "eager")
+    expected = {t: generate_ids(lm, prompts, 12, t, 1.0, seed=5, decoder=eager) for t in (0.0, 1.0)}
+    steps = []
+    eager_step = MambaLM.step_
+    monkeypatch.setattr(MambaLM, "step_", lambda self, *a, **k: steps.append(1) or eager_step(self, *a, **k))
+    decoder = default_decoder(lm)
+    assert decoder.backend == "native" and default_decoder(lm) is decoder  # cached per model
+    for temperature, tokens in expected.items():
+        assert generate_ids(lm, prompts, 12, temperature, 1.0, seed=5) == tokens
+    text = generate(lm, tokenizer, "a few", max_new_tokens=10, temperature=0)
+    assert steps == []  # the eager step never ran
+    assert text == generate(lm, tokenizer, "a few", max_new_tokens=10, temperature=0, decoder=eager)
+
+    with torch.no_grad():  # an in-place update bumps the parameters' version counters
+        for p in lm.parameters():
+            p.mul_(1.5).add_(0.05)
+    changed = generate_ids(lm, prompts, 12, 0.0, 1.0)
+    assert default_decoder(lm) is not decoder
+    assert changed == generate_ids(lm, prompts, 12, 0.0, 1.0, decoder=Decoder(lm, "eager"))
+    assert changed != expected[0.0]
+
+    rebuilt = default_decoder(lm)
+    with torch.no_grad():  # a write through .data leaves the version counter alone: the checksum sees it
+        lm.lm_head.weight.data.copy_(torch.randn_like(lm.lm_head.weight))
+    again = generate_ids(lm, prompts, 12, 0.0, 1.0)
+    assert default_decoder(lm) is not rebuilt
+    assert again == generate_ids(lm, prompts, 12, 0.0, 1.0, decoder=Decoder(lm, "eager")) != changed

@@ -43,10 +43,17 @@ def test_every_stage_runs_and_the_manifest_describes_it(tiny_pipeline):
     assert metrics["train_rl"]["timesteps"] == 500
     assert 0 <= metrics["train_rlhf"]["evaluation"]["ppo_win_rate_vs_sft"] <= 1
     assert metrics["export_models"]["models"] == ["mamba", "rag", "rl", "rlhf", "transformer"]
-    assert rows["build_rag"]["key_metric"].startswith("recall@5 ")
-    assert rows["train_rl"]["key_metric"].startswith("reward ")
+    assert rows["build_rag"]["key_metric"].startswith("rag_eval recall@5 ")
+    assert rows["train_rl"]["key_metric"].startswith("test reward ")  # not the val split's
     exported = metrics["train_rlhf"]["export"]["policy"]
-    assert rows["train_rlhf"]["key_metric"].startswith(f"{exported.upper()} win rate vs SFT ")
+    assert rows["train_rlhf"]["key_metric"].startswith(f"{exported.upper()} test win rate vs SFT ")
+    # The targets table: each baseline is the one the stage itself measured, on a named split.
+    targets = {(t["stage"], t["metric"]): t for t in summary["targets"]}
+    assert targets["train_mamba", "perplexity"]["baseline"] == metrics["train_mamba"].get("kn3_val_perplexity")
+    assert targets["train_mamba", "perplexity"]["split"] == "val"
+    assert targets["train_transformer", "macro-F1"]["baseline"] == metrics["train_transformer"].get("tfidf_macro_f1")
+    rm = targets["train_rlhf", "reward-model accuracy"]  # (no cosine baseline in the tiny config: "?")
+    assert rm["value"] == metrics["train_rlhf"]["evaluation"]["reward_model_test_accuracy"] and rm["split"].startswith("test (")
 
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["status"] == "completed" and manifest["stages_selected"] == ALL_STAGES

@@ -10,7 +10,7 @@ def test_rlhf_key_metric_quotes_the_exported_policy():
     evaluation = {"ppo_win_rate_vs_sft": 0.6667, "reward_ppo_mean": -1.405, "dpo_win_rate_vs_sft": 0.7077,
                   "reward_dpo_mean": -1.423, "reward_sft_mean": -1.628}
     dpo = format_key_metric(stage, {"evaluation": evaluation, "export": {"policy": "dpo"}})
-    assert dpo == "DPO win rate vs SFT 0.7077, reward DPO -1.423"
-    assert format_key_metric(stage, {"evaluation": evaluation}) == "PPO win rate vs SFT 0.6667, reward PPO -1.405"
+    assert dpo == "DPO test win rate vs SFT 0.7077, reward DPO -1.423"
+    assert format_key_metric(stage, {"evaluation": evaluation}) == "PPO test win rate vs SFT 0.6667, reward PPO -1.405"
     # Exporting SFT: no win rate of SFT against itself; its reward and the next metric instead.
     assert format_key_metric(stage, {"evaluation": evaluation, "export": {"policy": "sft"}}).startswith("reward SFT -1.628")

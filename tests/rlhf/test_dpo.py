@@ -1,6 +1,7 @@
 """DPO (src/rlhf/dpo.py): the loss on hand-computed values, the reference log-probs, and a
 tiny DPO run through the engine that learns to prefer the chosen answers."""
 
+import importlib
 import math
 
 import pytest
@@ -8,12 +9,19 @@ import torch
 
 from src.core.config import PathsConfig, SystemConfig
 from src.data.readers import PreferenceExample, read_sft
+from src.mamba import native
+from src.mamba.generate import Decoder, default_decoder
 from src.mamba.load import load_mamba
-from src.rlhf.config import DPOConfig, RLHFModelConfig, StageConfig
+from src.mamba.model import MambaLM
+from src.rlhf.config import DPOConfig, EvaluationConfig, RLHFModelConfig, StageConfig
 from src.rlhf.data import PreferenceDataset, PromptFormat
 from src.rlhf.dpo import collate_dpo, dpo_loss, implicit_reward_accuracy, make_loss, reference_logprobs, rpo_nll, sampled_pairs, sequence_logprobs, train_dpo
+from src.rlhf.evaluate import sample_responses
 from src.rlhf.ppo import response_logprobs, reward_scores
 from src.rlhf.reward_model import RewardModel
+
+
+generate_module = importlib.import_module("src.mamba.generate")  # src.mamba.generate is also the function's name
 
 
 def _log_sigmoid(x: float) -> float:
@@ -185,3 +193,33 @@ def test_dpo_with_an_adapter_uses_the_policy_with_its_adapter_disabled_as_refere
     policy, _ = load_mamba(tmp_path / "dpo_policy.pt")  # base checkpoint + adapter
     after = implicit_reward_accuracy(policy, frozen, pairs[32:], fmt, cfg)
     assert after["val_loss"] == pytest.approx(summary["metrics"]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.skipif(not native.available()[0], reason="the native kernel cannot be built here")
+def test_native_kernel_and_eager_decoding_give_the_same_rlhf_samples_for_a_fixed_seed(tiny_base_model, sample_data_dir, monkeypatch):
+    """DPO's sampled pairs and the evaluation's answers decode with the native kernel by
+    default (the eager step never runs); with the eager step forced instead they are the same
+    token for token: one generator, the same draws, on the same logits."""
+    lm, tok = load_mamba(tiny_base_model)
+    torch.manual_seed(0)
+    reward_model = RewardModel(load_mamba(tiny_base_model)[0]).eval()
+    fmt = PromptFormat(tok, max_prompt_tokens=24, max_response_tokens=16)
+    prompts = [e.prompt for e in read_sft(sample_data_dir / "sft_train.jsonl")[:10]]
+    cfg = DPOConfig(pairs="sampled", num_samples=3, sample_max_new_tokens=12)
+    eval_cfg = EvaluationConfig(max_new_tokens=12, batch_size=4, temperature=1.0)
+    prompt_ids = [fmt.prompt_ids(p) for p in prompts]
+    steps = []
+    eager_step = MambaLM.step_
+    monkeypatch.setattr(MambaLM, "step_", lambda self, *a, **k: steps.append(1) or eager_step(self, *a, **k))
+
+    assert default_decoder(lm).backend == "native"
+    native_pairs, native_stats = sampled_pairs(lm, reward_model, fmt, prompts, cfg, seed=7, batch_size=8)
+    native_answers = sample_responses(lm, prompt_ids, eval_cfg, tok.eos_id, seed=7)
+    assert steps == []
+    monkeypatch.setattr(generate_module, "default_decoder", lambda model: Decoder(model, "eager"))
+    eager_pairs, eager_stats = sampled_pairs(lm, reward_model, fmt, prompts, cfg, seed=7, batch_size=8)
+    eager_answers = sample_responses(lm, prompt_ids, eval_cfg, tok.eos_id, seed=7)
+    assert steps  # this time the eager step decoded
+    assert native_pairs.items == eager_pairs.items and native_stats == eager_stats
+    assert native_answers == eager_answers
+    assert len({tuple(a) for a in native_answers}) > 1  # sampled, not all alike

@@ -1,12 +1,14 @@
 """The parts of PPO (src/rlhf/ppo.py) against hand computations: GAE, the KL estimate and
 rewards, the clipped objective, the KL controllers, log-prob alignment and the update."""
 
+import importlib
 import math
 
 import pytest
 import torch
 
-from src.mamba.generate import token_logprobs
+from src.mamba import native
+from src.mamba.generate import Decoder, token_logprobs
 from src.mamba.load import load_mamba
 from src.rlhf.config import PPOConfig
 from src.rlhf.ppo import (
@@ -16,6 +18,7 @@ from src.rlhf.ppo import (
     Rollout,
     _prompt_order,
     build_response_batch,
+    collect_rollout,
     compute_gae,
     compute_rewards,
     masked_mean,
@@ -27,6 +30,8 @@ from src.rlhf.ppo import (
     scored_sequences,
     sequence_kl,
 )
+
+generate_module = importlib.import_module("src.mamba.generate")  # src.mamba.generate is also the function's name
 
 
 def test_gae_matches_hand_computation():
@@ -225,3 +230,38 @@ def test_rollouts_of_an_adapter_policy_use_its_disabled_adapter_as_the_frozen_re
     assert torch.equal(shared.kl, copied.kl) and torch.equal(shared.rewards, copied.rewards)
     assert shared.kl.abs().sum() > 0  # the policy differs from its reference
     assert all(p.requires_grad == (".lora_" in n or n.startswith("value_head")) for n, p in policy.named_parameters())
+
+
+@pytest.mark.skipif(not native.available()[0], reason="the native kernel cannot be built here")
+def test_rollouts_decode_natively_from_the_updated_weights(tiny_base_model, sample_data_dir, monkeypatch):
+    """PPO's rollouts use the default decoder: the native kernel, its weights packed again
+    after each update (the weights' fingerprint changed), so iteration 2 samples from the
+    updated policy exactly as the eager step does, with the same seed."""
+    from src.data.readers import read_sft
+    from src.rlhf.data import PromptFormat
+    from src.rlhf.reward_model import RewardModel
+
+    _, tok = load_mamba(tiny_base_model)
+    fmt = PromptFormat(tok, max_prompt_tokens=24, max_response_tokens=16)
+    prompts = [fmt.prompt_ids(e.prompt) for e in read_sft(sample_data_dir / "sft_train.jsonl")[:8]]
+    cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=3e-3, max_new_tokens=10)
+
+    def two_iterations() -> list[list[list[int]]]:
+        torch.manual_seed(0)
+        policy = PolicyWithValueHead(load_mamba(tiny_base_model)[0])
+        reference = load_mamba(tiny_base_model)[0].eval()
+        reward_model = RewardModel(load_mamba(tiny_base_model)[0]).eval()
+        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate)
+        targets = []
+        for step in range(2):
+            rollout = collect_rollout(policy, reference, reward_model, tok, prompts, cfg, 0.1, seed=11 + step)
+            targets.append([row[: int(n)] for row, n in zip(rollout.batch.targets.tolist(), rollout.response_lengths.tolist())])
+            ppo_update(policy, optimizer, rollout, cfg, torch.Generator().manual_seed(step))
+        assert generate_module.default_decoder(policy.lm).backend == ("eager" if forced_eager else "native")
+        return targets
+
+    forced_eager = False
+    native_samples = two_iterations()
+    monkeypatch.setattr(generate_module, "default_decoder", lambda model: Decoder(model, "eager"))
+    forced_eager = True
+    assert native_samples == two_iterations()

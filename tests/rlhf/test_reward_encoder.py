@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from src.core.config import PathsConfig, SystemConfig
+from src.core.errors import ConfigError
 from src.data.readers import PreferenceExample, read_sft
 from src.mamba.load import load_mamba
 from src.rlhf.config import RewardConfig, RLHFModelConfig, StageConfig
 from src.rlhf.data import PromptFormat
 from src.rlhf.evaluate import preference_baselines
 from src.rlhf.ppo import reward_scores
-from src.rlhf.reward_encoder import EncoderRewardModel, evaluate_text_pairs, train_encoder_reward_model
+from src.rlhf.reward_encoder import EncoderRewardModel, evaluate_text_pairs, load_encoder, train_encoder_reward_model
 from src.rlhf.load import load_reward_model
 
 
@@ -59,3 +60,35 @@ def test_preference_baselines_on_hand_made_pairs():
     baselines = preference_baselines(pairs, cosine_model=None)
     assert baselines == {"random": 0.5, "length": 0.5}
     assert 0.0 <= preference_baselines(pairs)["cosine"] <= 1.0
+
+
+def test_a_shallower_encoder_with_frozen_lower_layers_trains_and_reloads(tiny_encoder_dir, sample_data_dir, tmp_path):
+    """``encoder_layers`` keeps the encoder's first N layers (and the checkpoint remembers it),
+    ``frozen_layers`` leaves the embeddings and the first N layers untouched by training;
+    asking for more layers than the encoder has is a one-line config error."""
+    pairs = _toy_pairs(sample_data_dir, 96)
+
+    def stage(**reward) -> StageConfig:
+        return StageConfig(
+            stage="reward",
+            training=RewardConfig(backbone="encoder", encoder_model=str(tiny_encoder_dir), max_length=48, batch_size=8,
+                                  num_epochs=2, learning_rate=0.002, normalization_examples=16, log_steps=4, **reward),
+            model=RLHFModelConfig(), paths=PathsConfig(checkpoint_dir=tmp_path / "reward", log_dir=tmp_path / "logs"),
+            system=SystemConfig(device="cpu", seed=0), output_file=tmp_path / "reward_model.pt", inputs={"encoder": "tiny"},
+        )
+
+    pretrained, _ = load_encoder(str(tiny_encoder_dir))
+    summary = train_encoder_reward_model(pairs[:64], pairs[64:], stage(encoder_layers=1, frozen_layers=1))
+    assert summary["metrics"]["val_accuracy"] > 0.5  # the last layer is frozen too: only the head learned
+    model, _ = load_reward_model(tmp_path / "reward_model.pt")
+    assert model.encoder.config.num_hidden_layers == 1 and len(model.encoder.encoder.layer) == 1
+    kept = dict(model.encoder.named_parameters())
+    for name, before in pretrained.named_parameters():
+        if name.startswith("embeddings.") or ".layer.0." in name:
+            assert torch.equal(kept[name], before), name  # frozen: the pretrained weights, unchanged
+    assert evaluate_text_pairs(model, pairs[64:])["val_accuracy"] == summary["metrics"]["val_accuracy"]
+
+    with pytest.raises(ConfigError, match="encoder_layers: 5, but .* has 2 layers"):
+        train_encoder_reward_model(pairs[:8], pairs[8:12], stage(encoder_layers=5))
+    with pytest.raises(ConfigError, match="frozen_layers: 3, but the encoder has 2 layers"):
+        train_encoder_reward_model(pairs[:8], pairs[8:12], stage(frozen_layers=3))
