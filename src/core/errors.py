@@ -26,3 +26,10 @@ class CheckpointError(MarkError):
 
 class NotTrainedError(MarkError):
     """A model was asked for that has not been trained; the message names the command."""
+
+
+class TrainingStopped(MarkError):
+    """A run stopped on request (SIGTERM) after saving a resumable checkpoint; exit code 143
+    (128 + SIGTERM), so a caller tells a requested stop from a failure."""
+
+    exit_code = 143
