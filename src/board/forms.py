@@ -2,8 +2,8 @@
 
 The fields come from the pydantic classes themselves (``MambaTrainConfig``, ``RLHFConfig``,
 ...): one per leaf key, with its type, bounds (``gt``/``ge``/``lt``/``le``), choices
-(``Literal``) and description. A form is a table of rows ``[key, value, type, allowed,
-description]``; values are written and read as the command line writes them (YAML
+(``Literal``) and description. A form is a table of rows ``[key, value, error, type,
+allowed, description]`` (``error``: the one-line message when that key is wrong); values are written and read as the command line writes them (YAML
 scalars: ``0.001``, ``true``, ``null``, ``[1, 3]``). The values that differ from the config
 file become ``key=value`` overrides, and the config is loaded by the target's own loader
 with them, so a bad value is the very one-line ``ConfigError`` the CLI prints.
@@ -23,11 +23,11 @@ import annotated_types
 import yaml
 from pydantic import BaseModel
 
-from src.board.paths import PathGuard
+from src.board.paths import PathGuard, PathRefusedError
 from src.core.config import config_to_dict, load_config, parse_overrides
 from src.core.errors import ConfigError, MarkError
 
-FORM_COLUMNS = ["key", "value", "type", "allowed", "description"]
+FORM_COLUMNS = ["key", "value", "error", "type", "allowed", "description"]
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def load_target_config(target: str, config_path: str | Path, overrides: Sequence
 
 
 def form_rows(target: str, config_path: str | Path) -> list[list[str]]:
-    """The form of ``config_path``: one row ``[key, value, type, allowed, description]`` per
+    """The form of ``config_path``: one row ``[key, value, error, type, allowed, description]`` per
     leaf key of the target's schema, valued from the loaded config (defaults included)."""
     spec = target_configs()[target]
     if spec.schema is None:
@@ -199,7 +199,7 @@ def form_rows(target: str, config_path: str | Path) -> list[list[str]]:
     rows = []
     for field in form_fields(spec.schema):
         kind = field.kind + (" or null" if field.nullable else "")
-        rows.append([field.key, format_value(values.get(field.key)), kind, field.allowed(), field.description])
+        rows.append([field.key, format_value(values.get(field.key)), "", kind, field.allowed(), field.description])
     return rows
 
 
@@ -244,3 +244,12 @@ def error_field(err: MarkError) -> str | None:
     """The config key a one-line ``ConfigError`` names (``file: key: message``), if any."""
     parts = str(err).split(": ", 2)
     return parts[1] if len(parts) == 3 and re.fullmatch(r"[A-Za-z_][\w.]*", parts[1]) else None
+
+
+def mark_error(rows: Sequence[Sequence[Any]], err: MarkError) -> list[list[Any]]:
+    """The rows with ``err``'s message in the ``error`` cell of the key it names (all other
+    error cells cleared)."""
+    key = error_field(err)
+    if key is None and isinstance(err, PathRefusedError):
+        key = str(err).split(" ", 1)[0]
+    return [[row[0], row[1], str(err) if row[0] == key else "", *row[3:]] for row in rows]

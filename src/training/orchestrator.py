@@ -4,7 +4,7 @@ Each target is a component entry point (``main(argv) -> summary``) called in-pro
 the orchestrator only turns its own options into the entry point's arguments.
 Also installed as the ``mark`` console command (``mark train --target=mamba``).
 ``export`` writes a trained model for transformers or llama.cpp (``mark export --model mamba
---format gguf --output exports/``).
+--format gguf --output exports/``). ``board`` serves the web UI (``mark board --port 7860``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ examples:
   python -m src.training.orchestrator export --model mamba --format hf --output exports/mamba-hf
   python -m src.training.orchestrator export --model rlhf --format gguf --dtype f16 --output exports/
   python -m src.training.orchestrator export --model transformer --format hf --output exports/classifier-hf --source pipeline_output/export
+  python -m src.training.orchestrator board --port 7860 --data-root /data/docs
 
 options a target knows beyond these (e.g. full-pipeline's --stages) are passed through to it.
 """
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.format(targets=targets),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,export,board}")
     train = sub.add_parser(
         "train",
         help="train a target",
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="hf: the folder to write; gguf: the .gguf file, or a folder")
     export.add_argument("--source", help="checkpoint file or folder, or an export directory (default: the model's checkpoint folder)")
     export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="gguf: type of the big matrices (default f32)")
+    # Its own options (``mark board --help``) are parsed by src.board.app.
+    sub.add_parser("board", help="web UI: train, watch runs, search, chat, rate answers, export (Gradio)", add_help=False)
     return parser
 
 
@@ -125,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> object:
         from src.pipelines.export import export_model
 
         return export_model(args.model, args.format, args.output, args.source, args.dtype)
+    if args.command == "board":
+        from src.board.app import main as board_main
+
+        return board_main(extra)
     module = load_target(args.target)
     return module.main(target_argv(args, extra))
 
