@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from src.board.forms import load_target_config, resolve_config_path, target_configs
 from src.board.paths import PathGuard
 from src.core.checkpoint import atomic_write_json
+from src.core.config import REPO_ROOT
 from src.core.errors import MarkError
 from src.training.report import METRICS_FILE, curve_series, latest_run, read_metrics
 
@@ -211,7 +212,9 @@ class RunManager:
     def _launch(self, record: RunRecord) -> RunRecord:
         folder = self.runs_dir / record.id
         folder.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": record.cwd}
+        # The Board's own ``src`` runs the command, whatever folder the project is.
+        python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": python_path}
         with open(folder / OUTPUT_FILE, "ab") as output:
             output.write(f"$ {record.command}\n".encode())
             output.flush()
