@@ -67,7 +67,9 @@ def mount_board(app, service, settings: BoardSettings | None = None):
     ``service``; the same API key guards it (through the login page). Returns the workspace."""
     import gradio as gr
 
-    settings = settings or BoardSettings(checkpoints_dir=service.registry.checkpoints_dir, api_key=service.settings.api_key,
+    checkpoints = Path(service.registry.checkpoints_dir).resolve()
+    # The server's operator named the checkpoints folder: the Board may work there too.
+    settings = settings or BoardSettings(checkpoints_dir=checkpoints, data_roots=[checkpoints], api_key=service.settings.api_key,
                                          device=service.settings.device)
     ws = Workspace(settings, service=service)
     gr.mount_gradio_app(
