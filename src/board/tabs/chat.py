@@ -46,8 +46,8 @@ def build(ws: Workspace) -> None:
             question = gr.Textbox(label="question", placeholder="Ask about the knowledge base", elem_id="chat-input")
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="chat-send")
-                up = gr.Button("👍 good answer", elem_id="chat-up")
-                down = gr.Button("👎 bad answer", elem_id="chat-down")
+                up = gr.Button("+1 good answer", elem_id="chat-up")
+                down = gr.Button("-1 bad answer", elem_id="chat-down")
                 clear = gr.Button("New conversation", elem_id="chat-clear")
         with gr.Column(scale=2):
             evidence = gr.Markdown(elem_id="chat-evidence")

@@ -12,9 +12,11 @@ from src.core.errors import MarkError
 
 
 def curves_frame(curves: dict[str, list[tuple[float, float]]]) -> pd.DataFrame:
-    """Curves as the line plot reads them: one row per point (``step``, ``value``, ``series``)."""
-    rows = [(step, value, name) for name, points in curves.items() for step, value in points]
-    return pd.DataFrame(rows or [], columns=["step", "value", "series"])
+    """The loss curves (train and validation; every curve when there is no loss, e.g. RL
+    rewards) as the line plot reads them: one row per point (``step``, ``value``, ``series``)."""
+    shown = {name: points for name, points in curves.items() if name.endswith("loss")} or curves
+    rows = [(float(step), float(value), name) for name, points in shown.items() for step, value in points]
+    return pd.DataFrame(rows, columns=["step", "value", "series"]).astype({"step": float, "value": float})
 
 
 def status_markdown(status: dict) -> str:
