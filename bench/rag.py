@@ -76,7 +76,8 @@ def bench_indexing(encoder: Encoder, docs, batch_size: int, repeats: int) -> tup
         index.add_documents(docs)
         mark_times.append(time.perf_counter() - start)
 
-        texts = [chunk["text"] for chunk in index.chunks]
+        chunks = list(index.get_chunks(range(index.num_chunks)).values())
+        texts = [chunk["text"] for chunk in chunks]
         start = time.perf_counter()
         encoder.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         direct_times.append(time.perf_counter() - start)
@@ -84,7 +85,7 @@ def bench_indexing(encoder: Encoder, docs, batch_size: int, repeats: int) -> tup
     result = {
         "documents": len(docs),
         "chunks": index.num_chunks,
-        "tokens": int(sum(c["end_token"] - c["start_token"] for c in index.chunks)),
+        "tokens": int(sum(c["end_token"] - c["start_token"] for c in chunks)),
         "chunk_size": chunk_size,
         "chunk_overlap": overlap,
         "batch_size": batch_size,
@@ -329,7 +330,7 @@ def main(argv=None) -> dict:
     if eval_file.is_file():
         queries = [json.loads(line)["query"] for line in eval_file.read_text().splitlines() if line.strip()][: args.queries]
     else:
-        queries = [chunk["text"][:200] for chunk in index.chunks[: args.queries]]
+        queries = [chunk["text"][:200] for chunk in index.get_chunks(range(args.queries)).values()]
     print(f"end-to-end search latency over {len(queries)} queries ...", flush=True)
     results["end_to_end"] = bench_end_to_end(index, queries)
     results["ivf_real_embeddings"] = ivf_recall_on_real_embeddings(index, encoder.encode(queries), args.nprobes)

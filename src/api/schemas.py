@@ -159,6 +159,8 @@ class SearchHit(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     dense_score: Optional[float] = None
     bm25_score: Optional[float] = None
+    heading_path: list[str] = Field(default_factory=list, description="the headings the chunk sits under (empty when none)")
+    source: Optional[str] = Field(None, description="the file the document came from, relative to the ingested folder")
 
 
 class RagSearchResponse(BaseModel):

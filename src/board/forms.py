@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, Union
 
 import annotated_types
-import yaml
 from pydantic import BaseModel
 
 from src.board.paths import PathGuard, PathRefusedError

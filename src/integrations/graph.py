@@ -145,7 +145,10 @@ class MARKLangChainGraph:
             "answer": state["answer"],
             "doc_ids": state["doc_ids"],
             "sources": [
-                {"doc_id": d.metadata["doc_id"], "score": d.metadata["score"], "text": d.page_content}
+                {
+                    "doc_id": d.metadata["doc_id"], "score": d.metadata["score"], "text": d.page_content,
+                    "heading_path": d.metadata["heading_path"], "source": d.metadata["source"],
+                }
                 for d in state.get("documents") or []
             ],
             "prompt": state["prompt"],
@@ -156,7 +159,7 @@ class MARKLangChainGraph:
         """Answer one question from the retrieved documents (no conversation memory).
 
         Returns ``{"answer", "doc_ids" (documents in the prompt), "sources" (retrieved:
-        doc_id, score, text), "prompt"}``. ``config`` is passed to LangGraph (callbacks, ...).
+        doc_id, score, text, heading_path, source), "prompt"}``. ``config`` is passed to LangGraph (callbacks, ...).
         """
         _check_text(question, "question")
         return self._result(self._one_shot.invoke({"question": question, "top_k": top_k}, config))

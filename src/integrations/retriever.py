@@ -40,6 +40,8 @@ class MARKRetriever(BaseRetriever):
                     "score": hit.score,
                     "rank": hit.rank,
                     "chunk_index": hit.chunk_index,
+                    "heading_path": hit.heading_path,
+                    "source": hit.source,
                 },
             )
             for hit in hits

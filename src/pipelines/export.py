@@ -37,15 +37,16 @@ from src.core.logging import get_logger
 log = get_logger("pipeline")
 
 # What is copied beside each model's file, when it exists (in the checkpoint folder, then
-# the log folder). The RAG index needs its metadata; the rest documents the model.
+# the log folder). The RAG index needs its store and manifest (and its vector segment or
+# on-disk inverted lists, when it has them); the rest documents the model.
 COMPANION_FILES: dict[str, tuple[str, ...]] = {
     "mamba": ("vocab.json", "config.yaml"),
     "transformer": ("config.yaml", "test_metrics.json", "confusion_matrix.png"),
-    "rag": ("metadata.json", "config.yaml", "eval_metrics.json", "eval_metrics.png"),
+    "rag": ("metadata.json", "store.sqlite", "segment.ids", "segment.f32", "faiss.ivfdata", "config.yaml", "eval_metrics.json", "eval_metrics.png"),
     "rl": ("config.yaml", "eval_metrics.json", "eval_metrics.png"),
     "rlhf": ("config.yaml", "evaluation.json", "evaluation.md", "evaluation.png"),
 }
-REQUIRED_COMPANIONS: dict[str, tuple[str, ...]] = {"rag": ("metadata.json",)}
+REQUIRED_COMPANIONS: dict[str, tuple[str, ...]] = {"rag": ("metadata.json", "store.sqlite")}
 
 HF_DIR = "hf"
 HF_MODELS = ("mamba", "rlhf", "transformer")  # the models with a Hugging Face form

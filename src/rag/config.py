@@ -38,6 +38,19 @@ class RagIndexConfig(StrictModel):
     hnsw_m: int = Field(32, gt=1, description="HNSW neighbours per node")
     hnsw_ef_construction: int = Field(200, gt=0)
     hnsw_ef_search: int = Field(64, gt=0)
+    on_disk: bool = Field(
+        False,
+        description="ivf only: the large-corpus path. faiss.index is trained on a sample, built in shards and merged "
+        "into inverted lists memory-mapped from faiss.ivfdata (for corpora larger than RAM)",
+    )
+    ivf_train_sample: int = Field(100_000, gt=0, description="on_disk: vectors the IVF cells are trained on")
+    ivf_shard_size: int = Field(1_000_000, gt=0, description="on_disk: vectors per shard (each shard one file, merged at the end)")
+
+    @model_validator(mode="after")
+    def _on_disk_is_ivf(self) -> "RagIndexConfig":
+        if self.on_disk and self.type != "ivf":
+            raise ValueError(f"on_disk: needs type ivf (got {self.type})")
+        return self
 
 
 class RagRetrievalConfig(StrictModel):
@@ -63,12 +76,27 @@ class RagTrainingConfig(StrictModel):
 
 
 class RagDataConfig(StrictModel):
-    documents_file: ExistingFile = Path("data/documents.jsonl")
+    documents_file: Optional[ExistingFile] = Field(
+        Path("data/documents.jsonl"), description="MARK {id, text, metadata} JSONL or a BEIR corpus.jsonl (null: sources only)"
+    )
+    sources: list[Path] = Field(
+        default_factory=list,
+        description="files and folders ingested as `mark ingest` does (every supported format, recursively), besides documents_file",
+    )
     eval_file: Optional[Path] = Field(
         Path("data/rag_eval.jsonl"),
         description="spec JSONL {query, relevant_docs} or a BEIR folder (queries.jsonl, qrels/<split>.tsv)",
     )
     beir_split: str = "test"
+
+    @model_validator(mode="after")
+    def _some_documents(self) -> "RagDataConfig":
+        if self.documents_file is None and not self.sources:
+            raise ValueError("documents_file or sources: at least one is needed")
+        missing = [str(p) for p in self.sources if not Path(p).exists()]
+        if missing:
+            raise ValueError(f"sources: {missing[0]} does not exist")
+        return self
 
 
 class RagPathsConfig(PathsConfig):
@@ -81,6 +109,6 @@ class RagConfig(BaseConfig):
     index: RagIndexConfig = RagIndexConfig()
     retrieval: RagRetrievalConfig = RagRetrievalConfig()
     training: RagTrainingConfig = RagTrainingConfig()
-    data: RagDataConfig
+    data: RagDataConfig = RagDataConfig()
     paths: RagPathsConfig = RagPathsConfig()
     system: SystemConfig = SystemConfig()

@@ -31,7 +31,7 @@ def load_rag_index(
     """Open the index in ``checkpoint_dir`` for search.
 
     Returns a :class:`Retriever` (``search``, ``search_batch``, ``embed_queries``,
-    ``dense_scores``, ``bm25_chunk_scores``; the index itself is ``.index``). Search
+    ``dense_scores``, ``keyword_ranking``, ``keyword_scores``; the index itself is ``.index``). Search
     defaults come from ``config`` or the ``config.yaml`` saved beside the index.
     ``embedding_model`` / ``embedding_dim``, when given, must match the index. A missing
     index is a ``NotTrainedError``; a damaged or mismatched one a ``CheckpointError``.

@@ -4,8 +4,9 @@ Every ranking is over documents: a document's score is its best chunk's score (M
 and the result carries that chunk's text. Modes:
 
 * ``dense``: cosine similarity of the query embedding with the chunk embeddings (FAISS).
-* ``bm25``: BM25 (the ``bm25s`` library) over the chunk texts; documents with no query
-  term score 0 and are not returned.
+* ``bm25``: BM25 over the chunk texts, read from the store's persisted keyword index
+  (scored as the ``bm25s`` library does, see :mod:`src.rag.store`); documents with no
+  query term score 0 and are not returned.
 * ``hybrid``: reciprocal rank fusion of the two rankings,
   ``score = sum over rankings of 1 / (rrf_k + rank)``, each ranking cut at ``candidates``.
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import threading
 
 import numpy as np
 
@@ -35,7 +34,8 @@ class SearchResult:
     ``score`` ranks the results of the mode used (cosine for dense, BM25 for bm25, RRF for
     hybrid). ``dense_score`` / ``bm25_score`` are the document's own dense and BM25 scores
     (best chunk), filled when the mode computed them or ``all_scores=True``, else ``None``.
-    ``text`` is the best chunk, found at ``start_char:end_char`` of the document.
+    ``text`` is the best chunk, found at ``start_char:end_char`` of the document, under the
+    headings ``heading_path``; ``source`` is the file it came from (``None`` if unknown).
     """
 
     doc_id: str
@@ -49,6 +49,8 @@ class SearchResult:
     end_char: int = 0
     dense_score: float | None = None
     bm25_score: float | None = None
+    heading_path: list[str] = field(default_factory=list)
+    source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,9 +71,6 @@ class Retriever:
     def __init__(self, index: RagIndex, config: RagRetrievalConfig | None = None) -> None:
         self.index = index
         self.config = config or RagRetrievalConfig()
-        self._bm25 = None
-        self._bm25_version = -1
-        self._bm25_lock = threading.Lock()  # a server may search from several threads
 
     # ----------------------------------------------------------------- queries
     def embed_queries(self, queries: list[str]) -> np.ndarray:
@@ -81,23 +80,21 @@ class Retriever:
     # ----------------------------------------------------------------- dense
     def dense_ranking(self, query_vector: np.ndarray, depth: int) -> list[DocScore]:
         """Top ``depth`` documents by best-chunk cosine (fewer if the index has fewer)."""
-        num_docs = sum(1 for ids in self.index.doc_chunk_ids.values() if ids)
-        depth = min(depth, num_docs)
+        depth = min(depth, len(self.index.documents))
         if depth <= 0:
             return []
-        # Several chunks of one document can crowd the top: widen the chunk search
-        # until it covers ``depth`` distinct documents or the whole index.
+        # Several chunks of one document can crowd the top (and deleted chunks' vectors wait
+        # for a compaction): widen the chunk search until it covers ``depth`` documents.
         k = max(4 * depth, 32)
         while True:
             scores, ids = self.index.search_vectors(query_vector, k)
+            doc_of = self.index.store.chunk_doc_ids([int(i) for i in ids[0] if i >= 0])
             best: dict[str, DocScore] = {}
             for score, chunk_id in zip(scores[0], ids[0]):
-                if chunk_id < 0:
-                    continue
-                doc_id = self.index.chunks[chunk_id]["doc_id"]
-                if doc_id not in best:  # FAISS returns chunks best first
+                doc_id = doc_of.get(int(chunk_id))
+                if doc_id is not None and doc_id not in best:  # FAISS returns chunks best first
                     best[doc_id] = DocScore(doc_id, float(score), int(chunk_id))
-            if len(best) >= depth or k >= self.index.num_chunks:
+            if len(best) >= depth or k >= self.index.num_vectors:
                 return list(best.values())[:depth]
             k *= 2
 
@@ -106,7 +103,7 @@ class Retriever:
         query_vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
         out: dict[str, DocScore] = {}
         for doc_id in doc_ids:
-            chunk_ids = self.index.doc_chunk_ids.get(doc_id) or []
+            chunk_ids = self.index.doc_chunk_ids(doc_id)
             if not chunk_ids:
                 continue
             sims = self.index.chunk_vectors(chunk_ids) @ query_vector
@@ -114,46 +111,32 @@ class Retriever:
             out[doc_id] = DocScore(doc_id, float(sims[best]), chunk_ids[best])
         return out
 
-    # ----------------------------------------------------------------- BM25
-    def _bm25_index(self):
-        """The BM25 index of the chunk texts, rebuilt when the index has changed."""
-        import bm25s
+    # ----------------------------------------------------------------- keywords (BM25)
+    def keyword_ranking(self, query: str, depth: int) -> list[DocScore]:
+        """Top ``depth`` documents by best-chunk BM25; only documents with a score > 0.
 
-        with self._bm25_lock:
-            if self._bm25 is None or self._bm25_version != self.index.version:
-                texts = [chunk["text"] for chunk in self.index.chunks]
-                bm25 = bm25s.BM25(k1=self.config.bm25_k1, b=self.config.bm25_b)
-                if texts:
-                    tokens = bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
-                    bm25.index(tokens, show_progress=False)
-                self._bm25, self._bm25_version = bm25, self.index.version
-            return self._bm25
+        Reads the postings of the query's terms in the store's keyword index; the best
+        ``max(200, 8 * depth)`` chunks are scored exactly (every matching chunk when
+        ``depth`` covers all documents).
+        """
+        if depth <= 0:
+            return []
+        limit = None if depth >= len(self.index.documents) else max(8 * depth, 200)
+        hits = self.index.store.keyword_search(query, limit, self.config.bm25_k1, self.config.bm25_b)
+        best: dict[str, DocScore] = {}
+        for chunk_id, doc_id, score in hits:  # best first
+            if doc_id not in best:
+                best[doc_id] = DocScore(doc_id, score, chunk_id)
+        return list(best.values())[:depth]
 
-    def bm25_chunk_scores(self, query: str) -> np.ndarray:
-        """BM25 score of ``query`` for every chunk, ``(num_chunks,)`` float32."""
-        import bm25s
-
-        bm25 = self._bm25_index()
-        query_tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
-        if not query_tokens or self.index.num_chunks == 0:
-            return np.zeros(self.index.num_chunks, dtype=np.float32)
-        return np.asarray(bm25.get_scores(query_tokens), dtype=np.float32)
-
-    def bm25_doc_scores(self, chunk_scores: np.ndarray) -> dict[str, DocScore]:
-        """Best-chunk BM25 score of every document (from :meth:`bm25_chunk_scores`)."""
-        out: dict[str, DocScore] = {}
-        for doc_id, chunk_ids in self.index.doc_chunk_ids.items():
-            if chunk_ids:
-                best = chunk_ids[int(np.argmax(chunk_scores[chunk_ids]))]
-                out[doc_id] = DocScore(doc_id, float(chunk_scores[best]), best)
-        return out
-
-    @staticmethod
-    def bm25_ranking(doc_scores: dict[str, DocScore], depth: int) -> list[DocScore]:
-        """Top ``depth`` documents by BM25; documents scoring 0 (no query term) are left out."""
-        hits = [s for s in doc_scores.values() if s.score > 0]
-        hits.sort(key=lambda s: -s.score)
-        return hits[:depth]
+    def keyword_scores(self, query: str, doc_ids: list[str]) -> dict[str, DocScore]:
+        """Exact best-chunk BM25 of ``query`` for each of ``doc_ids`` (documents scoring 0 are left out)."""
+        hits = self.index.store.keyword_search(query, None, self.config.bm25_k1, self.config.bm25_b, doc_ids=list(doc_ids))
+        best: dict[str, DocScore] = {}
+        for chunk_id, doc_id, score in hits:
+            if doc_id not in best:
+                best[doc_id] = DocScore(doc_id, score, chunk_id)
+        return best
 
     def score_documents(
         self, query: str, doc_ids: list[str], query_vector: np.ndarray | None = None
@@ -162,8 +145,8 @@ class Retriever:
         if query_vector is None:
             query_vector = self.embed_queries([query])[0]
         dense = self.dense_scores(query_vector, doc_ids)
-        sparse = self.bm25_doc_scores(self.bm25_chunk_scores(query))
-        return {d: (dense[d].score, sparse[d].score) for d in doc_ids if d in dense}
+        sparse = self.keyword_scores(query, [d for d in doc_ids if d in dense])
+        return {d: (dense[d].score, sparse[d].score if d in sparse else 0.0) for d in doc_ids if d in dense}
 
     # ----------------------------------------------------------------- search
     def search(
@@ -191,15 +174,14 @@ class Retriever:
         if need_dense and query_vector is None:
             query_vector = self.embed_queries([query])[0]
 
-        bm25_docs = self.bm25_doc_scores(self.bm25_chunk_scores(query)) if need_bm25 else {}
         if mode == "dense":
             ranked = [(s.doc_id, s.score, s.chunk_id) for s in self.dense_ranking(query_vector, top_k)]
         elif mode == "bm25":
-            ranked = [(s.doc_id, s.score, s.chunk_id) for s in self.bm25_ranking(bm25_docs, top_k)]
+            ranked = [(s.doc_id, s.score, s.chunk_id) for s in self.keyword_ranking(query, top_k)]
         else:
             depth = max(self.config.candidates, top_k)
             dense = self.dense_ranking(query_vector, depth)
-            sparse = self.bm25_ranking(bm25_docs, depth)
+            sparse = self.keyword_ranking(query, depth)
             fused: dict[str, float] = {}
             for ranking in (dense, sparse):
                 for rank, hit in enumerate(ranking, start=1):
@@ -209,23 +191,32 @@ class Retriever:
             order = sorted(fused, key=lambda d: -fused[d])[:top_k]
             ranked = [(doc_id, fused[doc_id], best_chunk[doc_id]) for doc_id in order]
 
-        dense_docs = self.dense_scores(query_vector, [d for d, _, _ in ranked]) if need_dense else {}
+        doc_ids = [d for d, _, _ in ranked]
+        dense_docs = self.dense_scores(query_vector, doc_ids) if need_dense else {}
+        if mode == "bm25":
+            bm25_docs = {d: DocScore(d, score, c) for d, score, c in ranked}
+        else:
+            bm25_docs = self.keyword_scores(query, doc_ids) if need_bm25 else {}
+        chunks = self.index.get_chunks(c for _, _, c in ranked)
         results = []
         for rank, (doc_id, score, chunk_id) in enumerate(ranked, start=1):
-            chunk = self.index.chunks[chunk_id]
+            chunk = chunks[chunk_id]
+            metadata = dict(self.index.documents[doc_id].get("metadata") or {})
             results.append(
                 SearchResult(
                     doc_id=doc_id,
                     score=float(score),
                     rank=rank,
                     text=chunk["text"],
-                    metadata=dict(self.index.documents[doc_id].get("metadata") or {}),
+                    metadata=metadata,
                     chunk_id=chunk_id,
                     chunk_index=chunk["chunk_index"],
                     start_char=chunk["start_char"],
                     end_char=chunk["end_char"],
                     dense_score=dense_docs[doc_id].score if doc_id in dense_docs else None,
-                    bm25_score=bm25_docs[doc_id].score if doc_id in bm25_docs else None,
+                    bm25_score=(bm25_docs[doc_id].score if doc_id in bm25_docs else 0.0) if need_bm25 else None,
+                    heading_path=list(chunk.get("heading_path") or []),
+                    source=metadata.get("source"),
                 )
             )
         return results

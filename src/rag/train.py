@@ -1,9 +1,11 @@
 """The RAG recipe: build the index over the documents, and optionally evaluate retrieval.
 
-Top to bottom: load the documents, load the embedding model, chunk + embed + index
-(``resume``: reuse the saved index and embed only new or changed documents, dropping
-removed ones), save ``faiss.index`` + ``metadata.json`` + the effective config in
-``paths.checkpoint_dir``; with ``evaluate``, score every mode of
+Top to bottom: load the documents (``data.documents_file`` and the files of
+``data.sources``), load the embedding model, chunk + embed + index (``resume``: open the
+saved index and embed only new or changed documents, dropping removed ones, committing as
+it goes), save the store (``store.sqlite`` + ``faiss.index`` + ``metadata.json``, see
+:mod:`src.rag.store`) + the effective config in ``paths.checkpoint_dir``; with
+``evaluate``, score every mode of
 ``retrieval.eval_modes`` on ``data.eval_file``, print a table and write
 ``eval_metrics.json`` / ``eval_metrics.png`` beside the index.
 Run it with ``python -m src.scripts.train_rag_indexer``.
@@ -23,7 +25,8 @@ from src.rag.beir import load_documents
 from src.rag.config import RagConfig
 from src.rag.encoder import Encoder
 from src.rag.eval import evaluate_modes, plot_retrieval_metrics
-from src.rag.indexer import INDEX_FILE, METADATA_FILE, RagIndex
+from src.rag.indexer import INDEX_FILE, METADATA_FILE, STORE_FILE, RagIndex
+from src.rag.ingest import read_sources
 from src.rag.retriever import Retriever
 
 EVAL_METRICS_FILE = "eval_metrics.json"
@@ -45,8 +48,13 @@ def run(cfg: RagConfig, resume: bool = False, evaluate: bool = False) -> dict:
     )
     seed_everything(cfg.system.seed)
 
-    documents = load_documents(cfg.data.documents_file)
-    log.info("%s: %d documents", cfg.data.documents_file, len(documents))
+    documents = load_documents(cfg.data.documents_file) if cfg.data.documents_file is not None else []
+    if cfg.data.documents_file is not None:
+        log.info("%s: %d documents", cfg.data.documents_file, len(documents))
+    if cfg.data.sources:
+        from_files, skipped = read_sources(cfg.data.sources)
+        log.info("data.sources: %d documents (%d file(s) skipped)", len(from_files), len(skipped))
+        documents += from_files
     encoder = Encoder(cfg.model.embedding_model, cfg.system.device)
     if encoder.dim != cfg.model.embedding_dim:
         raise ConfigError(
@@ -66,6 +74,9 @@ def run(cfg: RagConfig, resume: bool = False, evaluate: bool = False) -> dict:
     build_seconds = time.perf_counter() - start
 
     outputs = index.save(checkpoint_dir)
+    index.close()  # releases the writer lock; evaluate the saved index, as everyone else will read it
+    index = RagIndex.load(checkpoint_dir, encoder=encoder, batch_size=cfg.training.batch_size)
+    index.set_search_params(nprobe=cfg.index.ivf_nprobe, ef_search=cfg.index.hnsw_ef_search)
     outputs["config"] = save_config(cfg, checkpoint_dir / "config.yaml")
     build_metrics = {
         "num_documents": len(index.documents),
@@ -110,15 +121,16 @@ def run(cfg: RagConfig, resume: bool = False, evaluate: bool = False) -> dict:
 def _open_or_create_index(cfg: RagConfig, encoder: Encoder, resume: bool, log) -> RagIndex:
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
     settings = dict(batch_size=cfg.training.batch_size, show_progress=cfg.training.show_progress)
-    if resume and ((checkpoint_dir / INDEX_FILE).exists() or (checkpoint_dir / METADATA_FILE).exists()):
+    if resume and ((checkpoint_dir / STORE_FILE).exists() or (checkpoint_dir / METADATA_FILE).exists()):
         index = RagIndex.load(
             checkpoint_dir, embedding_model=cfg.model.embedding_model, embedding_dim=cfg.model.embedding_dim,
-            encoder=encoder, **settings,
+            encoder=encoder, writable=True, **settings,
         )
         built = {"chunk_size": index.chunk_size, "chunk_overlap": index.chunk_overlap, "index.type": index.index_config.type}
         wanted = {"chunk_size": cfg.model.chunk_size, "chunk_overlap": cfg.model.chunk_overlap, "index.type": cfg.index.type}
         for key in built:
             if built[key] != wanted[key]:
+                index.close()
                 raise CheckpointError(
                     f"{checkpoint_dir}: index was built with {key}={built[key]}, the config says {wanted[key]}: "
                     f"run without --resume to rebuild it"

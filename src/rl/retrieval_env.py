@@ -101,8 +101,9 @@ def retrieval_signals(
     rankings = {mode: [r.doc_id for r in hits] for mode, hits in results.items()}
     dense_scores = [r.score for r in results["dense"]]
     bm25_top = [r.score for r in results["bm25"]]
-    bm25_all = {doc_id: s.score for doc_id, s in retriever.bm25_doc_scores(retriever.bm25_chunk_scores(query)).items()}
-    num_docs = max(len(bm25_all), 1)
+    num_docs = len(retriever.index.documents)
+    bm25_all = {s.doc_id: s.score for s in retriever.keyword_ranking(query, num_docs)}  # every document sharing a term
+    num_docs = max(num_docs, 1)
 
     dense_top1 = dense_scores[0] if dense_scores else 0.0
     dense_top2 = dense_scores[1] if len(dense_scores) > 1 else dense_top1

@@ -4,7 +4,9 @@ Each target is a component entry point (``main(argv) -> summary``) called in-pro
 the orchestrator only turns its own options into the entry point's arguments.
 Also installed as the ``mark`` console command (``mark train --target=mamba``).
 ``export`` writes a trained model for transformers or llama.cpp (``mark export --model mamba
---format gguf --output exports/``). ``board`` serves the web UI (``mark board --port 7860``).
+--format gguf --output exports/``). ``ingest`` adds files and folders to a RAG index
+(``mark ingest docs/ --index checkpoints/rag --sync``; :func:`src.rag.ingest.ingest`).
+``board`` serves the web UI (``mark board --port 7860``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ examples:
   python -m src.training.orchestrator train --target=full-pipeline --device=cuda
   accelerate launch --num_processes 2 -m src.training.orchestrator train --target=mamba
   python -m src.training.orchestrator report
+  python -m src.training.orchestrator ingest docs/ notes.md --index checkpoints/rag --sync
   python -m src.training.orchestrator export --model mamba --format hf --output exports/mamba-hf
   python -m src.training.orchestrator export --model rlhf --format gguf --dtype f16 --output exports/
   python -m src.training.orchestrator export --model transformer --format hf --output exports/classifier-hf --source pipeline_output/export
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.format(targets=targets),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,export,board}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,export,ingest,board}")
     train = sub.add_parser(
         "train",
         help="train a target",
@@ -82,9 +85,51 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="hf: the folder to write; gguf: the .gguf file, or a folder")
     export.add_argument("--source", help="checkpoint file or folder, or an export directory (default: the model's checkpoint folder)")
     export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="gguf: type of the big matrices (default f32)")
+    ingest = sub.add_parser(
+        "ingest",
+        help="add files and folders to a RAG index (incremental: only new and changed documents are embedded)",
+        description="Read files and folders recursively, chunk and embed new or changed documents, and commit them "
+        "to the RAG index in batches (a killed run continues where it stopped when run again).",
+    )
+    ingest.add_argument("paths", nargs="+", metavar="PATH", help="files and folders to ingest")
+    ingest.add_argument("--index", default="checkpoints/rag", help="the index folder (default: checkpoints/rag; created if needed)")
+    ingest.add_argument("--include", action="append", metavar="GLOB", help="only files matching (relative path or name; repeatable)")
+    ingest.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
+    ingest.add_argument("--sync", action="store_true", help="also delete documents whose files are gone")
+    ingest.add_argument("--strict", action="store_true", help="a file that cannot be read is an error (exit 2), not a skip")
+    ingest.add_argument("--engine", choices=["local", "ray"], default="local", help="where to read, chunk and embed (default: local)")
+    ingest.add_argument("--ray-address", help="join this Ray cluster (--engine ray; default: start a local one)")
+    ingest.add_argument("--config", help="a RAG config (embedding model, chunking, index type, batch size; default: configs/rag_indexer.yaml)")
+    ingest.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the embedding model")
     # Its own options (``mark board --help``) are parsed by src.board.app.
     sub.add_parser("board", help="web UI: train, watch runs, search, chat, rate answers, export (Gradio)", add_help=False)
     return parser
+
+
+def run_ingest(args: argparse.Namespace) -> object:
+    """``mark ingest``: the RAG config's model settings, then :func:`src.rag.ingest.ingest`; prints the summary."""
+    from pathlib import Path
+
+    from src.core.config import read_config_file, validate_config
+    from src.rag.config import RagConfig
+    from src.rag.ingest import ingest
+
+    config_file = Path(args.config or "configs/rag_indexer.yaml")
+    config = None
+    if args.config or config_file.is_file():
+        raw = read_config_file(config_file)
+        raw.pop("data", None)  # the documents are the PATHs, not the config's data section
+        if args.device:
+            raw.setdefault("system", {})["device"] = args.device
+        config = validate_config(raw, RagConfig, str(config_file))
+    report = ingest(
+        args.paths, args.index, include=args.include, exclude=args.exclude, sync=args.sync, strict=args.strict,
+        engine=args.engine, ray_address=args.ray_address, config=config,
+    )
+    for path, reason in report.skipped_files:
+        print(f"skipped {path}: {reason}")
+    print(report.summary())
+    return report
 
 
 def target_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -128,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> object:
         from src.pipelines.export import export_model
 
         return export_model(args.model, args.format, args.output, args.source, args.dtype)
+    if args.command == "ingest":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return run_ingest(args)
     if args.command == "board":
         from src.board.app import main as board_main
 

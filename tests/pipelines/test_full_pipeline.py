@@ -75,7 +75,7 @@ def test_export_holds_every_model_with_checksums_and_versions(tiny_pipeline):
     expected_files = {
         "mamba": {"best_model.pt", "vocab.json", "config.yaml"},
         "transformer": {"best_model.pt", "config.yaml", "test_metrics.json", "confusion_matrix.png"},
-        "rag": {"faiss.index", "metadata.json", "config.yaml", "eval_metrics.json", "eval_metrics.png"},
+        "rag": {"faiss.index", "metadata.json", "store.sqlite", "config.yaml", "eval_metrics.json", "eval_metrics.png"},
         "rl": {"final_model.pt", "config.yaml", "eval_metrics.json", "eval_metrics.png"},
         "rlhf": {"rlhf_final_model.pt", "evaluation.json", "evaluation.md", "evaluation.png"},
     }

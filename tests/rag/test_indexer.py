@@ -10,7 +10,7 @@ import pytest
 
 from src.core.errors import CheckpointError, ConfigError, DataError, NotTrainedError
 from src.rag.config import RagIndexConfig
-from src.rag.indexer import INDEX_FILE, METADATA_FILE, RagIndex
+from src.rag.indexer import INDEX_FILE, METADATA_FILE, STORE_FILE, RagIndex
 from src.rag.retriever import Retriever
 
 
@@ -29,12 +29,14 @@ def count_encoded(encoder, monkeypatch):
 
 
 def test_build_stores_normalised_vectors_and_metadata(tiny_index, encoder, tiny_docs):
-    assert tiny_index.num_chunks == 5 and tiny_index.faiss_index.ntotal == 5
+    assert tiny_index.num_chunks == 5 and tiny_index.num_vectors == 5
     vectors = tiny_index.chunk_vectors(range(5))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(vectors[3], encoder.encode([tiny_docs[3]["text"]])[0], atol=1e-5)
-    assert tiny_index.chunks[3]["doc_id"] == "bread" and tiny_index.chunks[3]["text"] == tiny_docs[3]["text"]
+    chunk = tiny_index.get_chunk(3)
+    assert chunk["doc_id"] == "bread" and chunk["text"] == tiny_docs[3]["text"] and chunk["heading_path"] == []
     assert tiny_index.documents["bread"]["metadata"] == {"topic": "food"}
+    assert list(tiny_index.documents) == ["cats", "dogs", "python", "bread", "volcano"]
 
 
 def test_add_embeds_only_new_documents(tiny_index, count_encoded):
@@ -45,16 +47,19 @@ def test_add_embeds_only_new_documents(tiny_index, count_encoded):
     assert Retriever(tiny_index).search("What causes ocean tides?", top_k=1)[0].doc_id == "moon"
     with pytest.raises(DataError, match="already in the index"):
         tiny_index.add_documents([{"id": "cats", "text": "again"}])
+    tiny_index.delete_documents(["moon"])
+    assert tiny_index.corpus_checksum == before  # the checksum depends on the documents only
 
 
-def test_delete_rebuilds_from_stored_vectors(tiny_index, count_encoded):
+def test_delete_keeps_the_other_vectors_and_compaction_drops_the_dead_ones(tiny_index, count_encoded):
     kept_vectors = tiny_index.chunk_vectors([0, 2, 3, 4])
     removed = tiny_index.delete_documents(["dogs"])
     assert removed == 1 and count_encoded == []  # nothing re-embedded
-    assert tiny_index.num_chunks == 4 and tiny_index.faiss_index.ntotal == 4
-    assert [c["doc_id"] for c in tiny_index.chunks] == ["cats", "python", "bread", "volcano"]
-    np.testing.assert_array_equal(tiny_index.chunk_vectors(range(4)), kept_vectors)
+    assert tiny_index.num_chunks == 4 and tiny_index.doc_chunk_ids("dogs") == []
     assert "dogs" not in {r.doc_id for r in Retriever(tiny_index).search("A dog barks", top_k=5)}
+    tiny_index.compact()
+    assert tiny_index.num_vectors == 4
+    np.testing.assert_array_equal(tiny_index.chunk_vectors([0, 2, 3, 4]), kept_vectors)
     with pytest.raises(DataError, match="not in the index: dogs"):
         tiny_index.delete_documents(["dogs"])
 
@@ -72,20 +77,25 @@ def test_sync_re_embeds_only_changed_and_new(tiny_index, count_encoded, tiny_doc
 
 def test_save_load_roundtrip(tiny_index, encoder, tmp_path):
     paths = tiny_index.save(tmp_path)
-    assert paths["faiss_index"].name == INDEX_FILE and paths["metadata"].name == METADATA_FILE
+    assert paths["faiss_index"].name == INDEX_FILE and paths["metadata"].name == METADATA_FILE and paths["store"].name == STORE_FILE
     meta = json.loads(paths["metadata"].read_text())
-    assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["format_version"] == 2
     assert meta["embedding_dim"] == 384 and meta["normalized"] is True and meta["index"] == {"type": "flat"}
-    assert meta["corpus_checksum"] == tiny_index.corpus_checksum and meta["num_chunks"] == 5
-    assert meta["chunks"][1] == {**tiny_index.chunks[1]}
+    assert meta["corpus_checksum"] == tiny_index.corpus_checksum and meta["num_chunks"] == 5 and "chunks" not in meta
+    assert meta["chunking"]["chunk_size"] == 64 and len(meta["faiss_index_sha256"]) == 64
 
     loaded = RagIndex.load(tmp_path, encoder=encoder)
     np.testing.assert_array_equal(loaded.chunk_vectors(range(5)), tiny_index.chunk_vectors(range(5)))
-    assert loaded.chunks == tiny_index.chunks and loaded.documents == tiny_index.documents
+    assert loaded.get_chunks(range(5)) == tiny_index.get_chunks(range(5))
+    assert dict(loaded.documents.items()) == dict(tiny_index.documents.items())
     assert (loaded.chunk_size, loaded.chunk_overlap) == (64, 8)
     query = "Which pets are domesticated animals?"
     before = [(r.doc_id, round(r.score, 5)) for r in Retriever(tiny_index).search(query, top_k=5)]
     assert [(r.doc_id, round(r.score, 5)) for r in Retriever(loaded).search(query, top_k=5)] == before
+
+    # Changing an index opened read-only changes a copy in memory, never the folder.
+    loaded.add_documents([{"id": "moon", "text": "The moon orbits the earth."}])
+    assert "moon" in loaded.documents and "moon" not in RagIndex.load(tmp_path, encoder=encoder).documents
 
 
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
@@ -99,11 +109,12 @@ def test_approximate_indexes_build_delete_and_reload(index_type, encoder, tmp_pa
     query = docs[17]["text"]
     assert Retriever(index).search(query, top_k=1)[0].doc_id == "d17"
     index.delete_documents(["d17", "d3"])
-    assert index.faiss_index.ntotal == 38 and "d17" not in {r.doc_id for r in Retriever(index).search(query, top_k=5)}
+    assert "d17" not in {r.doc_id for r in Retriever(index).search(query, top_k=5)}
     index.save(tmp_path)
     loaded = RagIndex.load(tmp_path, encoder=encoder)
-    assert type(loaded.faiss_index) is type(index.faiss_index)
-    np.testing.assert_array_equal(loaded.chunk_vectors(range(38)), index.chunk_vectors(range(38)))
+    assert loaded.num_vectors == 38 and loaded.index_config.type == index_type
+    live = [i for i in range(40) if i not in (3, 17)]
+    np.testing.assert_array_equal(loaded.chunk_vectors(live), index.chunk_vectors(live))
 
 
 def test_ivf_needs_enough_chunks_to_train(encoder, tiny_docs):
@@ -132,7 +143,7 @@ def test_load_refuses_mismatches_with_one_line_errors(tiny_index, encoder, tmp_p
     # The alias of the same weights is accepted.
     RagIndex.load(tmp_path / "a", embedding_model="minilm-local", embedding_dim=384, encoder=encoder)
 
-    # metadata.json of another build next to this faiss.index
+    # metadata.json of another build next to this store
     other = RagIndex(encoder, RagIndexConfig(), chunk_size=64, chunk_overlap=8)
     other.add_documents(tiny_docs[:2])
     other.save(tmp_path / "b")
@@ -141,19 +152,10 @@ def test_load_refuses_mismatches_with_one_line_errors(tiny_index, encoder, tmp_p
         RagIndex.load(tmp_path / "a", encoder=encoder)
     _one_line(err)
 
-    # metadata edited by hand: checksum kept, one chunk dropped
+    # faiss.index of another build (fewer vectors than the store committed)
     tiny_index.save(tmp_path / "c")
-    meta = json.loads((tmp_path / "c" / METADATA_FILE).read_text())
-    meta["chunks"].pop()
-    (tmp_path / "c" / METADATA_FILE).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="metadata says 4 chunks .* the index holds 5") as err:
-        RagIndex.load(tmp_path / "c", encoder=encoder)
-    _one_line(err)
-
-    meta["chunks"].append(dict(meta["chunks"][-1]))
-    meta["index"] = {"type": "bogus"}
-    (tmp_path / "c" / METADATA_FILE).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="malformed metadata") as err:
+    shutil.copy(tmp_path / "b" / INDEX_FILE, tmp_path / "c" / INDEX_FILE)
+    with pytest.raises(CheckpointError, match="holds 2 vectors, the store expects 5") as err:
         RagIndex.load(tmp_path / "c", encoder=encoder)
     _one_line(err)
 
@@ -163,3 +165,12 @@ def test_load_refuses_mismatches_with_one_line_errors(tiny_index, encoder, tmp_p
     (tmp_path / "b" / INDEX_FILE).unlink()
     with pytest.raises(CheckpointError, match="faiss.index: missing"):
         RagIndex.load(tmp_path / "b", encoder=encoder)
+
+
+def test_an_index_of_the_previous_format_is_refused_with_how_to_rebuild(encoder, tmp_path):
+    """The format before the store: faiss.index + one metadata.json holding every chunk."""
+    (tmp_path / INDEX_FILE).write_bytes(b"old")
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"format": "mark-rag-index", "format_version": 1, "chunks": [], "documents": {}}))
+    with pytest.raises(CheckpointError, match="previous format .* rebuild it with `mark ingest") as err:
+        RagIndex.load(tmp_path, encoder=encoder)
+    _one_line(err)

@@ -82,9 +82,9 @@ def test_chunk_hits_are_aggregated_per_document(subset_index):
     # The result's dense score is the best of its chunks.
     q = retriever.embed_queries(["How do I compute a hash digest of data?"])[0]
     top = retriever.search("", top_k=1, mode="dense", query_vector=q)[0]
-    chunk_scores = subset_index.chunk_vectors(subset_index.doc_chunk_ids[top.doc_id]) @ q
+    chunk_scores = subset_index.chunk_vectors(subset_index.doc_chunk_ids(top.doc_id)) @ q
     assert top.score == pytest.approx(float(chunk_scores.max()), abs=1e-5)
-    chunk = subset_index.chunks[top.chunk_id]
+    chunk = subset_index.get_chunk(top.chunk_id)
     assert top.text == chunk["text"] and (top.start_char, top.end_char) == (chunk["start_char"], chunk["end_char"])
 
 
@@ -107,7 +107,24 @@ def test_score_documents_gives_dense_and_bm25_per_document(tiny_index):
     scores = retriever.score_documents(query, ["dogs", "cats", "unknown"])
     assert set(scores) == {"dogs", "cats"}
     q = retriever.embed_queries([query])[0]
-    dense_dogs = float(tiny_index.chunk_vectors(tiny_index.doc_chunk_ids["dogs"])[0] @ q)
+    dense_dogs = float(tiny_index.chunk_vectors(tiny_index.doc_chunk_ids("dogs"))[0] @ q)
     assert scores["dogs"][0] == pytest.approx(dense_dogs, abs=1e-5)
     assert scores["dogs"][1] > 0 and scores["cats"][1] == 0.0
     assert scores["dogs"][1] == pytest.approx(retriever.search(query, top_k=1, mode="bm25")[0].score)
+
+
+def test_keyword_ranking_and_scores(tiny_index):
+    retriever = Retriever(tiny_index)
+    ranking = retriever.keyword_ranking("Which pets are domesticated animals?", 5)
+    assert {s.doc_id for s in ranking} == {"cats", "dogs"} and all(s.score > 0 for s in ranking)
+    scores = retriever.keyword_scores("A dog barks and fetches sticks", ["dogs", "cats", "bread"])
+    assert set(scores) == {"dogs"}  # documents scoring 0 are left out
+    assert scores["dogs"].score == pytest.approx(retriever.keyword_ranking("A dog barks and fetches sticks", 1)[0].score)
+    assert retriever.keyword_ranking("the of and", 5) == []
+
+
+def test_results_carry_heading_path_and_source(encoder):
+    index = RagIndex(encoder, RagIndexConfig(), chunk_size=64, chunk_overlap=8)
+    index.add_documents([{"id": "guide/install.md", "text": "Install the package with pip.", "metadata": {"source": "guide/install.md"}}])
+    hit = Retriever(index).search("install with pip", top_k=1, mode="hybrid")[0]
+    assert hit.source == "guide/install.md" and hit.heading_path == [] and hit.to_dict()["source"] == "guide/install.md"

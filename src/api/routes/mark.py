@@ -73,6 +73,7 @@ def search_hit(result) -> SearchHit:
     return SearchHit(
         doc_id=result.doc_id, score=result.score, rank=result.rank, text=result.text,
         metadata=result.metadata, dense_score=result.dense_score, bm25_score=result.bm25_score,
+        heading_path=result.heading_path, source=result.source,
     )
 
 
