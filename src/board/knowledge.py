@@ -1,17 +1,11 @@
 """The knowledge base as the Knowledge tab uses it: the RAG index the server searches.
 
-It works on the :class:`~src.rag.retriever.Retriever` that the model service has loaded
-(``ModelService.retriever()``), so a document added here is found by the next Chat answer
-without a reload, and writes the index back to its folder (``RagIndex.save``) after each
-change. Search goes through ``ModelService.search``, the call behind the API's
-``/rag-search``.
-
-Files become documents by :func:`read_files`: a ``.jsonl`` file holds MARK documents
-(``{id, text, metadata}``, ``src.data.readers``), any other text file (``.txt``, ``.md``,
-...) is one document whose id is its path below the folder it was added from. Each document
-remembers that folder (``metadata.source_root``) and its path (``metadata.source``), so
-:meth:`KnowledgeBase.add` with ``sync=True`` also deletes the documents of that folder whose
-file has gone.
+Files and folders are added through :func:`src.rag.ingest.ingest` (what ``mark ingest``
+runs: one reader per format, incremental, ``sync`` deletes the documents of files that are
+gone), documents are deleted through a writable :class:`~src.rag.indexer.RagIndex`, and
+search goes through ``ModelService.search``, the call behind the API's ``/rag-search``.
+After a change the model service's loaded :class:`~src.rag.retriever.Retriever` reopens the
+index (reusing its embedding model), so the next Chat answer finds the new documents.
 """
 
 from __future__ import annotations
@@ -20,57 +14,16 @@ import html
 import re
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from src.board.paths import PathGuard
 from src.core.errors import DataError
-from src.data.readers import Document, read_documents
-from src.rag.indexer import document_hash
+from src.rag.indexer import RagIndex
+from src.rag.ingest import ingest
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
 _WORD = re.compile(r"[A-Za-z0-9]{3,}")
 _STOPWORDS = {"the", "and", "for", "are", "what", "how", "does", "with", "that", "this", "from", "which", "who", "why", "when", "was", "were"}
-
-
-@dataclass
-class SourceDocuments:
-    """The documents read from one folder (or the files given directly)."""
-
-    root: Path
-    documents: list[Document]
-    skipped: list[tuple[str, str]]
-
-
-def read_files(path: Path) -> SourceDocuments:
-    """The documents of a file or of every supported file below a folder; files that are
-    not text are listed in ``skipped`` with the reason (never silently dropped)."""
-    root = path if path.is_dir() else path.parent
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    documents: list[Document] = []
-    skipped: list[tuple[str, str]] = []
-    for file in files:
-        rel = file.relative_to(root).as_posix()
-        meta = {"source": rel, "source_root": str(root)}
-        if file.suffix.lower() == ".jsonl":
-            try:
-                documents += [Document(id=d.id, text=d.text, metadata={**d.metadata, **meta}) for d in read_documents(file)]
-            except DataError as err:
-                skipped.append((rel, str(err)))
-        elif file.suffix.lower() in TEXT_SUFFIXES:
-            try:
-                text = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                skipped.append((rel, "not UTF-8 text"))
-                continue
-            if not text.strip():
-                skipped.append((rel, "empty"))
-                continue
-            documents.append(Document(id=rel, text=text, metadata={**meta, "title": file.stem}))
-        else:
-            skipped.append((rel, f"unsupported file type '{file.suffix or file.name}' (supported: .jsonl, {', '.join(sorted(TEXT_SUFFIXES))})"))
-    return SourceDocuments(root, documents, skipped)
 
 
 def store_uploads(files: Sequence[str | Path], upload_dir: Path, max_bytes: int) -> list[Path]:
@@ -138,31 +91,24 @@ class KnowledgeBase:
             "top_k": retriever.config.top_k,
         }
 
+    def _reopen(self) -> None:
+        """The served retriever reads the index as it now is on disk."""
+        retriever = self.retriever
+        old = retriever.index
+        retriever.index = RagIndex.load(self.index_dir, encoder=old.encoder, batch_size=old.batch_size)
+        old.close()
+
     def add(self, path: str | Path, sync: bool = False) -> dict[str, Any]:
-        """Index the documents of ``path`` (a file or folder inside the allowed roots): new
-        ids are added, changed ones re-embedded; with ``sync``, documents earlier added from
-        the same folder whose file is gone are deleted. Returns the counts and skipped files."""
-        source = read_files(self.guard.resolve(path, must_exist=True, what="documents path"))
-        index = self.retriever.index
+        """Ingest ``path`` (a file or folder inside the allowed roots) with ``mark ingest``'s
+        function: new documents added, changed ones re-embedded; with ``sync``, documents of
+        files that are gone are deleted. Returns the counts and the skipped files."""
+        target = self.guard.resolve(path, must_exist=True, what="documents path")
         with self._lock:
-            wanted = {doc.id: doc for doc in source.documents}
-            known = index.documents
-            new = [d for d in source.documents if d.id not in known]
-            changed = [d for d in source.documents if d.id in known and known[d.id]["sha256"] != document_hash(d)]
-            gone = []
-            if sync:
-                root = str(source.root)
-                gone = [doc_id for doc_id, info in known.items()
-                        if (info.get("metadata") or {}).get("source_root") == root and doc_id not in wanted]
-            if changed or gone:
-                index.delete_documents([d.id for d in changed] + gone)
-            added_chunks = index.add_documents(new + changed) if new or changed else 0
-            if new or changed or gone:
-                index.save(self.index_dir)
+            report = ingest([target], self.index_dir, sync=sync, encoder=self.retriever.index.encoder)
+            self._reopen()
         return {
-            "added": len(new), "updated": len(changed), "deleted": len(gone),
-            "unchanged": len(source.documents) - len(new) - len(changed), "chunks_added": added_chunks,
-            "skipped": source.skipped,
+            "added": report.added, "updated": report.updated, "deleted": report.deleted, "unchanged": report.unchanged,
+            "chunks_added": report.embedded_chunks, "skipped": list(report.skipped_files),
         }
 
     def delete(self, doc_ids: Iterable[str]) -> int:
@@ -171,8 +117,13 @@ class KnowledgeBase:
         if not ids:
             raise DataError("no document id given")
         with self._lock:
-            removed = self.retriever.index.delete_documents(ids)
-            self.retriever.index.save(self.index_dir)
+            index = RagIndex.load(self.index_dir, encoder=self.retriever.index.encoder, writable=True)
+            try:
+                removed = index.delete_documents(ids)
+                index.save(self.index_dir)
+            finally:
+                index.close()
+            self._reopen()
         return removed
 
     def documents(self, limit: int = 500) -> list[list[Any]]:
@@ -184,11 +135,12 @@ class KnowledgeBase:
         return rows
 
     def chunks(self, doc_id: str) -> list[dict[str, Any]]:
-        """The chunks of one document in order (``chunk_index``, ``start_char``, ``end_char``, ``text``)."""
+        """The chunks of one document in order (``chunk_index``, ``start_char``, ``end_char``, ``text``, ...)."""
         index = self.retriever.index
         if doc_id not in index.documents:
             raise DataError(f"document '{doc_id}' is not in the index")
-        return [dict(index.chunks[i]) for i in index.doc_chunk_ids.get(doc_id, [])]
+        found = index.get_chunks(index.doc_chunk_ids(doc_id))
+        return sorted(found.values(), key=lambda c: c["chunk_index"])
 
     async def search(self, query: str, mode: str, top_k: int) -> list[dict[str, Any]]:
         """Hits of ``query`` as the API's ``/rag-search`` finds them, with the matched text highlighted."""

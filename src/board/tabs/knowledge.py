@@ -45,11 +45,12 @@ def build(ws: Workspace) -> None:
     info = gr.Markdown(elem_id="kb-info")
     with gr.Row():
         with gr.Column():
-            folder = gr.Textbox(label="add a folder or file (inside the project or a --data-root)", elem_id="kb-path")
+            folder = gr.Textbox(label="add a folder or file with `mark ingest`'s readers (inside the project or a --data-root)",
+                                elem_id="kb-path")
             with gr.Row():
                 add = gr.Button("Add", elem_id="kb-add")
-                sync = gr.Button("Sync (also delete what is gone)", elem_id="kb-sync")
-            uploads = gr.File(label=f"or upload files (.txt, .md, .jsonl; at most {ws.settings.max_upload_bytes // 1024 // 1024} MB each)",
+                sync = gr.Button("Sync (the index then holds only these files)", elem_id="kb-sync")
+            uploads = gr.File(label=f"or upload files (the formats `mark ingest` reads; at most {ws.settings.max_upload_bytes // 1024 // 1024} MB each)",
                               file_count="multiple", type="filepath", elem_id="kb-upload")
             add_uploads = gr.Button("Add uploaded files", elem_id="kb-add-uploads")
         with gr.Column():
