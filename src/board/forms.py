@@ -252,3 +252,8 @@ def mark_error(rows: Sequence[Sequence[Any]], err: MarkError) -> list[list[Any]]
     if key is None and isinstance(err, PathRefusedError):
         key = str(err).split(" ", 1)[0]
     return [[row[0], row[1], str(err) if row[0] == key else "", *row[3:]] for row in rows]
+
+
+def clear_errors(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """The rows with every ``error`` cell empty."""
+    return [[row[0], row[1], "", *row[3:]] for row in rows]

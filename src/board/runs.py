@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from src.board.forms import load_target_config, resolve_config_path, target_configs
+from src.board.forms import check_config_paths, load_target_config, resolve_config_path, target_configs
 from src.board.paths import PathGuard
 from src.core.checkpoint import atomic_write_json
 from src.core.config import REPO_ROOT
@@ -196,8 +196,6 @@ class RunManager:
         config_path = resolve_config_path(target, config, self.guard)
         log_dir = checkpoint_dir = None
         if target != "full-pipeline":
-            from src.board.forms import check_config_paths
-
             cfg = load_target_config(target, config_path, overrides)
             check_config_paths(cfg, self.guard)
             log_dir, checkpoint_dir = str(cfg.paths.log_dir), str(cfg.paths.checkpoint_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from src.board.forms import FORM_COLUMNS, form_rows, mark_error, resolve_config_path, target_configs, validate_form
+from src.board.forms import FORM_COLUMNS, clear_errors, form_rows, mark_error, resolve_config_path, target_configs, validate_form
 from src.board.workspace import Workspace
 from src.core.errors import MarkError
 
@@ -81,7 +81,7 @@ def build(ws: Workspace) -> None:
             record = ws.runs.start(name, path, overrides)
         except MarkError as err:
             return (mark_error(rows, err) if rows else rows), f"**error:** {err}", run_ids()
-        return mark_error(rows, MarkError("")) if rows else rows, f"started `{record.id}`", run_ids(record.id)
+        return clear_errors(rows) if rows else rows, f"started `{record.id}`", run_ids(record.id)
 
     def stop_run(run_id):
         try:
