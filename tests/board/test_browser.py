@@ -184,7 +184,7 @@ def test_every_tab_in_chromium(browser, board_url: str, project: dict) -> None:
     first = _wait(browser, lambda d: _points(_text(d, "train-status")) >= 2 and _text(d, "train-status"), timeout=150, what="curve points")
     _wait(browser, lambda d: _points(_text(d, "train-status")) > _points(first), timeout=90, what="the curve to update")
     assert "running" in first and "src.training.orchestrator train --target=mamba" in first
-    _wait(browser, lambda d: d.find_elements("css selector", "#train-plot canvas, #train-plot svg"), what="the plot")
+    _wait(browser, lambda d: d.find_elements("css selector", "#train-plot img, #train-plot canvas, #train-plot svg"), what="the plot")
     _shot(browser, "train")
     _click(browser, "train-stop")
     _wait(browser, lambda d: "**stopped**" in d.page_source or "stopped" in _text(d, "train-status").split("·")[0], timeout=90,

@@ -4,19 +4,33 @@ watch them (progress, curves from ``metrics.jsonl``, console tail). Logic: ``for
 from __future__ import annotations
 
 import gradio as gr
-import pandas as pd
 
 from src.board.forms import FORM_COLUMNS, clear_errors, form_rows, mark_error, resolve_config_path, target_configs, validate_form
 from src.board.workspace import Workspace
 from src.core.errors import MarkError
 
 
-def curves_frame(curves: dict[str, list[tuple[float, float]]]) -> pd.DataFrame:
-    """The loss curves (train and validation; every curve when there is no loss, e.g. RL
-    rewards) as the line plot reads them: one row per point (``step``, ``value``, ``series``)."""
+def loss_figure(curves: dict[str, list[tuple[float, float]]]):
+    """A matplotlib figure of the loss curves (train and validation; every curve when there is
+    no loss, e.g. RL rewards), or ``None`` before the first points."""
     shown = {name: points for name, points in curves.items() if name.endswith("loss")} or curves
-    rows = [(float(step), float(value), name) for name, points in shown.items() for step, value in points]
-    return pd.DataFrame(rows, columns=["step", "value", "series"]).astype({"step": float, "value": float})
+    if not shown:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for name, points in shown.items():
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(steps) <= 20 else None, markersize=3, linewidth=1.4, label=name)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
 def status_markdown(status: dict) -> str:
@@ -55,7 +69,7 @@ def build(ws: Workspace) -> None:
     run_choice = gr.Dropdown([], label="runs (newest first; every Board tab and process sees the same)", elem_id="train-runs",
                              allow_custom_value=False)
     status = gr.Markdown(elem_id="train-status")
-    plot = gr.LinePlot(x="step", y="value", color="series", label="curves (metrics.jsonl)", elem_id="train-plot", height=300)
+    plot = gr.Plot(label="loss curves (metrics.jsonl)", elem_id="train-plot", format="png")
     output = gr.Textbox(label="console (last lines)", lines=12, max_lines=12, elem_id="train-log", autoscroll=True)
     timer = gr.Timer(2.0)
 
@@ -99,12 +113,12 @@ def build(ws: Workspace) -> None:
 
     def refresh(run_id):
         if not run_id:
-            return "no run selected", curves_frame({}), ""
+            return "no run selected", None, ""
         try:
             state = ws.runs.status(run_id)
         except MarkError as err:
-            return f"**error:** {err}", curves_frame({}), ""
-        return status_markdown(state), curves_frame(state["curves"]), state["output_tail"]
+            return f"**error:** {err}", None, ""
+        return status_markdown(state), loss_figure(state["curves"]), state["output_tail"]
 
     target.change(default_config, target, config).then(load_form, [target, config], [form, message])
     load.click(load_form, [target, config], [form, message])
