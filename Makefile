@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all test-rl-cartpole test-gguf bench data report serve clean
+.PHONY: install demo test test-slow test-all test-ui test-rl-cartpole test-gguf bench data report serve board clean
 
 # torch is installed first, pinned by constraints.txt, so that no dependency pulls a CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -27,6 +27,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow -q
+
+# The Board in a real browser (Debian's chromium + chromium-driver, driven by Selenium); writes docs/board/*.png.
+test-ui: install
+	$(PY) -m pytest tests/board/test_browser.py -m ui -q
 
 # The published-result check: PPO on CartPole-v1 with RL Zoo's tuned hyperparameters (~2 min).
 test-rl-cartpole: install
@@ -53,5 +57,9 @@ report: install
 serve: install
 	$(PY) -m src.api.main
 
+# The web UI on http://127.0.0.1:7860 (BOARD_ARGS="--port 8080 --data-root /data/docs --api-key KEY").
+board: install
+	$(PY) -m src.training.orchestrator board $(BOARD_ARGS)
+
 clean:
-	rm -rf checkpoints logs exports reports pipeline_output
+	rm -rf checkpoints logs exports reports pipeline_output runs

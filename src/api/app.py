@@ -46,10 +46,12 @@ class RequestGuard:
     """ASGI middleware run before routing and body parsing: the API key (``Authorization:
     Bearer <key>`` or ``X-API-Key: <key>``; 401 without it) and the request-size limit (413)."""
 
-    def __init__(self, app, api_key: str | None, max_bytes: int) -> None:
+    def __init__(self, app, api_key: str | None, max_bytes: int, own_guard_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_bytes = max_bytes
+        # Mounted apps that check the key and sizes themselves (the Board: login page, upload limit).
+        self.own_guard_prefixes = own_guard_prefixes
 
     async def _reject(self, send, status: int, message: str, type: str, headers: dict | None = None) -> None:
         body = json.dumps(error_body(status, message, type)).encode()
@@ -66,7 +68,7 @@ class RequestGuard:
         return supplied is not None and hmac.compare_digest(supplied, self.api_key)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.own_guard_prefixes):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.api_key is not None and scope.get("path") not in OPEN_PATHS and not self._authorized(headers):
@@ -285,6 +287,12 @@ def create_app(settings: ServerSettings | None = None, service: ModelService | N
     app.include_router(mark.router)
     app.include_router(openai_compat.router)
     install_openapi(app, service)
-    app.add_middleware(RequestGuard, api_key=settings.api_key, max_bytes=settings.max_request_bytes)
+    board_prefixes: tuple[str, ...] = ()
+    if settings.board:
+        from src.board.app import BOARD_PATH, mount_board
+
+        mount_board(app, service)  # shares this service's loaded models; asks for the same API key
+        board_prefixes = (BOARD_PATH,)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_bytes=settings.max_request_bytes, own_guard_prefixes=board_prefixes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 401s and 413s too
     return app

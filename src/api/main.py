@@ -1,7 +1,7 @@
 """Serve MARK's trained models over HTTP.
 
     python -m src.api.main [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-        [--checkpoints-dir checkpoints] [--export-dir DIR] [--device auto|cpu|cuda]
+        [--checkpoints-dir checkpoints] [--export-dir DIR] [--device auto|cpu|cuda] [--board]
 
 Endpoints: ``GET /health``, ``GET /models``, ``GET /metrics`` (Prometheus), ``POST /rag-search``,
 ``POST /generate``, ``POST /classify``, ``POST /query``, ``POST /tokenize``, ``POST /detokenize``,
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(float32 on the CPU), else eager; compile = torch.compile when each worker starts (30-100 s once)",
     )
     parser.add_argument("--compile-decoder", action="store_true", help="the same as --decoder compile")
+    parser.add_argument("--board", action="store_true", help="also serve the MARK Board (web UI) at /board, on the same models")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -82,6 +83,7 @@ def settings_from_args(args: argparse.Namespace):
         preload=not args.no_preload,
         request_timeout_s=args.request_timeout or None,
         decoder="compile" if args.compile_decoder else args.decoder,
+        board=args.board,
     )
 
 

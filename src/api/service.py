@@ -62,6 +62,7 @@ class ServerSettings:
     # The language models' decoding step (src.mamba.generate.Decoder): auto = MARK's native
     # CPU kernel where the model allows it, else eager; compile = torch.compile at start-up.
     decoder: str = "auto"
+    board: bool = False  # also serve the MARK Board (web UI) at /board
 
 MAX_EVIDENCE_CANDIDATES = 64
 SENTENCE_CACHE_SIZE = 20_000

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from src.core.errors import MarkError
+from src.core.errors import MarkError, TrainingStopped
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_config: str, evaluate: bool = False) -> None:
@@ -32,7 +32,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         main(argv)
     except MarkError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{'stopped' if isinstance(err, TrainingStopped) else 'error'}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -43,3 +43,10 @@ class UnreadableFileError(DataError):
 
     def __reduce__(self):  # picklable (Ray workers send it back to the driver)
         return (type(self), (self.path, self.reason))
+
+
+class TrainingStopped(MarkError):
+    """A run stopped on request (SIGTERM) after saving a resumable checkpoint; exit code 143
+    (128 + SIGTERM), so a caller tells a requested stop from a failure."""
+
+    exit_code = 143

@@ -12,7 +12,9 @@ What lives here, once:
   with a LoRA adapter, :mod:`src.training.adapters`, only the adapter: what trains), optimizer,
   scheduler, grad scaler, RNG states, epoch, step and the position in the data, written
   atomically; ``resume=True`` continues from the exact step of the latest one;
-* progress bar, ``train.log`` and ``metrics.jsonl``.
+* progress bar, ``train.log`` and ``metrics.jsonl``;
+* SIGTERM (the Board's Stop, ``kill``): the step in progress finishes, a resumable
+  ``checkpoint_step_N.pt`` is written and :class:`TrainingStopped` (exit code 143) is raised.
 
 Exact resume: the order of the training data is a function of (seed, epoch) only (see
 :class:`ResumableBatchSampler`), the DataLoader draws no numbers from the global RNG, and
@@ -23,6 +25,9 @@ the batches and random numbers the uninterrupted run would have used.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,7 +46,7 @@ from src.core.checkpoint import (
     write_latest_pointer,
 )
 from src.core.config import config_to_dict, save_config
-from src.core.errors import CheckpointError, DataError
+from src.core.errors import CheckpointError, DataError, TrainingStopped
 from src.core.logging import MetricsLogger, setup_logging
 from src.core.runtime import (
     capture_rng_state,
@@ -437,6 +442,7 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         task.name, len(task.train_dataset), batches_per_epoch, tcfg.batch_size, world, total_steps,
         accelerator.device, accelerator.mixed_precision,
     )
+    stop = _StopOnSigterm()
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {task.name}", disable=not is_main, dynamic_ncols=True)
     window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     done = state["step"] >= total_steps or state["stopped_early"]
@@ -498,6 +504,13 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
                 last_checkpoint = save_resumable(ckpt_dir / f"checkpoint_step_{state['step']}.pt")
             if done:
                 break
+            if stop.requested(accelerator):
+                path = save_resumable(ckpt_dir / f"checkpoint_step_{state['step']}.pt")
+                stop.restore()
+                progress.close()
+                metrics_log.close()
+                log.info("stopped by SIGTERM at step %d: %s (continue with --resume)", state["step"], path)
+                raise TrainingStopped(f"stopped by SIGTERM at step {state['step']}/{total_steps}; checkpoint {path} (continue with --resume)")
         if state["batch_in_epoch"] >= batches_per_epoch:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
@@ -507,6 +520,7 @@ def fit(task: TrainTask, cfg: Any, resume: bool = False) -> TrainResult:
         elif done and not state["stopped_early"]:  # max_steps reached mid-epoch
             evaluate()
             last_checkpoint = save_resumable(ckpt_dir / f"checkpoint_step_{state['step']}.pt")
+    stop.restore()
     progress.close()
     if patience and state["best_metric"] is not None and best_path.exists():
         last_metrics = _restore_best(accelerator, task.model, best_path, kind, log)
@@ -540,6 +554,34 @@ def _restore_best(accelerator, model: nn.Module, best_path: Path, kind: str, log
         load_trainable_state(model, best["model"], best_path)  # an adapted model's hold only the adapter
         log.info("restored the best weights (step %s) from %s", best.get("step"), best_path)
     return dict(best.get("metrics", {}))
+
+
+class _StopOnSigterm:
+    """While training, SIGTERM only asks to stop: the loop checks :meth:`requested` at each
+    optimizer-step boundary (where a checkpoint is exact). Installed only in the main thread
+    (Python delivers signals there); the previous handler comes back with :meth:`restore`."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag:  # a second SIGTERM (or one after a failed fit left this installed): end now
+            self.restore()
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.flag = True
+
+    def requested(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.flag
+        return _sum_across(accelerator, float(self.flag)) > 0  # every process stops at the same step
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+            self.installed = False
 
 
 def _accumulate_gradients(task: TrainTask, model, accelerator, group: list[Batch], world: int) -> tuple[float, float, int]:

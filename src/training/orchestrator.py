@@ -6,6 +6,7 @@ Also installed as the ``mark`` console command (``mark train --target=mamba``).
 ``export`` writes a trained model for transformers or llama.cpp (``mark export --model mamba
 --format gguf --output exports/``). ``ingest`` adds files and folders to a RAG index
 (``mark ingest docs/ --index checkpoints/rag --sync``; :func:`src.rag.ingest.ingest`).
+``board`` serves the web UI (``mark board --port 7860``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ examples:
   python -m src.training.orchestrator export --model mamba --format hf --output exports/mamba-hf
   python -m src.training.orchestrator export --model rlhf --format gguf --dtype f16 --output exports/
   python -m src.training.orchestrator export --model transformer --format hf --output exports/classifier-hf --source pipeline_output/export
+  python -m src.training.orchestrator board --port 7860 --data-root /data/docs
 
 options a target knows beyond these (e.g. full-pipeline's --stages) are passed through to it.
 """
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.format(targets=targets),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,export,ingest}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,export,ingest,board}")
     train = sub.add_parser(
         "train",
         help="train a target",
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--ray-address", help="join this Ray cluster (--engine ray; default: start a local one)")
     ingest.add_argument("--config", help="a RAG config (embedding model, chunking, index type, batch size; default: configs/rag_indexer.yaml)")
     ingest.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of the embedding model")
+    # Its own options (``mark board --help``) are parsed by src.board.app.
+    sub.add_parser("board", help="web UI: train, watch runs, search, chat, rate answers, export (Gradio)", add_help=False)
     return parser
 
 
@@ -173,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> object:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return run_ingest(args)
+    if args.command == "board":
+        from src.board.app import main as board_main
+
+        return board_main(extra)
     module = load_target(args.target)
     return module.main(target_argv(args, extra))
 
