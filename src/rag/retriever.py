@@ -1,4 +1,4 @@
-"""Search a :class:`~src.rag.indexer.RagIndex`: dense, BM25, or both fused (RRF).
+"""Search a :class:`~src.rag.indexer.RagIndex`: dense, BM25, or both fused (RRF or convex).
 
 Every ranking is over documents: a document's score is its best chunk's score (MaxP),
 and the result carries that chunk's text. Modes:
@@ -8,6 +8,9 @@ and the result carries that chunk's text. Modes:
   term score 0 and are not returned.
 * ``hybrid``: reciprocal rank fusion of the two rankings,
   ``score = sum over rankings of 1 / (rrf_k + rank)``, each ranking cut at ``candidates``.
+* ``convex-<w>`` (``w`` in 0, 0.25, 0.5, 0.75, 1): ``w * norm(dense) + (1 - w) * norm(bm25)``
+  with min-max normalisation over the union of the two rankings cut at ``candidates``
+  (exact scores of every candidate in both), see :mod:`src.rag.fusion`.
 
 Other components (RL environment, API server) open an index with :func:`load_rag_index`.
 """
@@ -23,9 +26,10 @@ import numpy as np
 
 from src.core.errors import ConfigError
 from src.rag.config import RagRetrievalConfig, SearchMode
+from src.rag.fusion import CONVEX_MODES, convex_fusion, convex_weight, reciprocal_rank_fusion
 from src.rag.indexer import RagIndex
 
-SEARCH_MODES = ("dense", "bm25", "hybrid")
+SEARCH_MODES = ("dense", "bm25", "hybrid", *CONVEX_MODES)
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Retriever:
         self.index = index
         self.config = config or RagRetrievalConfig()
         self._bm25 = None
+        self._bm25_df: dict[str, int] = {}
         self._bm25_version = -1
         self._bm25_lock = threading.Lock()  # a server may search from several threads
 
@@ -123,10 +128,14 @@ class Retriever:
             if self._bm25 is None or self._bm25_version != self.index.version:
                 texts = [chunk["text"] for chunk in self.index.chunks]
                 bm25 = bm25s.BM25(k1=self.config.bm25_k1, b=self.config.bm25_b)
+                df: dict[str, int] = {}
                 if texts:
                     tokens = bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
                     bm25.index(tokens, show_progress=False)
-                self._bm25, self._bm25_version = bm25, self.index.version
+                    for chunk_tokens in tokens:
+                        for term in set(chunk_tokens):
+                            df[term] = df.get(term, 0) + 1
+                self._bm25, self._bm25_df, self._bm25_version = bm25, df, self.index.version
             return self._bm25
 
     def bm25_chunk_scores(self, query: str) -> np.ndarray:
@@ -155,6 +164,25 @@ class Retriever:
         hits.sort(key=lambda s: -s.score)
         return hits[:depth]
 
+    def keyword_ranking(self, query: str, depth: int) -> list[DocScore]:
+        """Top ``depth`` documents by best-chunk BM25; only documents scoring above 0."""
+        return self.bm25_ranking(self.bm25_doc_scores(self.bm25_chunk_scores(query)), depth)
+
+    def keyword_scores(self, query: str, doc_ids: list[str]) -> dict[str, DocScore]:
+        """Best-chunk BM25 of ``query`` for each of ``doc_ids``; documents scoring 0 are omitted."""
+        scores = self.bm25_doc_scores(self.bm25_chunk_scores(query))
+        return {d: scores[d] for d in doc_ids if d in scores and scores[d].score > 0}
+
+    def keyword_document_frequencies(self, query: str) -> tuple[int, dict[str, int]]:
+        """``(units, {term: df})``: how many units (chunks) the keyword index holds, and for each
+        of ``query``'s terms (the index's own tokenisation, stopwords dropped) in how many of
+        them it occurs (0: not in the index's vocabulary). Enough for IDF and OOV statistics."""
+        import bm25s
+
+        self._bm25_index()
+        terms = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+        return self.index.num_chunks, {t: self._bm25_df.get(t, 0) for t in dict.fromkeys(terms)}
+
     def score_documents(
         self, query: str, doc_ids: list[str], query_vector: np.ndarray | None = None
     ) -> dict[str, tuple[float, float]]:
@@ -176,7 +204,7 @@ class Retriever:
     ) -> list[SearchResult]:
         """The ``top_k`` best documents for ``query``, best first.
 
-        ``mode`` (``dense`` | ``bm25`` | ``hybrid``) and ``top_k`` default to the config.
+        ``mode`` (``dense`` | ``bm25`` | ``hybrid`` | ``convex-<w>``) and ``top_k`` default to the config.
         ``query_vector`` reuses an embedding from :meth:`embed_queries`. With
         ``all_scores=True`` every result carries both its dense and its BM25 score.
         """
@@ -186,8 +214,8 @@ class Retriever:
         top_k = top_k or self.config.top_k
         if top_k <= 0:
             raise ConfigError(f"top_k must be positive (got {top_k})")
-        need_dense = mode in ("dense", "hybrid") or all_scores
-        need_bm25 = mode in ("bm25", "hybrid") or all_scores
+        need_dense = mode != "bm25" or all_scores
+        need_bm25 = mode != "dense" or all_scores
         if need_dense and query_vector is None:
             query_vector = self.embed_queries([query])[0]
 
@@ -200,14 +228,17 @@ class Retriever:
             depth = max(self.config.candidates, top_k)
             dense = self.dense_ranking(query_vector, depth)
             sparse = self.bm25_ranking(bm25_docs, depth)
-            fused: dict[str, float] = {}
-            for ranking in (dense, sparse):
-                for rank, hit in enumerate(ranking, start=1):
-                    fused[hit.doc_id] = fused.get(hit.doc_id, 0.0) + 1.0 / (self.config.rrf_k + rank)
             best_chunk = {hit.doc_id: hit.chunk_id for hit in reversed(sparse)}
             best_chunk.update({hit.doc_id: hit.chunk_id for hit in dense})  # prefer the dense passage
-            order = sorted(fused, key=lambda d: -fused[d])[:top_k]
-            ranked = [(doc_id, fused[doc_id], best_chunk[doc_id]) for doc_id in order]
+            weight = convex_weight(mode)
+            if weight is None:
+                fused = reciprocal_rank_fusion([[h.doc_id for h in dense], [h.doc_id for h in sparse]], self.config.rrf_k)
+            else:  # exact scores of every candidate in both rankings, then normalise and blend
+                candidates = list(best_chunk)
+                dense_all = {d: s.score for d, s in self.dense_scores(query_vector, candidates).items()}
+                keyword_all = {d: bm25_docs[d].score for d in candidates if d in bm25_docs and bm25_docs[d].score > 0}
+                fused = convex_fusion(dense_all, keyword_all, weight)
+            ranked = [(doc_id, score, best_chunk[doc_id]) for doc_id, score in fused[:top_k]]
 
         dense_docs = self.dense_scores(query_vector, [d for d, _, _ in ranked]) if need_dense else {}
         results = []
