@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from src.core.config import BaseConfig, PathsConfig, StrictModel, SystemConfig
+from src.rag.config import SearchMode
 
 RETRIEVAL_ENV_ID = "mark-retrieval"
 Schedule = Literal["constant", "linear"]
@@ -54,7 +55,9 @@ class RLTrainingConfig(StrictModel):
 
 class RLEnvConfig(StrictModel):
     id: str = Field(RETRIEVAL_ENV_ID, description=f"'{RETRIEVAL_ENV_ID}' or any registered Gymnasium id, e.g. CartPole-v1")
-    modes: list[Literal["dense", "bm25", "hybrid"]] = Field(default_factory=lambda: ["dense", "bm25", "hybrid"], min_length=1)
+    modes: list[SearchMode] = Field(
+        default_factory=lambda: ["dense", "bm25", "hybrid"], min_length=1,
+        description="search modes an action may use: dense, bm25, hybrid (RRF), convex-<w> (w in 0, 0.25, 0.5, 0.75, 1)")
     k_choices: list[int] = Field(default_factory=lambda: [1, 3, 5, 10], min_length=1, description="how many documents an action may retrieve")
     cost_per_extra_doc: float = Field(0.02, ge=0, description="reward cost of each retrieved document beyond the first")
     heldout_fraction: float = Field(

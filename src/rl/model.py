@@ -23,7 +23,8 @@ from torch import nn
 
 from src.core.errors import CheckpointError
 from src.core.logging import get_logger
-from src.rl.retrieval_env import QueryObservation, RetrievalAction, retrieval_signals
+from src.rl.features import query_features
+from src.rl.retrieval_env import QueryObservation, RetrievalAction
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -122,12 +123,12 @@ def retrieval_actions(policy: RLPolicy) -> list[RetrievalAction]:
 
 def retrieval_observation(policy: RLPolicy, retriever: Any, query: str) -> np.ndarray:
     """The observation the retrieval policy expects for ``query``, computed with ``retriever``."""
-    actions = retrieval_actions(policy)
+    retrieval_actions(policy)  # a policy of another environment is a one-line error
     trained_on = policy.env_info.get("corpus_checksum")
     if trained_on and getattr(getattr(retriever, "index", None), "corpus_checksum", trained_on) != trained_on:
         log.warning("the retriever's index is not the one the RL policy was trained on; its choices may be off")
     vector = retriever.embed_queries([query])[0]
-    signals, _ = retrieval_signals(retriever, query, vector, max(a.k for a in actions))
+    signals = query_features(retriever, query, vector)
     return QueryObservation.from_state(policy.env_info["observation"])(vector, signals)[0]
 
 
