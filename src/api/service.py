@@ -75,6 +75,8 @@ class Answer:
     used: list[Passage]
     model: str = "mamba"  # the language model that answered
     evidence: list[Evidence] = field(default_factory=list)
+    mode: str | None = None  # the search mode used
+    strategy: str | None = None  # mode auto: the retrieval policy's mode@k
 
 
 def split_sentences(text: str, min_chars: int = 12) -> list[str]:
@@ -194,16 +196,40 @@ class ModelService:
                 f"the prompt is {len(ids)} tokens; this server reads at most {self.settings.max_prompt_tokens}"
             )
 
-    async def search(self, query: str, top_k: int, mode: str | None = None) -> tuple[str, list]:
-        """``(mode used, SearchResults)`` for ``query``; the query is embedded by the shared encoder worker."""
+    def retrieval_policy(self):
+        """The trained retrieval policy (``<checkpoints>/rl/final_model.pt``), loaded once; a
+        ``NotTrainedError`` naming the command that trains it when there is none."""
+        from src.rl.load import load_rl_policy
+
+        def build():
+            path = self.settings.checkpoints_dir / "rl" / "final_model.pt"
+            if not path.is_file():
+                raise NotTrainedError(
+                    f"mode auto needs a trained retrieval policy, and {path} does not exist: train one with "
+                    "`python -m src.scripts.train_rl --config configs/rl_train.yaml` (or use mode dense, bm25, hybrid, convex-<w>)")
+            return load_rl_policy(path)
+
+        return self._worker("retrieval-policy", build)
+
+    async def search(self, query: str, top_k: int, mode: str | None = None) -> tuple[str, list, str | None]:
+        """``(mode used, SearchResults, strategy)`` for ``query``; the query is embedded by the
+        shared encoder worker. ``mode="auto"``: the retrieval policy picks the mode and how many
+        documents (at most ``top_k``); ``strategy`` is its choice as ``mode@k`` (else ``None``)."""
         retriever = await run_in_threadpool(self.retriever)
+        policy = await run_in_threadpool(self.retrieval_policy) if mode == "auto" else None
         mode = mode or retriever.config.mode
         vector = None
         if mode != "bm25":
             embedder = await self.aembedder()
             vector = (await embedder.arun([query]))[0][0]
+        strategy = None
+        if policy is not None:
+            from src.rl.model import choose_retrieval_action
+
+            choice = await run_in_threadpool(choose_retrieval_action, policy, retriever, query, vector)
+            mode, top_k, strategy = choice.mode, min(top_k, choice.k), choice.label
         hits = await run_in_threadpool(retriever.search, query, top_k, mode, vector)
-        return mode, hits
+        return mode, hits, strategy
 
     async def answer(
         self, query: str, top_k: int, model: str | None, params: GenerationParams, mode: str | None = None, evidence_k: int = 3
@@ -212,7 +238,7 @@ class ModelService:
         or ``"auto"``: the aligned model when trained, else the base model."""
         model = self.registry.answer_model(model)
         worker = await self.agenerator(model)  # fail fast (503) before searching when the LM is missing
-        _, hits = await self.search(query, top_k, mode)
+        mode, hits, strategy = await self.search(query, top_k, mode)
         used = select_passages([Passage(h.doc_id, h.text) for h in hits])
         prompt = grounded_prompt(query, used)
         params = replace(params, stop=tuple(params.stop) + ANSWER_STOP)
@@ -220,7 +246,7 @@ class ModelService:
             worker.agenerate(self.prompt_ids(worker, prompt), params),
             self.evidence(query, hits, evidence_k),
         )
-        return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence)
+        return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence, mode=mode, strategy=strategy)
 
     async def evidence(self, query: str, hits: list, k: int) -> list[Evidence]:
         """The ``k`` sentences of the retrieved chunks most similar to ``query`` under the RAG
