@@ -89,15 +89,17 @@ def run_policy(name: str, seed: int, queries: str, overrides: dict, tag: str = "
         "data.rag_index_dir": index_dir, "data.eval_file": eval_file, "data.documents_file": documents,
         "paths.checkpoint_dir": run_dir / "ckpt", "paths.log_dir": run_dir / "logs",
         "system.seed": seed, "system.device": "cpu", "env.queries": queries, "training.show_progress": "false",
+        "env.synthetic.seed": 0,
         **overrides,
     }
-    shared_table = WORK / name / "labeled_table.pt"
-    if queries == "labeled" and shared_table.is_file():  # same index, queries and actions for every seed
+    # Same index, queries and actions for every seed (synthetic queries from one fixed seed): one table.
+    shared_table = WORK / name / f"{queries}{tag}_table.pt"
+    if shared_table.is_file():
         (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
         shutil.copy(shared_table, run_dir / "ckpt" / TABLE_FILE)
     cfg = load_config(REPO / "configs" / "rl_train.yaml", RLConfig, [f"{k}={v}" for k, v in values.items()])
     rl_train.run(cfg)
-    if queries == "labeled" and not shared_table.is_file():
+    if not shared_table.is_file():
         shutil.copy(run_dir / "ckpt" / TABLE_FILE, shared_table)
     report = json.loads((run_dir / "ckpt" / "eval_metrics.json").read_text())
     test = report["test_split"]

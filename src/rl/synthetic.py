@@ -65,12 +65,13 @@ def document_sentences(text: str) -> list[str]:
 
 def thin_words(text: str, keep_shared: float, rng: np.random.Generator) -> str:
     """``text`` with each content word kept with probability ``keep_shared`` (stopwords always
-    kept; at least ``MIN_KEPT_WORDS`` content words stay, the first ones drawn if needed)."""
+    kept; at least ``MIN_KEPT_WORDS`` content words stay, topped up at random if needed)."""
     words = text.split()
     content = [i for i, w in enumerate(words) if w.lower().strip(".,;:!?()[]\"'") not in STOPWORDS]
     keep = rng.random(len(content)) < keep_shared
-    if keep.sum() < min(MIN_KEPT_WORDS, len(content)):
-        keep[rng.permutation(len(content))[:MIN_KEPT_WORDS]] = True
+    missing = min(MIN_KEPT_WORDS, len(content)) - int(keep.sum())
+    if missing > 0:  # top up with randomly chosen dropped words
+        keep[rng.permutation(np.flatnonzero(~keep))[:missing]] = True
     dropped = {i for i, kept in zip(content, keep) if not kept}
     return " ".join(w for i, w in enumerate(words) if i not in dropped)
 

@@ -155,7 +155,7 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
     if env_cfg.queries != "labeled":
         syn = env_cfg.synthetic
         synthetic = synthetic_queries(read_documents(synthetic_documents_file(cfg)), syn.source, syn.keep_shared,
-                                      syn.per_document, cfg.system.seed, syn.max_queries)
+                                      syn.per_document, cfg.system.seed if syn.seed is None else syn.seed, syn.max_queries)
     table = load_or_build_retrieval_table(
         cfg.data.rag_index_dir,
         cfg.data.eval_file,
