@@ -41,7 +41,9 @@ EMBEDDING_MODEL_MARK = "x-mark-embedding-model"
 LANGUAGE_MODEL_IDS = ["mamba", "rlhf"]
 
 LanguageModelName = Literal["mamba", "rlhf"]
-SearchModeName = Literal["dense", "bm25", "hybrid"]
+SearchModeName = Literal["dense", "bm25", "hybrid", "convex-0", "convex-0.25", "convex-0.5", "convex-0.75", "convex-1", "auto"]
+SEARCH_MODE_HELP = ("dense | bm25 | hybrid (RRF) | convex-<w> (score fusion, w in 0, 0.25, 0.5, 0.75, 1) | auto (the trained "
+                    "retrieval policy picks the mode and how many documents, at most top_k); default: the index's config")
 
 
 # "Not blank" is a regular expression so that the OpenAPI schema states it (``pattern``) and
@@ -148,7 +150,7 @@ class ModelsResponse(BaseModel):
 class RagSearchRequest(StrictRequest):
     query: Query
     top_k: Int = Field(5, ge=1, le=MAX_TOP_K)
-    mode: Optional[SearchModeName] = Field(None, description="dense | bm25 | hybrid (default: the index's config)")
+    mode: Optional[SearchModeName] = Field(None, description=SEARCH_MODE_HELP)
 
 
 class SearchHit(BaseModel):
@@ -165,7 +167,8 @@ class SearchHit(BaseModel):
 
 class RagSearchResponse(BaseModel):
     query: str
-    mode: str
+    mode: str = Field(description="the search mode used (with mode auto: the one the retrieval policy chose)")
+    strategy: Optional[str] = Field(None, description="mode auto: the policy's choice as mode@k, else null")
     results: list[SearchHit]
     took_ms: float
 
@@ -232,7 +235,7 @@ class QueryRequest(StrictRequest):
     top_k: Int = Field(3, ge=1, le=MAX_QUERY_TOP_K)
     # None: the aligned (RLHF) model when one is trained, else the base Mamba (ModelRegistry.answer_model).
     model: Optional[LanguageModelName] = None
-    mode: Optional[SearchModeName] = None
+    mode: Optional[SearchModeName] = Field(None, description=SEARCH_MODE_HELP)
     max_new_tokens: Int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
@@ -257,6 +260,8 @@ class QueryResponse(BaseModel):
     doc_ids: list[str] = Field(description="the documents whose text was in the prompt, best first")
     sources: list[SearchHit] = Field(description="everything retrieved (top_k), best first")
     model: str
+    mode: Optional[str] = Field(None, description="the search mode used (with mode auto: the one the retrieval policy chose)")
+    strategy: Optional[str] = Field(None, description="mode auto: the retrieval policy's choice as mode@k, else null")
     finish_reason: Literal["stop", "length"]
     took_ms: float
 

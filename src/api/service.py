@@ -89,6 +89,8 @@ class Answer:
     used: list[Passage]
     model: str = "mamba"  # the language model that answered
     evidence: list[Evidence] = field(default_factory=list)
+    mode: str | None = None  # the search mode used
+    strategy: str | None = None  # mode auto: the retrieval policy's mode@k
 
 
 def split_sentences(text: str, min_chars: int = 12) -> list[str]:
@@ -238,22 +240,45 @@ class ModelService:
                 f"the prompt is {len(ids)} tokens; this server reads at most {self.settings.max_prompt_tokens}"
             )
 
-    async def search(self, query: str, top_k: int, mode: str | None = None) -> tuple[str, list]:
-        """``(mode used, SearchResults)`` for ``query``; the query is embedded in the
-        embedding workers' interactive lane."""
-        mode, hits, _ = await self._search(query, top_k, mode)
-        return mode, hits
+    def retrieval_policy(self):
+        """The trained retrieval policy (``<checkpoints>/rl/final_model.pt``), loaded once; a
+        ``NotTrainedError`` naming the command that trains it when there is none."""
+        from src.rl.load import load_rl_policy
 
-    async def _search(self, query: str, top_k: int, mode: str | None) -> tuple[str, list, np.ndarray | None]:
-        """:meth:`search`, and the query's vector (None in ``bm25`` mode)."""
+        def build():
+            path = self.settings.checkpoints_dir / "rl" / "final_model.pt"
+            if not path.is_file():
+                raise NotTrainedError(
+                    f"mode auto needs a trained retrieval policy, and {path} does not exist: train one with "
+                    "`python -m src.scripts.train_rl --config configs/rl_train.yaml` (or use mode dense, bm25, hybrid, convex-<w>)")
+            return load_rl_policy(path)
+
+        return self._worker("retrieval-policy", build)
+
+    async def search(self, query: str, top_k: int, mode: str | None = None) -> tuple[str, list, str | None]:
+        """``(mode used, SearchResults, strategy)`` for ``query``; the query is embedded in the
+        embedding workers' interactive lane. ``mode="auto"``: the retrieval policy picks the mode
+        and how many documents (at most ``top_k``); ``strategy`` is its choice as ``mode@k`` (else ``None``)."""
+        mode, hits, _, strategy = await self._search(query, top_k, mode)
+        return mode, hits, strategy
+
+    async def _search(self, query: str, top_k: int, mode: str | None) -> tuple[str, list, np.ndarray | None, str | None]:
+        """:meth:`search`, with the query's vector (None in ``bm25`` mode) before the strategy."""
         retriever = await run_in_threadpool(self.retriever)
+        policy = await run_in_threadpool(self.retrieval_policy) if mode == "auto" else None
         mode = mode or retriever.config.mode
         vector = None
         if mode != "bm25":
             vector = await self.embed_query(query)
+        strategy = None
+        if policy is not None:
+            from src.rl.model import choose_retrieval_action
+
+            choice = await run_in_threadpool(choose_retrieval_action, policy, retriever, query, vector)
+            mode, top_k, strategy = choice.mode, min(top_k, choice.k), choice.label
         # In a worker thread: the event loop goes on serving while FAISS / BM25 search.
         hits = await run_in_threadpool(retriever.search, query, top_k, mode, vector)
-        return mode, hits, vector
+        return mode, hits, vector, strategy
 
     async def embed_query(self, query: str) -> np.ndarray:
         """``query``'s vector, from the interactive lane."""
@@ -267,7 +292,7 @@ class ModelService:
         or ``"auto"``: the aligned model when trained, else the base model."""
         model = self.registry.answer_model(model)
         worker = await self.agenerator(model)  # fail fast (503) before searching when the LM is missing
-        _, hits, vector = await self._search(query, top_k, mode)
+        mode, hits, vector, strategy = await self._search(query, top_k, mode)
         used = select_passages([Passage(h.doc_id, h.text) for h in hits])
         prompt = grounded_prompt(query, used)
         params = replace(params, stop=tuple(params.stop) + ANSWER_STOP)
@@ -275,7 +300,7 @@ class ModelService:
             worker.agenerate(self.prompt_ids(worker, prompt), params),
             self.evidence(query, hits, evidence_k, vector),
         )
-        return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence)
+        return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence, mode=mode, strategy=strategy)
 
     async def evidence(self, query: str, hits: list, k: int, query_vector: np.ndarray | None = None) -> list[Evidence]:
         """The ``k`` sentences of the retrieved chunks most similar to ``query`` under the RAG

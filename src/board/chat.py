@@ -91,7 +91,7 @@ async def prepare(models: ChatModels, question: str, history: Sequence[tuple[str
     hits: list = []
     evidence: list = []
     if rag:
-        _, hits = await service.search(question, top_k, mode)
+        _, hits, _ = await service.search(question, top_k, mode)
         evidence = await service.evidence(question, hits, evidence_k)
     used = select_passages([Passage(h.doc_id, h.text) for h in hits])
     return grounded_prompt(question, used, history), evidence, hits

@@ -146,9 +146,10 @@ class KnowledgeBase:
         """Hits of ``query`` as the API's ``/rag-search`` finds them, with the matched text highlighted."""
         if not query.strip():
             raise DataError("empty query")
-        _, hits = await self.service.search(query, top_k, mode)
+        used, hits, strategy = await self.service.search(query, top_k, mode)
         return [
             {
+                "mode": used, "strategy": strategy,  # strategy: the retrieval policy's choice in mode auto
                 "rank": h.rank, "doc_id": h.doc_id, "source": (h.metadata or {}).get("source", (h.metadata or {}).get("title", "")),
                 "score": round(float(h.score), 4), "dense_score": h.dense_score, "bm25_score": h.bm25_score,
                 "text": h.text, "highlighted": highlight(h.text, query),

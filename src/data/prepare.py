@@ -11,6 +11,8 @@ format MARK trains on (see ``data/README.md`` for what each file holds):
     classification_{train,val,test}.jsonl {text, label}          docstring -> module topic
     labels.json                         ordered label names
     rag_eval.jsonl                      {query, relevant_docs}   question -> module document
+    rag_eval_hard.jsonl                 {query, relevant_docs}   the questions reworded away from the
+                                                                 documents' words (src/data/rag_hard.py)
     sft_{train,val,test}.jsonl          {prompt, response}       "What does X do?" -> summary, and
                                                                  grounded "Context: ... Question: ... Answer:" -> summary
     preferences_{train,val,test}.jsonl  {prompt, chosen, rejected}
@@ -46,6 +48,7 @@ from src.core.cli import run_cli
 from src.core.errors import DataError
 from src.core.logging import get_logger, setup_logging
 from src.data.prompts import Passage, grounded_prompt, select_passages
+from src.data.rag_hard import build_hard_rag_eval
 from src.data.readers import (
     ClassificationExample,
     Document,
@@ -61,7 +64,7 @@ from src.data.readers import (
 )
 
 # Bump when the output for a given Python changes, so existing data is rebuilt.
-GENERATOR_VERSION = 3  # 2: sft/preferences test splits; 3: retrieval-grounded SFT/preference examples
+GENERATOR_VERSION = 4  # 2: sft/preferences test splits; 3: retrieval-grounded SFT/preference examples; 4: rag_eval_hard
 SOURCE = "python-stdlib-docstrings"
 
 # The classification labels, in index order.
@@ -130,6 +133,7 @@ DATA_FILES: dict[str, str] = {
     "classification_test": "classification_test.jsonl",
     "labels": "labels.json",
     "rag_eval": "rag_eval.jsonl",
+    "rag_eval_hard": "rag_eval_hard.jsonl",
     "sft_train": "sft_train.jsonl",
     "sft_val": "sft_val.jsonl",
     "sft_test": "sft_test.jsonl",
@@ -758,6 +762,7 @@ def build_sample_data() -> tuple[dict[str, bytes], dict[str, Any]]:
         "lm_val": lm_val,
         **{f"classification_{split}": _public(examples) for split, examples in classification.items()},
         "rag_eval": rag_eval,
+        "rag_eval_hard": build_hard_rag_eval(rag_eval, documents),
         **sft_and_preferences,
     }
     files = {DATA_FILES[key]: _jsonl_bytes(value) for key, value in records.items()}
@@ -879,6 +884,7 @@ def validate_data_files(output_dir: str | Path = "data", files: Iterable[str] | 
         "classification_val": read_classification,
         "classification_test": read_classification,
         "rag_eval": read_rag_eval,
+        "rag_eval_hard": read_rag_eval,
         "sft_train": read_sft,
         "sft_val": read_sft,
         "sft_test": read_sft,
@@ -909,10 +915,10 @@ def validate_data_files(output_dir: str | Path = "data", files: Iterable[str] | 
                 ok = (0 <= label < len(labels)) if isinstance(label, int) else label in labels
                 if not ok:
                     raise DataError(f"{path}:{lineno}: label {label!r} is not one of {labels}")
-    if "rag_eval" in keys:
+    for key in (k for k in ("rag_eval", "rag_eval_hard") if k in keys):
         if document_ids is None:
             document_ids = {doc.id for doc in read_documents(output_dir / DATA_FILES["documents"])}
-        path = output_dir / DATA_FILES["rag_eval"]
+        path = output_dir / DATA_FILES[key]
         for lineno, obj in _numbered_objects(path):
             for doc_id in obj["relevant_docs"]:
                 if str(doc_id) not in document_ids:

@@ -15,7 +15,8 @@ from pydantic import Field, model_validator
 
 from src.core.config import BaseConfig, ExistingFile, PathsConfig, StrictModel, SystemConfig
 
-SearchMode = Literal["dense", "bm25", "hybrid"]
+# convex-<w>: min-max-normalised dense and BM25 scores fused with dense weight w (src/rag/fusion.py).
+SearchMode = Literal["dense", "bm25", "hybrid", "convex-0", "convex-0.25", "convex-0.5", "convex-0.75", "convex-1"]
 
 
 class RagModelConfig(StrictModel):

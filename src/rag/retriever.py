@@ -1,4 +1,4 @@
-"""Search a :class:`~src.rag.indexer.RagIndex`: dense, BM25, or both fused (RRF).
+"""Search a :class:`~src.rag.indexer.RagIndex`: dense, BM25, or both fused (RRF or convex).
 
 Every ranking is over documents: a document's score is its best chunk's score (MaxP),
 and the result carries that chunk's text. Modes:
@@ -9,6 +9,9 @@ and the result carries that chunk's text. Modes:
   query term score 0 and are not returned.
 * ``hybrid``: reciprocal rank fusion of the two rankings,
   ``score = sum over rankings of 1 / (rrf_k + rank)``, each ranking cut at ``candidates``.
+* ``convex-<w>`` (``w`` in 0, 0.25, 0.5, 0.75, 1): ``w * norm(dense) + (1 - w) * norm(bm25)``
+  with min-max normalisation over the union of the two rankings cut at ``candidates``
+  (exact scores of every candidate in both), see :mod:`src.rag.fusion`.
 
 Other components (RL environment, API server) open an index with :func:`load_rag_index`.
 """
@@ -22,9 +25,10 @@ import numpy as np
 
 from src.core.errors import ConfigError
 from src.rag.config import RagRetrievalConfig, SearchMode
+from src.rag.fusion import CONVEX_MODES, convex_fusion, convex_weight, reciprocal_rank_fusion
 from src.rag.indexer import RagIndex
 
-SEARCH_MODES = ("dense", "bm25", "hybrid")
+SEARCH_MODES = ("dense", "bm25", "hybrid", *CONVEX_MODES)
 
 
 @dataclass
@@ -138,6 +142,15 @@ class Retriever:
                 best[doc_id] = DocScore(doc_id, score, chunk_id)
         return best
 
+    def keyword_document_frequencies(self, query: str) -> tuple[int, dict[str, int]]:
+        """``(units, {term: df})``: how many units (chunks) the keyword index holds, and for each
+        of ``query``'s terms (the index's own tokenisation, stopwords dropped) in how many of
+        them it occurs (0: not in the index's vocabulary), read from the store's keyword index.
+        Enough for IDF and OOV statistics."""
+        from src.rag.store import keyword_terms
+
+        return self.index.num_chunks, self.index.store.document_frequencies(keyword_terms(query))
+
     def score_documents(
         self, query: str, doc_ids: list[str], query_vector: np.ndarray | None = None
     ) -> dict[str, tuple[float, float]]:
@@ -159,7 +172,7 @@ class Retriever:
     ) -> list[SearchResult]:
         """The ``top_k`` best documents for ``query``, best first.
 
-        ``mode`` (``dense`` | ``bm25`` | ``hybrid``) and ``top_k`` default to the config.
+        ``mode`` (``dense`` | ``bm25`` | ``hybrid`` | ``convex-<w>``) and ``top_k`` default to the config.
         ``query_vector`` reuses an embedding from :meth:`embed_queries`. With
         ``all_scores=True`` every result carries both its dense and its BM25 score.
         """
@@ -169,8 +182,8 @@ class Retriever:
         top_k = top_k or self.config.top_k
         if top_k <= 0:
             raise ConfigError(f"top_k must be positive (got {top_k})")
-        need_dense = mode in ("dense", "hybrid") or all_scores
-        need_bm25 = mode in ("bm25", "hybrid") or all_scores
+        need_dense = mode != "bm25" or all_scores
+        need_bm25 = mode != "dense" or all_scores
         if need_dense and query_vector is None:
             query_vector = self.embed_queries([query])[0]
 
@@ -182,14 +195,17 @@ class Retriever:
             depth = max(self.config.candidates, top_k)
             dense = self.dense_ranking(query_vector, depth)
             sparse = self.keyword_ranking(query, depth)
-            fused: dict[str, float] = {}
-            for ranking in (dense, sparse):
-                for rank, hit in enumerate(ranking, start=1):
-                    fused[hit.doc_id] = fused.get(hit.doc_id, 0.0) + 1.0 / (self.config.rrf_k + rank)
             best_chunk = {hit.doc_id: hit.chunk_id for hit in reversed(sparse)}
             best_chunk.update({hit.doc_id: hit.chunk_id for hit in dense})  # prefer the dense passage
-            order = sorted(fused, key=lambda d: -fused[d])[:top_k]
-            ranked = [(doc_id, fused[doc_id], best_chunk[doc_id]) for doc_id in order]
+            weight = convex_weight(mode)
+            if weight is None:
+                fused = reciprocal_rank_fusion([[h.doc_id for h in dense], [h.doc_id for h in sparse]], self.config.rrf_k)
+            else:  # exact scores of every candidate in both rankings, then normalise and blend
+                candidates = list(best_chunk)
+                dense_all = {d: s.score for d, s in self.dense_scores(query_vector, candidates).items()}
+                keyword_all = {d: s.score for d, s in self.keyword_scores(query, candidates).items()}
+                fused = convex_fusion(dense_all, keyword_all, weight)
+            ranked = [(doc_id, score, best_chunk[doc_id]) for doc_id, score in fused[:top_k]]
 
         doc_ids = [d for d, _, _ in ranked]
         dense_docs = self.dense_scores(query_vector, doc_ids) if need_dense else {}

@@ -810,6 +810,14 @@ class ChunkStore:
                 hnsw.hnsw.efSearch = ef_search
 
     # ----------------------------------------------------------------- keywords
+    def document_frequencies(self, terms: Sequence[str]) -> dict[str, int]:
+        """In how many chunks each of ``terms`` occurs (FTS5's vocabulary table; 0 when absent)."""
+        out = {}
+        for term in dict.fromkeys(terms):
+            row = self._one("SELECT doc FROM chunks_vocab WHERE term = ?", (term,))
+            out[term] = int(row[0]) if row else 0
+        return out
+
     def keyword_search(
         self, query: str, limit: int | None, k1: float, b: float, doc_ids: Sequence[str] | None = None
     ) -> list[tuple[int, str, float]]:

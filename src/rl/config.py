@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from src.core.config import BaseConfig, PathsConfig, StrictModel, SystemConfig
+from src.rag.config import SearchMode
 
 RETRIEVAL_ENV_ID = "mark-retrieval"
 Schedule = Literal["constant", "linear"]
@@ -52,9 +53,22 @@ class RLTrainingConfig(StrictModel):
     show_progress: bool = True
 
 
+class SyntheticQueriesConfig(StrictModel):
+    """How training queries are made from the corpus (src/rl/synthetic.py)."""
+
+    source: Literal["title", "sentence"] = Field("sentence", description="a document's title or random sentences of it")
+    keep_shared: float = Field(0.5, gt=0, le=1, description="chance that each content word of the query is kept (thinning)")
+    per_document: int = Field(2, gt=0, description="queries made from each document (sentence source)")
+    max_queries: Optional[int] = Field(500, gt=0, description="a seeded random subset of at most this many (null: all)")
+    seed: Optional[int] = Field(None, description="seed of the generation (null: system.seed); fix it to share one query set, "
+                                "and its cached table, across training seeds")
+
+
 class RLEnvConfig(StrictModel):
     id: str = Field(RETRIEVAL_ENV_ID, description=f"'{RETRIEVAL_ENV_ID}' or any registered Gymnasium id, e.g. CartPole-v1")
-    modes: list[Literal["dense", "bm25", "hybrid"]] = Field(default_factory=lambda: ["dense", "bm25", "hybrid"], min_length=1)
+    modes: list[SearchMode] = Field(
+        default_factory=lambda: ["dense", "bm25", "hybrid"], min_length=1,
+        description="search modes an action may use: dense, bm25, hybrid (RRF), convex-<w> (w in 0, 0.25, 0.5, 0.75, 1)")
     k_choices: list[int] = Field(default_factory=lambda: [1, 3, 5, 10], min_length=1, description="how many documents an action may retrieve")
     cost_per_extra_doc: float = Field(0.02, ge=0, description="reward cost of each retrieved document beyond the first")
     heldout_fraction: float = Field(
@@ -72,6 +86,10 @@ class RLEnvConfig(StrictModel):
         "queries' embeddings beside the retrieval signals (0: signals only, null: the full embedding)",
     )
     cache_tables: bool = Field(True, description="cache the per-query results of every action beside the RL checkpoints")
+    queries: Literal["labeled", "synthetic", "both"] = Field(
+        "labeled", description="what the policy trains on: the labeled queries' train split, queries made from the corpus "
+        "(env.synthetic; no labels needed), or both. The val and test splits are always labeled queries")
+    synthetic: SyntheticQueriesConfig = SyntheticQueriesConfig()
 
     @model_validator(mode="after")
     def _valid_choices(self) -> "RLEnvConfig":
@@ -86,6 +104,9 @@ class RLDataConfig(StrictModel):
     rag_index_dir: Path = Field(Path("checkpoints/rag"), description="the index of `train_rag_indexer` (retrieval env only)")
     eval_file: Path = Field(Path("data/rag_eval.jsonl"), description="queries with relevant docs: JSONL or a BEIR folder")
     beir_split: str = "test"
+    documents_file: Optional[Path] = Field(
+        None, description="documents JSONL synthetic queries are made from (env.queries synthetic | both); "
+        "null: the RAG index's own data.documents_file (its config.yaml)")
 
 
 class RLPathsConfig(PathsConfig):

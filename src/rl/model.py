@@ -23,7 +23,8 @@ from torch import nn
 
 from src.core.errors import CheckpointError
 from src.core.logging import get_logger
-from src.rl.retrieval_env import QueryObservation, RetrievalAction, retrieval_signals
+from src.rl.features import query_features
+from src.rl.retrieval_env import QueryObservation, RetrievalAction
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -120,22 +121,23 @@ def retrieval_actions(policy: RLPolicy) -> list[RetrievalAction]:
     return [RetrievalAction(mode, int(k)) for mode, k in actions]
 
 
-def retrieval_observation(policy: RLPolicy, retriever: Any, query: str) -> np.ndarray:
-    """The observation the retrieval policy expects for ``query``, computed with ``retriever``."""
-    actions = retrieval_actions(policy)
+def retrieval_observation(policy: RLPolicy, retriever: Any, query: str, query_vector: np.ndarray | None = None) -> np.ndarray:
+    """The observation the retrieval policy expects for ``query``, computed with ``retriever``
+    (``query_vector``: the query's embedding when already computed)."""
+    retrieval_actions(policy)  # a policy of another environment is a one-line error
     trained_on = policy.env_info.get("corpus_checksum")
     if trained_on and getattr(getattr(retriever, "index", None), "corpus_checksum", trained_on) != trained_on:
         log.warning("the retriever's index is not the one the RL policy was trained on; its choices may be off")
-    vector = retriever.embed_queries([query])[0]
-    signals, _ = retrieval_signals(retriever, query, vector, max(a.k for a in actions))
+    vector = retriever.embed_queries([query])[0] if query_vector is None else np.asarray(query_vector, dtype=np.float32)
+    signals = query_features(retriever, query, vector)
     return QueryObservation.from_state(policy.env_info["observation"])(vector, signals)[0]
 
 
-def choose_retrieval_action(policy: RLPolicy, retriever: Any, query: str) -> RetrievalAction:
+def choose_retrieval_action(policy: RLPolicy, retriever: Any, query: str, query_vector: np.ndarray | None = None) -> RetrievalAction:
     """The retrieval strategy ``(mode, k)`` the policy picks for ``query``.
 
     ``retriever`` is the :class:`src.rag.retriever.Retriever` of the index the policy was
     trained on (``load_rag_index``). Search with the result:
     ``retriever.search(query, top_k=choice.k, mode=choice.mode)``.
     """
-    return retrieval_actions(policy)[int(policy.act(retrieval_observation(policy, retriever, query)))]
+    return retrieval_actions(policy)[int(policy.act(retrieval_observation(policy, retriever, query, query_vector)))]

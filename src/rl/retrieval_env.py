@@ -1,17 +1,18 @@
 """MARK's retrieval-policy environment: choose how to search for each query.
 
 One episode is one query (a contextual bandit, which is what choosing a retrieval strategy
-per query is). The agent observes the query embedding and retrieval signals (how
-confident dense and BM25 search are and how much they agree), picks an action
-``(mode, k)``: search ``dense``, ``bm25`` or ``hybrid`` and keep the top ``k`` documents,
-and is rewarded
+per query is). The agent observes the query's features (:mod:`src.rl.features`: its terms'
+rarity, how confident dense and BM25 search are and how much they agree; optionally the
+query embedding), picks an action ``(mode, k)``: search ``dense``, ``bm25``, ``hybrid``
+(RRF) or ``convex-<w>`` (score fusion, :mod:`src.rag.fusion`) and keep the top ``k``
+documents, and is rewarded
 
     reward = nDCG@k of the retrieved documents - cost_per_extra_doc * (documents retrieved - 1)
 
 so retrieving more documents only pays when it finds a relevant one the smaller list missed.
 
 Search is far too slow to run inside ``step``. :func:`build_retrieval_table` runs every
-search once per query and records the signals and the nDCG of every action; the
+search once per query and records the features and the nDCG of every action; the
 environment then only looks rows up. :func:`load_or_build_retrieval_table` caches the
 table on disk, keyed by the checksums of the index files and of the eval queries.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,35 +35,22 @@ from src.core.errors import CheckpointError, DataError
 from src.core.logging import get_logger
 from src.rag.eval import EvalQuery, read_eval_queries, retrieval_metrics
 from src.rag.indexer import INDEX_FILE, METADATA_FILE
+from src.rl.features import FEATURE_NAMES, query_features
 
 log = get_logger("rl")
 
 TABLE_KIND = "rl-retrieval-table"
 TABLE_FILE = "retrieval_table.pt"
-# Bump when the signals or the way actions are scored change: cached tables become stale.
-TABLE_VERSION = 1
+# Bump when the features or the way actions are scored change: cached tables become stale.
+TABLE_VERSION = 2  # 2: src/rl/features.py's features, convex-fusion modes, synthetic queries
 
 # The retrieval signals of a query, in observation order (after the embedding, if used).
-SIGNAL_NAMES = (
-    "dense_top1",            # cosine of the best document
-    "dense_top2",            # cosine of the second best
-    "dense_margin",          # top1 - top2: a clear winner or a close call
-    "dense_top1_vs_mean",    # top1 - mean cosine of the top documents
-    "bm25_top1_log",         # log(1 + BM25 score of the best document)
-    "bm25_margin_ratio",     # (top1 - top2) / top1 of BM25
-    "bm25_match_fraction",   # documents sharing a term with the query / all documents
-    "top1_agree",            # 1 if dense and BM25 rank the same document first
-    "overlap_top5",          # shared documents of the two top-5 lists / 5
-    "dense_top1_bm25_rrank",  # 1 / BM25 rank of dense's best document (0: no term shared)
-    "bm25_top1_dense_gap",   # dense top1 cosine - cosine of BM25's best document
-    "hybrid_top1_is_dense",  # 1 if hybrid's best document is dense's best
-    "query_words_log",       # log(1 + words in the query)
-)
+SIGNAL_NAMES = FEATURE_NAMES
 
 
 @dataclass(frozen=True)
 class RetrievalAction:
-    """Search with ``mode`` and keep the top ``k`` documents."""
+    """Search with ``mode`` (``dense``, ``bm25``, ``hybrid`` or ``convex-<w>``) and keep the top ``k`` documents."""
 
     mode: str
     k: int
@@ -78,62 +65,10 @@ def action_table(modes: Sequence[str], k_choices: Sequence[int]) -> list[Retriev
     return [RetrievalAction(mode, int(k)) for mode in modes for k in k_choices]
 
 
-def _rank_of(doc_id: str, scores: dict[str, float]) -> int:
-    """1-based rank of ``doc_id`` by descending score; 0 if it scores 0 (not retrieved)."""
-    own = scores.get(doc_id, 0.0)
-    if own <= 0:
-        return 0
-    return 1 + sum(1 for s in scores.values() if s > own)
-
-
-def retrieval_signals(
-    retriever: Any, query: str, query_vector: np.ndarray, depth: int
-) -> tuple[np.ndarray, dict[str, list[str]]]:
-    """The signals of one query (``SIGNAL_NAMES`` order) and each mode's ranking.
-
-    ``retriever`` is a :class:`src.rag.retriever.Retriever`, ``query_vector`` the query's
-    embedding (from ``retriever.embed_queries``). Returns ``(signals float32 (len(SIGNAL_NAMES),),
-    {"dense"|"bm25"|"hybrid": doc ids best first, at most depth})``. BM25 lists only documents
-    sharing a term with the query, so its list may be shorter.
-    """
-    depth = max(depth, 5)  # the top-5 overlap signal needs five of each
-    results = {mode: retriever.search(query, top_k=depth, mode=mode, query_vector=query_vector) for mode in ("dense", "bm25", "hybrid")}
-    rankings = {mode: [r.doc_id for r in hits] for mode, hits in results.items()}
-    dense_scores = [r.score for r in results["dense"]]
-    bm25_top = [r.score for r in results["bm25"]]
-    num_docs = len(retriever.index.documents)
-    bm25_all = {s.doc_id: s.score for s in retriever.keyword_ranking(query, num_docs)}  # every document sharing a term
-    num_docs = max(num_docs, 1)
-
-    dense_top1 = dense_scores[0] if dense_scores else 0.0
-    dense_top2 = dense_scores[1] if len(dense_scores) > 1 else dense_top1
-    bm25_top1 = bm25_top[0] if bm25_top else 0.0
-    bm25_top2 = bm25_top[1] if len(bm25_top) > 1 else 0.0
-    dense_first = rankings["dense"][0] if rankings["dense"] else None
-    bm25_first = rankings["bm25"][0] if rankings["bm25"] else None
-    hybrid_first = rankings["hybrid"][0] if rankings["hybrid"] else None
-    if bm25_first is not None:
-        bm25_first_cosine = retriever.dense_scores(query_vector, [bm25_first])[bm25_first].score
-    else:
-        bm25_first_cosine = dense_top1
-    dense_rank_in_bm25 = _rank_of(dense_first, bm25_all) if dense_first is not None else 0
-
-    signals = [
-        dense_top1,
-        dense_top2,
-        dense_top1 - dense_top2,
-        dense_top1 - (float(np.mean(dense_scores)) if dense_scores else 0.0),
-        math.log1p(bm25_top1),
-        (bm25_top1 - bm25_top2) / bm25_top1 if bm25_top1 > 0 else 0.0,
-        sum(1 for s in bm25_all.values() if s > 0) / num_docs,
-        float(dense_first is not None and dense_first == bm25_first),
-        len(set(rankings["dense"][:5]) & set(rankings["bm25"][:5])) / 5.0,
-        1.0 / dense_rank_in_bm25 if dense_rank_in_bm25 else 0.0,
-        dense_top1 - bm25_first_cosine,
-        float(hybrid_first is not None and hybrid_first == dense_first),
-        math.log1p(len(query.split())),
-    ]
-    return np.asarray(signals, dtype=np.float32), rankings
+def mode_rankings(retriever: Any, query: str, query_vector: np.ndarray, modes: Sequence[str], depth: int) -> dict[str, list[str]]:
+    """Each mode's top ``depth`` doc ids for ``query`` (``retriever.search``; BM25 lists only
+    documents sharing a term with the query, so its list may be shorter)."""
+    return {mode: [r.doc_id for r in retriever.search(query, top_k=depth, mode=mode, query_vector=query_vector)] for mode in modes}
 
 
 @dataclass
@@ -153,6 +88,11 @@ class RetrievalTable:
     actions: list[RetrievalAction]
     corpus_checksum: str
     key: str = ""
+    synthetic: np.ndarray | None = None  # (Q,) bool: made from the corpus (src/rl/synthetic.py), not labeled
+
+    def __post_init__(self) -> None:
+        if self.synthetic is None:
+            self.synthetic = np.zeros(len(self.queries), dtype=bool)
 
     @property
     def num_queries(self) -> int:
@@ -176,6 +116,7 @@ class RetrievalTable:
             "actions": [[a.mode, a.k] for a in self.actions],
             "signal_names": list(SIGNAL_NAMES),
             "corpus_checksum": self.corpus_checksum,
+            "synthetic": torch.from_numpy(np.asarray(self.synthetic, dtype=bool)),
         }
 
     @classmethod
@@ -189,45 +130,56 @@ class RetrievalTable:
             actions=[RetrievalAction(mode, int(k)) for mode, k in state["actions"]],
             corpus_checksum=state["corpus_checksum"],
             key=state["key"],
+            synthetic=state["synthetic"].numpy().astype(bool),
         )
 
 
 def build_retrieval_table(
-    retriever: Any, queries: Sequence[EvalQuery], actions: Sequence[RetrievalAction], show_progress: bool = False
+    retriever: Any,
+    queries: Sequence[EvalQuery],
+    actions: Sequence[RetrievalAction],
+    show_progress: bool = False,
+    synthetic: Sequence[EvalQuery] = (),
 ) -> RetrievalTable:
     """Run every search once per query and score every action (nDCG@k against its relevant docs).
 
-    The top-``k`` documents of an action are the first ``k`` of its mode's ranking at the
-    largest ``k``: a prefix for dense and BM25 (sorted scores), and for hybrid while the
-    largest ``k`` is at most the retriever's fusion ``candidates`` (each ranking is cut
-    there either way); larger ``k`` are searched on their own.
+    ``queries`` are the labeled queries, ``synthetic`` the corpus-made ones (appended after
+    them; ``table.synthetic`` marks which is which). The top-``k`` documents of an action are
+    the first ``k`` of its mode's ranking at the largest ``k``: a prefix for dense and BM25
+    (sorted scores), and for the fused modes while the largest ``k`` is at most the
+    retriever's fusion ``candidates`` (each ranking is cut there either way); larger ``k``
+    are searched on their own.
     """
-    if not queries:
+    everything = list(queries) + list(synthetic)
+    if not everything:
         raise DataError("the retrieval environment needs at least one query")
     depth = max(a.k for a in actions)
+    modes = list(dict.fromkeys(a.mode for a in actions))
     candidates = int(getattr(retriever.config, "candidates", depth))
-    embeddings = retriever.embed_queries([q.query for q in queries])
-    signals = np.zeros((len(queries), len(SIGNAL_NAMES)), dtype=np.float32)
-    ndcg = np.zeros((len(queries), len(actions)), dtype=np.float32)
-    num_retrieved = np.zeros((len(queries), len(actions)), dtype=np.int64)
-    for qi in tqdm(range(len(queries)), desc="scoring retrieval actions", unit="query", disable=not show_progress):
-        query = queries[qi]
-        signals[qi], rankings = retrieval_signals(retriever, query.query, embeddings[qi], depth)
+    embeddings = retriever.embed_queries([q.query for q in everything])
+    signals = np.zeros((len(everything), len(FEATURE_NAMES)), dtype=np.float32)
+    ndcg = np.zeros((len(everything), len(actions)), dtype=np.float32)
+    num_retrieved = np.zeros((len(everything), len(actions)), dtype=np.int64)
+    for qi in tqdm(range(len(everything)), desc="scoring retrieval actions", unit="query", disable=not show_progress):
+        query = everything[qi]
+        signals[qi] = query_features(retriever, query.query, embeddings[qi])
+        rankings = mode_rankings(retriever, query.query, embeddings[qi], modes, depth)
         for ai, action in enumerate(actions):
-            if action.mode == "hybrid" and action.k > candidates:
-                ranked = [r.doc_id for r in retriever.search(query.query, action.k, "hybrid", embeddings[qi])]
+            if action.mode not in ("dense", "bm25") and action.k > candidates:
+                ranked = [r.doc_id for r in retriever.search(query.query, action.k, action.mode, embeddings[qi])]
             else:
                 ranked = rankings[action.mode][: action.k]
             ndcg[qi, ai] = retrieval_metrics(ranked, query.relevance, [action.k])[f"ndcg@{action.k}"]
             num_retrieved[qi, ai] = len(ranked)
     return RetrievalTable(
-        queries=[q.query for q in queries],
+        queries=[q.query for q in everything],
         embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),
         signals=signals,
         ndcg=ndcg,
         num_retrieved=num_retrieved,
         actions=list(actions),
         corpus_checksum=retriever.index.corpus_checksum,
+        synthetic=np.asarray([False] * len(queries) + [True] * len(synthetic), dtype=bool),
     )
 
 
@@ -238,9 +190,11 @@ def _eval_data_sha256(eval_file: Path, split: str) -> str:
     return file_sha256(eval_file)
 
 
-def table_cache_key(index_dir: Path, eval_file: Path, split: str, actions: Sequence[RetrievalAction]) -> str:
+def table_cache_key(
+    index_dir: Path, eval_file: Path, split: str, actions: Sequence[RetrievalAction], synthetic: Sequence[EvalQuery] = ()
+) -> str:
     """What a cached table depends on: the index files (incl. its search settings), the
-    queries, the actions and the table's version."""
+    queries (labeled and synthetic), the actions and the table's version."""
     index_files = {name: file_sha256(index_dir / name) for name in (INDEX_FILE, METADATA_FILE, "config.yaml") if (index_dir / name).is_file()}
     blob = json.dumps(
         {
@@ -249,6 +203,7 @@ def table_cache_key(index_dir: Path, eval_file: Path, split: str, actions: Seque
             "eval": _eval_data_sha256(eval_file, split),
             "split": split,
             "actions": [[a.mode, a.k] for a in actions],
+            "synthetic": hashlib.sha256(json.dumps([[q.query, sorted(q.relevance)] for q in synthetic]).encode()).hexdigest(),
         },
         sort_keys=True,
     )
@@ -263,8 +218,10 @@ def load_or_build_retrieval_table(
     beir_split: str = "test",
     device: str = "auto",
     show_progress: bool = False,
+    synthetic: Sequence[EvalQuery] = (),
 ) -> RetrievalTable:
-    """The table of ``actions`` on the queries of ``eval_file`` over the index in ``index_dir``.
+    """The table of ``actions`` on the queries of ``eval_file`` (then the ``synthetic`` ones)
+    over the index in ``index_dir``.
 
     With ``cache_dir``, a table cached there (``retrieval_table.pt``) is reused when its key
     (checksums of the index files and eval queries, the actions) matches; otherwise the
@@ -278,7 +235,7 @@ def load_or_build_retrieval_table(
         raise DataError(f"{eval_file}: eval queries not found (the sample data is made by `python -m src.data.prepare`)")
     if not (index_dir / INDEX_FILE).is_file():
         load_rag_index(index_dir, device=device)  # raises the RAG component's own "not built" error
-    key = table_cache_key(index_dir, eval_file, beir_split, actions)
+    key = table_cache_key(index_dir, eval_file, beir_split, actions, synthetic)
     cache_path = Path(cache_dir) / TABLE_FILE if cache_dir is not None else None
     if cache_path is not None and cache_path.is_file():
         try:
@@ -297,7 +254,7 @@ def load_or_build_retrieval_table(
     if unknown:
         log.warning("%s: %d relevant document id(s) are not in the index %s, e.g. %s", eval_file, len(unknown), index_dir, unknown[0])
     log.info("retrieval table: %d queries x %d actions over %d documents in %s", len(queries), len(actions), len(indexed), index_dir)
-    table = build_retrieval_table(retriever, queries, actions, show_progress)
+    table = build_retrieval_table(retriever, queries, actions, show_progress, synthetic)
     table.key = key
     if cache_path is not None:
         save_checkpoint(table.to_state(), cache_path)

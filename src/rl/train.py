@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import gymnasium as gym
 import numpy as np
 import torch
+import yaml
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
@@ -65,6 +66,7 @@ from src.core.runtime import capture_rng_state, resolve_device, restore_rng_stat
 from src.rl.config import RLConfig
 from src.rl.evaluate import evaluate_strategies, format_strategy_table, plot_strategy_comparison, retrieval_split_summary, summarize
 from src.rl.load import POLICY_KIND, load_rl_policy
+from src.data.readers import read_documents
 from src.rl.retrieval_env import (
     SIGNAL_NAMES,
     QueryObservation,
@@ -75,6 +77,7 @@ from src.rl.retrieval_env import (
     split_queries,
     split_test_queries,
 )
+from src.rl.synthetic import synthetic_queries
 
 CHECKPOINT_KIND = "rl"
 FINAL_MODEL_FILE = "final_model.pt"
@@ -114,9 +117,45 @@ def build_env_setup(cfg: RLConfig) -> EnvSetup:
     return _gym_env_setup(cfg)
 
 
+def synthetic_documents_file(cfg: RLConfig) -> Path:
+    """The documents synthetic queries are made from: ``data.documents_file``, else the
+    ``data.documents_file`` the RAG index was built from (its saved ``config.yaml``)."""
+    if cfg.data.documents_file is not None:
+        path = Path(cfg.data.documents_file)
+    else:
+        index_config = Path(cfg.data.rag_index_dir) / "config.yaml"
+        raw = yaml.safe_load(index_config.read_text()) if index_config.is_file() else None
+        found = ((raw or {}).get("data") or {}).get("documents_file")
+        if not found:
+            raise ConfigError(f"data.documents_file: not set, and {index_config} names no data.documents_file to make synthetic queries from")
+        path = Path(found)
+    if not path.is_file():
+        raise ConfigError(f"data.documents_file: {path} not found (env.queries: {cfg.env.queries} makes queries from it)")
+    return path
+
+
+def split_retrieval_queries(table: RetrievalTable, queries: str, heldout_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, val, test)`` row ids of ``table``. The labeled rows are split first: a fixed
+    test split (the same for every seed and every ``queries`` setting), then a seeded val
+    split of the rest. ``queries`` says what trains: the remaining labeled rows
+    (``labeled``), the synthetic rows (``synthetic``) or both. Val and test are labeled only."""
+    labeled = np.flatnonzero(~table.synthetic)
+    rest, test = split_test_queries(len(labeled), test_fraction)
+    train_pos, heldout_pos = split_queries(len(rest), heldout_fraction, seed)
+    train = labeled[rest[train_pos]] if queries != "synthetic" else np.zeros(0, dtype=np.int64)
+    if queries != "labeled":
+        train = np.sort(np.concatenate([train, np.flatnonzero(table.synthetic)]))
+    return train, labeled[rest[heldout_pos]], labeled[test]
+
+
 def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
     env_cfg = cfg.env
     actions = action_table(env_cfg.modes, env_cfg.k_choices)
+    synthetic = []
+    if env_cfg.queries != "labeled":
+        syn = env_cfg.synthetic
+        synthetic = synthetic_queries(read_documents(synthetic_documents_file(cfg)), syn.source, syn.keep_shared,
+                                      syn.per_document, cfg.system.seed if syn.seed is None else syn.seed, syn.max_queries)
     table = load_or_build_retrieval_table(
         cfg.data.rag_index_dir,
         cfg.data.eval_file,
@@ -125,11 +164,11 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
         beir_split=cfg.data.beir_split,
         device=cfg.system.device,
         show_progress=cfg.training.show_progress,
+        synthetic=synthetic,
     )
     # The test split first, fixed for every seed; then train / val (held-out) from the rest.
-    rest_ids, test_ids = split_test_queries(table.num_queries, env_cfg.test_fraction)
-    train_pos, heldout_pos = split_queries(len(rest_ids), env_cfg.heldout_fraction, cfg.system.seed)
-    train_ids, heldout_ids = rest_ids[train_pos], rest_ids[heldout_pos]
+    train_ids, heldout_ids, test_ids = split_retrieval_queries(table, env_cfg.queries, env_cfg.heldout_fraction,
+                                                               env_cfg.test_fraction, cfg.system.seed)
     # Fit on the training queries only: the held-out ones stay unseen.
     observation = QueryObservation.fit(table.embeddings[train_ids], env_cfg.query_embedding_dims)
     options = dict(cost_per_extra_doc=env_cfg.cost_per_extra_doc, observation=observation)
@@ -146,6 +185,8 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
         "num_train_queries": int(len(train_ids)),
         "num_heldout_queries": int(len(heldout_ids)),
         "num_test_queries": int(len(test_ids)),
+        "queries": env_cfg.queries,
+        "num_synthetic_train_queries": int(table.synthetic[train_ids].sum()),
     }
     log.info("retrieval env: %d actions (%s), %d train / %d val (held-out) / %d test queries",
              len(actions), ", ".join(a.label for a in actions), len(train_ids), len(heldout_ids), len(test_ids))

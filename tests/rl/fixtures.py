@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from src.core.config import load_config
+from src.rl.config import RLConfig
 from src.rl.retrieval_env import TABLE_FILE, action_table, load_or_build_retrieval_table
 
 SUBSET_DOCS = 40
@@ -62,7 +64,8 @@ def rl_table(rl_rag_index: Path, rl_data_dir: Path, tmp_path_factory: pytest.Tem
     """The retrieval table of the default actions over ``rl_rag_index``, cached in a session folder."""
     if "table" not in _BUILT:
         cache = tmp_path_factory.mktemp("rl_table_cache")
-        actions = action_table(["dense", "bm25", "hybrid"], [1, 3, 5, 10])
+        env = load_config(REPO / "configs" / "rl_train.yaml", RLConfig).env  # the runs' own action set
+        actions = action_table(env.modes, env.k_choices)
         _BUILT["table"] = load_or_build_retrieval_table(rl_rag_index, rl_data_dir / "rag_eval.jsonl", actions, cache_dir=cache, device="cpu")
         _BUILT["table_cache"] = cache / TABLE_FILE
     return _BUILT["table"]

@@ -11,6 +11,7 @@ from gymnasium.utils.env_checker import check_env
 
 from src.core.errors import DataError, NotTrainedError
 from src.rag.eval import read_eval_queries, retrieval_metrics
+from src.rl.features import query_features
 from src.rl.retrieval_env import (
     SIGNAL_NAMES,
     TABLE_FILE,
@@ -18,7 +19,7 @@ from src.rl.retrieval_env import (
     RetrievalPolicyEnv,
     action_table,
     load_or_build_retrieval_table,
-    retrieval_signals,
+    mode_rankings,
     split_queries,
     split_test_queries,
 )
@@ -28,7 +29,8 @@ def test_table_covers_every_query_and_action(rl_table, rl_data_dir):
     queries = read_eval_queries(rl_data_dir / "rag_eval.jsonl")
     assert rl_table.num_queries == len(queries) >= 30
     assert [a.label for a in rl_table.actions][:4] == ["dense@1", "dense@3", "dense@5", "dense@10"]
-    assert rl_table.ndcg.shape == rl_table.num_retrieved.shape == (len(queries), 12)
+    assert rl_table.ndcg.shape == rl_table.num_retrieved.shape == (len(queries), len(rl_table.actions))
+    assert not rl_table.synthetic.any()
     assert rl_table.embeddings.shape == (len(queries), 384)
     assert rl_table.signals.shape == (len(queries), len(SIGNAL_NAMES))
     assert np.all((rl_table.ndcg >= 0) & (rl_table.ndcg <= 1 + 1e-6))
@@ -52,21 +54,22 @@ def test_table_matches_live_search(rl_table, rl_retriever, rl_data_dir):
             assert rl_table.num_retrieved[qi, ai] == len(hits)
         # The signals computed at inference time are the ones in the table.
         np.testing.assert_allclose(vector, rl_table.embeddings[qi], atol=1e-5)
-        signals, rankings = retrieval_signals(rl_retriever, query.query, vector, 10)
-        np.testing.assert_allclose(signals, rl_table.signals[qi], atol=1e-5)
+        np.testing.assert_allclose(query_features(rl_retriever, query.query, vector), rl_table.signals[qi], atol=1e-5)
+        rankings = mode_rankings(rl_retriever, query.query, vector, ["bm25"], 10)
         assert rankings["bm25"][:3] == [r.doc_id for r in rl_retriever.search(query.query, 3, "bm25")]
 
 
-def test_signals_say_what_they_mean(rl_table):
+def test_features_say_what_they_mean(rl_table):
     s = {name: rl_table.signals[:, i] for i, name in enumerate(SIGNAL_NAMES)}
-    assert np.all(s["dense_top1"] >= s["dense_top2"] - 1e-6)
-    np.testing.assert_allclose(s["dense_margin"], s["dense_top1"] - s["dense_top2"], atol=1e-6)
+    assert np.all(s["dense_margin"] >= 0) and np.all(s["dense_spread"] >= s["dense_margin"] - 1e-6)
+    for name in ("idf_mean", "idf_max", "idf_min", "oov_share", "bm25_margin", "bm25_hits", "overlap_top3", "overlap_top10"):
+        assert np.all((s[name] >= 0) & (s[name] <= 1 + 1e-6)), name
+    assert np.all(s["idf_min"] <= s["idf_mean"] + 1e-6) and np.all(s["idf_mean"] <= s["idf_max"] + 1e-6)
     assert set(np.unique(s["top1_agree"])) <= {0.0, 1.0}
-    assert np.all((s["overlap_top5"] >= 0) & (s["overlap_top5"] <= 1))
-    assert np.all((s["bm25_match_fraction"] >= 0) & (s["bm25_match_fraction"] <= 1))
-    # Where the two searches agree on the best document, BM25 ranks dense's best first.
+    # Where the two searches agree on the best document, each ranks the other's best first.
     agree = s["top1_agree"] == 1
-    assert agree.any() and np.all(s["dense_top1_bm25_rrank"][agree] == 1)
+    assert agree.any() and np.all(s["dense_first_in_bm25"][agree] == 1) and np.all(s["bm25_first_in_dense"][agree] == 1)
+    assert np.ptp(s["idf_mean"]) > 0.1 and np.ptp(s["dense_top1"]) > 0.1  # they vary across queries
 
 
 # The observation space is unbounded on purpose (BM25 scores have no upper bound).

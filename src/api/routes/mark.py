@@ -124,8 +124,8 @@ async def models(request: Request) -> ModelsResponse:
 async def rag_search(body: RagSearchRequest, request: Request) -> RagSearchResponse:
     """The ``top_k`` documents of the RAG index best matching ``query``."""
     start = time.perf_counter()
-    mode, hits = await service_of(request).search(body.query, body.top_k, body.mode)
-    return RagSearchResponse(query=body.query, mode=mode, results=[search_hit(h) for h in hits], took_ms=_ms(start))
+    mode, hits, strategy = await service_of(request).search(body.query, body.top_k, body.mode)
+    return RagSearchResponse(query=body.query, mode=mode, strategy=strategy, results=[search_hit(h) for h in hits], took_ms=_ms(start))
 
 
 async def _generation_stream(worker: GenerationWorker, ids: list[int], params: GenerationParams, model: str, start: float):
@@ -194,6 +194,8 @@ async def query(body: QueryRequest, request: Request) -> QueryResponse:
         doc_ids=[p.doc_id for p in answer.used],
         sources=[search_hit(h) for h in answer.hits],
         model=answer.model,
+        mode=answer.mode,
+        strategy=answer.strategy,
         finish_reason=answer.result.finish_reason,
         took_ms=_ms(start),
     )
