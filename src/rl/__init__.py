@@ -3,6 +3,8 @@
 * ``config.py``: the typed config of ``configs/rl_train.yaml``.
 * ``retrieval_env.py``: :class:`RetrievalPolicyEnv` (Gymnasium) and the precomputed
   table of every retrieval action's outcome per query.
+* ``features.py``: what the policy observes about a query (IDF, OOV, score margins, agreement).
+* ``synthetic.py``: training queries made from the corpus (``env.queries: synthetic | both``).
 * ``train.py``: the recipe: environments, PPO, MARK-format checkpoints and exact resume,
   then evaluation (:func:`run`).
 * ``evaluate.py``: the trained policy next to random, fixed and oracle strategies.
