@@ -114,7 +114,30 @@ def build_rlhf_models(sample_data_dir: Path, checkpoints: Path, root: Path) -> P
         rlhf_pipeline.main(["--base-model", "mamba", "--config", str(config_file), "--device", "cpu"])
     finally:
         torch.set_num_threads(threads)
+    build_tiny_retrieval_policy(full, root)
     return full
+
+
+def build_tiny_retrieval_policy(checkpoints: Path, root: Path) -> Path:
+    """``checkpoints/rl/final_model.pt``: a tiny retrieval policy (PPO, 500 steps) trained on the
+    RAG index of ``checkpoints`` with labeled queries made from its documents' sentences, so
+    that ``mode: auto`` has a policy to run."""
+    from src.data.readers import read_documents
+    from src.rl.synthetic import synthetic_queries
+    from src.scripts import train_rl
+
+    documents = read_documents(Path(checkpoints / "rag").resolve().parent.parent / "data" / "documents.jsonl")
+    labeled = synthetic_queries(documents, "sentence", keep_shared=1.0, per_document=3, seed=7)
+    eval_file = root / "rag_eval_policy.jsonl"
+    eval_file.write_text("".join(json.dumps({"query": q.query, "relevant_docs": list(q.relevance)}) + "\n" for q in labeled))
+    train_rl.main([
+        "--config", str(Path(__file__).resolve().parents[2] / "configs" / "rl_train.yaml"),
+        f"data.rag_index_dir={checkpoints / 'rag'}", f"data.eval_file={eval_file}",
+        f"paths.checkpoint_dir={checkpoints / 'rl'}", f"paths.log_dir={root / 'rl_logs'}", "training.total_timesteps=500",
+        "training.n_envs=2", "training.n_steps=125", "training.batch_size=50", "training.show_progress=false",
+        "model.hidden_dim=32", "system.device=cpu",
+    ])
+    return checkpoints / "rl" / "final_model.pt"
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,14 @@ strategy, the response says which; without a policy, a 503 naming the command th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
 import pytest
 
-from src.data.readers import read_documents
-from src.rl.synthetic import synthetic_queries
 from src.rl.load import load_rl_policy
 from src.rl.model import retrieval_actions
-from src.scripts import train_rl
-from tests.api.fixtures import RunningServer
+from tests.api.fixtures import RunningServer, build_tiny_retrieval_policy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,17 +31,7 @@ def auto_server(tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory
     ckpt.mkdir()
     for name in ("mamba", "rag", "transfer"):
         (ckpt / name).symlink_to(tiny_checkpoints / name, target_is_directory=True)
-    documents = tiny_checkpoints.parent / "data" / "documents.jsonl"
-    # Labeled queries for the 12 indexed documents: whole sentences (keep_shared 1) of each.
-    labeled = synthetic_queries(read_documents(documents), "sentence", keep_shared=1.0, per_document=3, seed=7)
-    eval_file = root / "rag_eval.jsonl"
-    eval_file.write_text("".join(json.dumps({"query": q.query, "relevant_docs": list(q.relevance)}) + "\n" for q in labeled))
-    train_rl.main([
-        "--config", str(REPO / "configs" / "rl_train.yaml"), f"data.rag_index_dir={ckpt / 'rag'}", f"data.eval_file={eval_file}",
-        f"paths.checkpoint_dir={ckpt / 'rl'}", f"paths.log_dir={root / 'logs'}", "training.total_timesteps=500",
-        "training.n_envs=2", "training.n_steps=125", "training.batch_size=50", "training.show_progress=false",
-        "model.hidden_dim=32", "system.device=cpu",
-    ])
+    build_tiny_retrieval_policy(ckpt, root)
     running = RunningServer(ckpt, root / "server.log", wait_for=("mamba", "rag"))
     yield running, ckpt
     running.stop()
