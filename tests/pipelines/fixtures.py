@@ -42,8 +42,9 @@ def make_tiny_data(sample_data_dir: Path, out: Path) -> Path:
     _write_jsonl(out / "documents.jsonl", docs)
     _write_jsonl(out / "lm_train.jsonl", docs[:24])
     _write_jsonl(out / "lm_val.jsonl", docs[24:])
-    rag = [ex for ex in _jsonl(sample_data_dir / "rag_eval.jsonl") if set(ex["relevant_docs"]) <= ids]
-    _write_jsonl(out / "rag_eval.jsonl", rag)
+    for name in ("rag_eval", "rag_eval_hard"):
+        rag = [ex for ex in _jsonl(sample_data_dir / f"{name}.jsonl") if set(ex["relevant_docs"]) <= ids]
+        _write_jsonl(out / f"{name}.jsonl", rag)
     for name, count in (("classification_train", 48), ("classification_val", 24), ("classification_test", 24),
                         ("sft_train", 48), ("sft_val", 16), ("sft_test", 16),
                         ("preferences_train", 48), ("preferences_val", 16), ("preferences_test", 16)):

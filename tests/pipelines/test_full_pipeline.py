@@ -35,7 +35,7 @@ def test_every_stage_runs_and_the_manifest_describes_it(tiny_pipeline):
     assert {rows[s]["status"] for s in ALL_STAGES[1:]} == {"ran"}
 
     metrics = summary["metrics"]
-    assert metrics["data_prep"]["documents"] == 30 and metrics["data_prep"]["files"] == 14
+    assert metrics["data_prep"]["documents"] == 30 and metrics["data_prep"]["files"] == 15
     assert math.isfinite(metrics["train_mamba"]["best_val_loss"]) and metrics["train_mamba"]["global_step"] == 6
     assert metrics["train_transformer"]["global_step"] == 2  # 32 examples / batch 16, one epoch
     assert 0 <= metrics["train_transformer"]["test_accuracy"] <= 1
@@ -173,7 +173,7 @@ def test_data_prep_writes_the_sample_data_once_and_never_overwrites_users_files(
     args = ["--data-dir", str(data), "--output-dir", str(tmp_path / "out"), "--stages", "data_prep", "--no-report"]
     first = _rows(full_pipeline.main(args))["data_prep"]
     assert first["status"] == "ran" and first["note"] == "sample data written"
-    assert (data / "manifest.json").is_file() and first["metrics"]["files"] == 14 and first["metrics"]["documents"] > 100
+    assert (data / "manifest.json").is_file() and first["metrics"]["files"] == 15 and first["metrics"]["documents"] > 100
     second = _rows(full_pipeline.main(args))["data_prep"]
     assert second["status"] == "skipped" and second["note"] == "sample data up to date, validated"
 
