@@ -201,8 +201,8 @@ class RagIndex:
         if not embedded:
             vectors = self.encoder.encode(texts, self.batch_size, self.show_progress)
         else:  # encode only what was not embedded elsewhere, keep the documents' order
-            todo = [c.text for doc, r in zip(docs, records) if doc.id not in embedded for c in r.chunks]
-            encoded, used, parts = self.encoder.encode(todo, self.batch_size, self.show_progress), 0, []
+            missing = [c.text for doc, r in zip(docs, records) if doc.id not in embedded for c in r.chunks]
+            encoded, used, parts = self.encoder.encode(missing, self.batch_size, self.show_progress), 0, []
             for doc, r in zip(docs, records):
                 if doc.id in embedded:
                     parts.append(embedded[doc.id][1])

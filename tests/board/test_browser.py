@@ -45,8 +45,10 @@ def project(tmp_path_factory, tiny_checkpoints: Path, sample_data_dir: Path) -> 
         checkpoints.mkdir()
         (checkpoints / "mamba").symlink_to(tiny_checkpoints / "mamba", target_is_directory=True)
         shutil.copytree(tiny_checkpoints / "rag", checkpoints / "rag")
+    logs = checkpoints.parent / "logs" if demo else root / "logs"  # the demo's runs (read only) in the Runs tab
     return {"root": root, "checkpoints": checkpoints, "config": write_tiny_mamba_config(root, sample_data_dir, max_steps=3000),
-            "preferences": root / "prefs" / "preferences.jsonl", "model": "rlhf" if demo else "mamba"}
+            "preferences": root / "prefs" / "preferences.jsonl", "model": "rlhf" if demo else "mamba", "logs": logs,
+            "demo_run": "logs/transfer" if demo else None}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def board_url(project: dict):
     process = subprocess.Popen(
         [sys.executable, "-m", "src.training.orchestrator", "board", "--port", str(port), "--data-root", str(root),
          "--data-root", str(project["checkpoints"]), "--checkpoints-dir", str(project["checkpoints"]),
-         "--logs-dir", str(root / "logs"), "--runs-dir", str(root / "runs"), "--preferences-file", str(project["preferences"]),
+         "--logs-dir", str(project["logs"]), "--runs-dir", str(root / "runs"), "--preferences-file", str(project["preferences"]),
          "--device", "cpu"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -194,6 +196,11 @@ def test_every_tab_in_chromium(browser, board_url: str, project: dict) -> None:
     _tab(browser, "Runs")
     _click(browser, "runs-refresh")
     _wait(browser, lambda d: "final" in _text(d, "runs-metrics"), what="a run's metrics")
+    if project["demo_run"]:  # a demo run: its metrics next to the baseline its component measured
+        run = _by_id(browser, "runs-run").find_element("css selector", "input")
+        run.clear()
+        run.send_keys(project["demo_run"] + "\n")
+        _wait(browser, lambda d: "tfidf" in _text(d, "runs-metrics") + _text(d, "runs-evaluation"), what="the demo run's baseline")
     _shot(browser, "runs")
 
     # Knowledge: search with highlighted matches.

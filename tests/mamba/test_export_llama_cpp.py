@@ -1,6 +1,7 @@
 """llama.cpp itself runs MARK's GGUF export (src/mamba/export.py:export_gguf): same token ids
 as MARK on 20 sample texts, same 32 greedy tokens on 3 prompts (f32), and the f16/q8_0
-files load and agree on the first token. ``make test-gguf`` (llama-cpp-python is built from
+files load and agree on the first token; a LoRA fine-tune of a transformers-layout folder, exported
+merged, gives llama.cpp the adapted model's greedy tokens. ``make test-gguf`` (llama-cpp-python is built from
 source, so this is not part of ``make test``)."""
 
 import json
@@ -11,6 +12,7 @@ import pytest
 from src.mamba import generate_ids
 from src.mamba.export import export_gguf
 from tests.mamba.test_export import PROMPTS, trained  # noqa: F401  (the trained tiny model)
+from tests.mamba.test_pretrained import _argv, corpus, folders  # noqa: F401  (a transformers-layout folder)
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +60,32 @@ def test_llama_cpp_runs_the_smaller_types(dtype, trained, tmp_path):  # noqa: F8
         ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
         agree += _greedy(llm, ids, 1) == generate_ids(model, [ids], 1, temperature=0.0, eos_id=-1)[0]
     assert agree >= 2  # rounding may flip a near-tie, not the model
+
+
+def test_llama_cpp_runs_a_lora_fine_tune_exported_merged(folders, corpus, tmp_path):  # noqa: F811
+    """Issue 24's last mile: a transformers-layout Mamba-2 folder LoRA-tuned by ``--target=mamba``
+    (in_proj and out_proj: out_proj exports merged only), ``mark export --format gguf`` merges the
+    adapter, and llama.cpp gives the same 24 greedy tokens as MARK's unmerged base + adapter."""
+    from src.mamba import load_mamba
+    from src.pipelines.export import export_model
+    from src.training import orchestrator
+
+    hf_dir = folders[0]
+    adapter = "model.adapter={r: 8, alpha: 16, target_modules: [in_proj, out_proj]}"
+    orchestrator.main(["train", "--target=mamba", *_argv(corpus, tmp_path, f"model.pretrained={hf_dir}", adapter,
+                                                         "training.learning_rate=0.03")])
+    model, tokenizer = load_mamba(tmp_path / "ckpt")
+    assert model.has_adapter()
+    base, _ = load_mamba(tmp_path / "ckpt")
+    from src.training.adapters import unload_adapter
+
+    base = unload_adapter(base)  # the pretrained folder's weights, without the adapter
+    gguf = export_model("mamba", "gguf", tmp_path / "lora.gguf", tmp_path / "ckpt")["outputs"]["gguf"]
+    llm = _llama(gguf)
+    differs = 0
+    for prompt in PROMPTS:
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        mine = generate_ids(model, [ids], 24, temperature=0.0, eos_id=-1)[0]
+        differs += mine != generate_ids(base, [ids], 24, temperature=0.0, eos_id=-1)[0]
+        assert _greedy(llm, ids, 24) == mine, prompt
+    assert differs >= 1  # the adapter changed what the model says, and llama.cpp says it too

@@ -2,10 +2,13 @@
 token-exact loss tests (tests/training/test_exact_loss.py), in-process or under
 ``accelerate launch`` (DDP over gloo on CPU):
 
-    python tests/training/exact_loss_script.py {mamba|sft} DATA_DIR OUT_DIR BATCH ACCUM [--mean]
+    python tests/training/exact_loss_script.py {mamba|mamba_lora|sft} DATA_DIR OUT_DIR BATCH ACCUM [--mean] [--pretrained DIR]
 
 * ``mamba``: the Mamba LM task of :func:`src.mamba.train.build_task` (tiny model), its training
   stream cut to 16 windows whose last window is padded (only a quarter of it is labels);
+* ``mamba_lora``: the same task on a pretrained transformers folder (``--pretrained``, written by
+  the test) with a LoRA adapter on ``in_proj`` (``model.adapter``): only the adapter trains, and
+  its checkpoint holds only the adapter;
 * ``sft``: SFT's loss and item count (:mod:`src.rlhf.sft`) on 16 sample pairs whose responses
   have different lengths, on a tiny Mamba LM.
 
@@ -41,7 +44,7 @@ def _training(batch: int, accum: int) -> dict:
             "lr_scheduler": "constant", "warmup_steps": 0, "log_steps": 1, "max_grad_norm": 1.0, "mixed_precision": False}
 
 
-def mamba_task(data_dir: Path, out: Path, batch: int, accum: int) -> tuple[TrainTask, object]:
+def mamba_task(data_dir: Path, out: Path, batch: int, accum: int, pretrained: Path | None = None) -> tuple[TrainTask, object]:
     from src.mamba.config import MambaTrainConfig
     from src.mamba.data import TokenWindows
     from src.mamba.train import build_task
@@ -52,6 +55,8 @@ def mamba_task(data_dir: Path, out: Path, batch: int, accum: int) -> tuple[Train
         "model.vocab_size=300", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.state_size=8",
         f"model.max_length={WINDOW}", "model.chunk_size=16",
         *(f"training.{k}={v}" for k, v in _training(batch, accum).items()),
+        *([f"model.pretrained={pretrained}", "model.adapter={r: 4, alpha: 8, target_modules: [in_proj]}",
+           "training.learning_rate=0.01"] if pretrained else []),
     ]
     cfg = load_config(REPO / "configs" / "mamba_train.yaml", MambaTrainConfig, overrides)
     task, _ = build_task(cfg)
@@ -95,9 +100,15 @@ def as_mean_of_means(task: TrainTask) -> TrainTask:
     return task
 
 
-def train(name: str, data_dir: Path, out: Path, batch: int, accum: int, mean: bool = False) -> dict[str, torch.Tensor]:
+def train(name: str, data_dir: Path, out: Path, batch: int, accum: int, mean: bool = False,
+          pretrained: Path | None = None) -> dict[str, torch.Tensor]:
     """Train one epoch; the final weights (the engine's ``checkpoint_epoch_1.pt``)."""
-    task, cfg = (mamba_task if name == "mamba" else sft_task)(data_dir, out, batch, accum)
+    if name == "sft":
+        task, cfg = sft_task(data_dir, out, batch, accum)
+    else:
+        if (name == "mamba_lora") != (pretrained is not None):
+            raise SystemExit("mamba_lora needs --pretrained DIR (and only it)")
+        task, cfg = mamba_task(data_dir, out, batch, accum, pretrained)
     if mean:
         as_mean_of_means(task)
     fit(task, cfg)
@@ -109,4 +120,5 @@ def train(name: str, data_dir: Path, out: Path, batch: int, accum: int, mean: bo
 if __name__ == "__main__":
     torch.set_num_threads(1)
     args = sys.argv[1:]
-    train(args[0], Path(args[1]), Path(args[2]), int(args[3]), int(args[4]), "--mean" in args)
+    folder = Path(args[args.index("--pretrained") + 1]) if "--pretrained" in args else None
+    train(args[0], Path(args[1]), Path(args[2]), int(args[3]), int(args[4]), "--mean" in args, folder)

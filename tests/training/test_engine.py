@@ -39,6 +39,22 @@ def _final_weights(tmp_path, name, epochs=2):
     return load_checkpoint(tmp_path / name / "ckpt" / f"checkpoint_epoch_{epochs}.pt")["model"]
 
 
+def _kill_at_step(proc: subprocess.Popen, pointer: Path, step: int, timeout: float = 120) -> int | None:
+    """SIGKILL ``proc`` once its ``latest.json`` names a checkpoint at ``step`` or later; returns
+    that step (None when the run ended first or the timeout passed). Waits for the process."""
+    killed_at, deadline = None, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists():
+            info = json.loads(pointer.read_text())
+            if info["step"] >= step:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = info["step"]
+                break
+        time.sleep(0.002)
+    proc.wait()
+    return killed_at
+
+
 ADAPTER = "model.adapter={r: 4, alpha: 8, dropout: 0.1, target_modules: [head]}"
 
 
@@ -55,17 +71,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, adapt
     pointer = tmp_path / "killed" / "ckpt" / "latest.json"
     proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(cfg), *common], env=ENV, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.exists():
-            info = json.loads(pointer.read_text())
-            if info["step"] >= 12:  # past the first epoch's start, well before the end
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = info["step"]
-                break
-        time.sleep(0.005)
-    proc.wait()
+    killed_at = _kill_at_step(proc, pointer, 12)  # past the first epoch's start, well before the end
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert killed_at < steps_total // 2, "kill should land mid first epoch"
     assert not (tmp_path / "killed" / "ckpt" / "checkpoint_epoch_2.pt").exists()
@@ -231,16 +237,7 @@ def test_early_stopping_resumes_after_sigkill_with_its_patience_counter(tmp_path
     pointer = tmp_path / "killed" / "ckpt" / "latest.json"
     proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(cfg), *EARLY], env=ENV, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at, deadline = None, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.exists():
-            info = json.loads(pointer.read_text())
-            if info["step"] >= first_miss:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = info["step"]
-                break
-        time.sleep(0.002)
-    proc.wait()
+    killed_at = _kill_at_step(proc, pointer, first_miss)
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert killed_at < stop_step
     at_kill = load_checkpoint(pointer.parent / json.loads(pointer.read_text())["path"])["progress"]
