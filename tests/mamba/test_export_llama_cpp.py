@@ -1,7 +1,7 @@
 """llama.cpp itself runs MARK's GGUF export (src/mamba/export.py:export_gguf): same token ids
 as MARK on 20 sample texts, same 32 greedy tokens on 3 prompts (f32), and the f16/q8_0
 files load and agree on the first token; a LoRA fine-tune of a transformers-layout folder, exported
-merged, gives llama.cpp the adapted model's greedy tokens. ``make test-gguf`` (llama-cpp-python is built from
+merged, and the LoRA RLHF chain's policy give llama.cpp the adapted models' greedy tokens. ``make test-gguf`` (llama-cpp-python is built from
 source, so this is not part of ``make test``)."""
 
 import json
@@ -13,6 +13,7 @@ from src.mamba import generate_ids
 from src.mamba.export import export_gguf
 from tests.mamba.test_export import PROMPTS, trained  # noqa: F401  (the trained tiny model)
 from tests.mamba.test_pretrained import _argv, corpus, folders  # noqa: F401  (a transformers-layout folder)
+from tests.rlhf.test_train import lora_chain, pretrained_hf_folder  # noqa: F401  (issue 24's LoRA chain)
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +90,21 @@ def test_llama_cpp_runs_a_lora_fine_tune_exported_merged(folders, corpus, tmp_pa
         differs += mine != generate_ids(base, [ids], 24, temperature=0.0, eos_id=-1)[0]
         assert _greedy(llm, ids, 24) == mine, prompt
     assert differs >= 1  # the adapter changed what the model says, and llama.cpp says it too
+
+
+def test_llama_cpp_runs_the_lora_rlhf_chain_exported_merged(pretrained_hf_folder, sample_data_dir, tmp_path):  # noqa: F811
+    """Issue 24's chain end to end: a transformers-layout folder, LoRA by ``--target=mamba``, then
+    SFT, the reward model and DPO with adapters (tests/rlhf/test_train.py:lora_chain); the served
+    policy (the SFT weights merged + DPO's adapter, unmerged) exported as GGUF (merged) gives
+    llama.cpp the same 24 greedy tokens as MARK."""
+    from src.pipelines.export import export_model
+    from src.rlhf.load import load_rlhf_model
+
+    lora_chain(pretrained_hf_folder, sample_data_dir, tmp_path)
+    policy, tokenizer = load_rlhf_model(tmp_path / "rlhf")
+    assert policy.has_adapter()
+    gguf = export_model("rlhf", "gguf", tmp_path / "rlhf.gguf", tmp_path / "rlhf")["outputs"]["gguf"]
+    llm = _llama(gguf)
+    for prompt in ("What does json.dumps do?\n", "How do I read a file?\n", "def parse(path):"):
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        assert _greedy(llm, ids, 24) == generate_ids(policy, [ids], 24, temperature=0.0, eos_id=-1)[0], prompt

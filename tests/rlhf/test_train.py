@@ -259,15 +259,10 @@ def pretrained_hf_folder(sample_data_dir, tmp_path_factory) -> Path:
 ADAPTER = {"r": 8, "alpha": 16, "target_modules": ["in_proj"]}
 
 
-def test_lora_from_a_pretrained_folder_through_mamba_sft_reward_and_dpo_then_peft_and_gguf(
-    pretrained_hf_folder, sample_data_dir, tmp_path
-):
-    """The issue's chain: a transformers Mamba-2 folder, LoRA-tuned by --target=mamba, then SFT,
-    the Mamba reward model and DPO each with an adapter (DPO's reference: its adapter disabled),
-    then the policy leaves as a PEFT adapter (peft on Mamba2ForCausalLM: MARK's logits) and merged as GGUF."""
-    from gguf import GGUFReader
-
-    from src.pipelines.export import export_model
+def lora_chain(pretrained_hf_folder: Path, sample_data_dir: Path, tmp_path: Path) -> dict:
+    """A transformers Mamba-2 folder LoRA-tuned by ``--target=mamba``, then SFT, the Mamba reward
+    model and DPO each with an adapter; returns the RLHF summary (outputs in ``tmp_path / "rlhf"``).
+    Also run by ``make test-gguf`` (tests/mamba/test_export_llama_cpp.py) to put its GGUF in llama.cpp."""
     from src.training import orchestrator
 
     lm = tmp_path / "lm"
@@ -282,8 +277,22 @@ def test_lora_from_a_pretrained_folder_through_mamba_sft_reward_and_dpo_then_pef
     config["model"]["adapter"] = ADAPTER
     config["training"]["sft"]["learning_rate"] = 0.01
     config["training"]["reward"]["init_from"] = "sft"
-    summary = rlhf_pipeline.main(["--base-model", str(lm / "ckpt"), "--config", str(write_yaml(tmp_path / "rlhf.yaml", config)),
-                                  "--device", "cpu"])
+    return rlhf_pipeline.main(["--base-model", str(lm / "ckpt"), "--config", str(write_yaml(tmp_path / "rlhf.yaml", config)),
+                               "--device", "cpu"])
+
+
+def test_lora_from_a_pretrained_folder_through_mamba_sft_reward_and_dpo_then_peft_and_gguf(
+    pretrained_hf_folder, sample_data_dir, tmp_path
+):
+    """The issue's chain: a transformers Mamba-2 folder, LoRA-tuned by --target=mamba, then SFT,
+    the Mamba reward model and DPO each with an adapter (DPO's reference: its adapter disabled),
+    then the policy leaves as a PEFT adapter (peft on Mamba2ForCausalLM: MARK's logits) and merged as GGUF
+    (which llama.cpp runs in ``make test-gguf``)."""
+    from gguf import GGUFReader
+
+    from src.pipelines.export import export_model
+
+    summary = lora_chain(pretrained_hf_folder, sample_data_dir, tmp_path)
     out = tmp_path / "rlhf"
     metrics = summary["metrics"]
     assert metrics["sft"]["val_loss"] < metrics["sft"]["base_val_loss"]
