@@ -110,7 +110,7 @@ def _run_stages(cfg: RLHFConfig, resume: bool, skip_sft: bool, skip_reward: bool
         adapter on it (frozen, any adapter it had merged)."""
         model, tokenizer, record = load_start_model(path, cfg.model.tokenizer)
         if adapter is not None:
-            apply_adapter(model, adapter, "model.adapter", ADAPTER_REFUSED_TARGETS, base=record)
+            apply_adapter(model, adapter, "model.adapter", ADAPTER_REFUSED_TARGETS, base=record, seed=cfg.system.seed)
         return model, tokenizer
 
     def reference(path: Path):

@@ -126,12 +126,14 @@ def lora_config(cfg: AdapterConfig, modules: list[str]):
 
 def apply_adapter(
     model: nn.Module, cfg: AdapterConfig, what: str = "model.adapter", refused: dict[str, str] | None = None,
-    base: dict | None = None, also_trained: list[str] | None = None,
+    base: dict | None = None, also_trained: list[str] | None = None, seed: int | None = None,
 ) -> nn.Module:
     """Inject a fresh LoRA adapter into ``model`` in place (PEFT's LoRA layers: B starts at
     zero, so the adapted model computes what the base does); freeze every other parameter.
     ``base`` records where the frozen base comes from (kept in checkpoints, see :func:`adapter_info`);
     ``also_trained``: modules (full names) trained fully beside the adapter, e.g. a new classification head.
+    ``seed``: LoRA's A matrices are initialised from this seed alone (the global RNG is left as it
+    was), so two runs with the same seed start from the same adapter even in one process.
 
     Returns ``model``. The adapted modules and the parameter counts are logged; an entry of
     ``cfg.target_modules`` that matches nothing is a ``ConfigError`` (see :func:`resolve_targets`)."""
@@ -142,7 +144,10 @@ def apply_adapter(
     modules = resolve_targets(model, cfg, what, refused)
     model.requires_grad_(False)
     # PEFT's LoRA tuner (what get_peft_model builds) injects the layers into the model itself.
-    LoraModel(model, lora_config(cfg, modules), ADAPTER_NAME)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        LoraModel(model, lora_config(cfg, modules), ADAPTER_NAME)
     _set_trainable(model, also_trained or [])
     model.adapter_config, model.adapter_modules, model.adapter_base = cfg, modules, base
     model.adapter_also_trained = list(also_trained or [])

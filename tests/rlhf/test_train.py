@@ -287,7 +287,7 @@ def test_lora_from_a_pretrained_folder_through_mamba_sft_reward_and_dpo_then_pef
     """The issue's chain: a transformers Mamba-2 folder, LoRA-tuned by --target=mamba, then SFT,
     the Mamba reward model and DPO each with an adapter (DPO's reference: its adapter disabled),
     then the policy leaves as a PEFT adapter (peft on Mamba2ForCausalLM: MARK's logits) and merged as GGUF
-    (which llama.cpp runs in ``make test-gguf``)."""
+    (which llama.cpp runs in ``make test-gguf``); PPO with an adapter on the same stages resumes exactly."""
     from gguf import GGUFReader
 
     from src.pipelines.export import export_model
@@ -312,6 +312,24 @@ def test_lora_from_a_pretrained_folder_through_mamba_sft_reward_and_dpo_then_pef
     assert peft["metrics"]["max_abs_diff"] <= 1e-4 and peft["outputs"]["base"] == str(tmp_path / "peft" / "base")
     gguf = export_model("rlhf", "gguf", tmp_path / "rlhf.gguf", out)["outputs"]["gguf"]
     assert len(GGUFReader(gguf).fields["tokenizer.ggml.tokens"].contents()) == 400
+
+    # PPO with an adapter on the same SFT and reward model (policy and value head: no second model),
+    # 4 iterations straight against 2, then --resume to 4: the same adapter weights.
+    for name in ("straight", "resumed"):
+        (tmp_path / name).mkdir()
+        for file in ("sft_model.pt", "reward_model.pt"):
+            shutil.copy(out / file, tmp_path / name / file)
+    common = ["--base-model", str(tmp_path / "lm" / "ckpt"), "--config", str(tmp_path / "rlhf.yaml"), "--device", "cpu",
+              "--skip-sft", "--skip-reward", "--method", "ppo"]
+    rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "straight"), "--num-rl-steps", "4"])
+    rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "resumed"), "--num-rl-steps", "2"])
+    rlhf_pipeline.main([*common, "--output-dir", str(tmp_path / "resumed"), "--num-rl-steps", "4", "--resume"])
+    straight = load_checkpoint(tmp_path / "straight" / "ppo_policy.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "ppo_policy.pt")
+    assert straight["extra"]["adapter"]["modules"] == ["backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"]
+    assert all(".lora_" in k for k in straight["model"]), sorted(straight["model"])
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert max((straight["model"][k] - resumed["model"][k]).abs().max().item() for k in straight["model"]) < 1e-6
 
 
 def test_rlhf_starts_from_a_pretrained_folder_directly(pretrained_hf_folder, sample_data_dir, tmp_path):
