@@ -66,7 +66,10 @@ class ServerSettings:
 
 MAX_EVIDENCE_CANDIDATES = 64
 SENTENCE_CACHE_SIZE = 20_000
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A line that starts a block of its own: a Markdown heading, a list item or a table row.
+_BLOCK_START = re.compile(r"(#{1,6}\s|[-*+]\s|\d{1,3}[.)]\s|\|)")
+_HEADING = re.compile(r"#{1,6}\s")
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,22 @@ class Answer:
 
 
 def split_sentences(text: str, min_chars: int = 12) -> list[str]:
-    """``text``'s sentences (split after . ! ? and at line breaks), without the very short ones."""
-    sentences = (" ".join(part.split()) for part in _SENTENCE_END.split(text))
+    """``text``'s sentences, without the very short ones. Lines are joined into blocks first: a
+    blank line, a heading, a list item or a table row starts a new block, a plain line break
+    (text wrapped at a fixed width) does not; then blocks are split after . ! ? Markdown heading
+    lines are left out: they are no evidence, and each hit carries its ``heading_path``."""
+    blocks: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if (not stripped or _BLOCK_START.match(stripped)) and current:
+            blocks.append(" ".join(current))
+            current = []
+        if stripped and not _HEADING.match(stripped):
+            current.append(stripped)
+    if current:
+        blocks.append(" ".join(current))
+    sentences = (" ".join(part.split()) for block in blocks for part in _SENTENCE_END.split(block))
     return [s for s in sentences if len(s) >= min_chars]
 
 

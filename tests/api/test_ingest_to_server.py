@@ -99,3 +99,15 @@ def test_query_answers_from_the_ingested_files(ingested):
     assert body["sources"][0]["heading_path"] == ["Backups", "Restoring a snapshot"]
     assert any("coralctl restore" in e["sentence"] for e in body["evidence"])
     assert isinstance(body["answer"], str)
+
+
+def test_evidence_sentences_follow_the_text_not_its_line_breaks():
+    from src.api.service import split_sentences
+
+    text = ("## Restoring a snapshot\n\nTo restore a snapshot, stop the server and run coralctl restore with the\n"
+            "snapshot's date; the current data file is renamed. Never deleted!\n\n- first item of a list\n- second item of it\n"
+            "| a table | row |\n\nshort.")
+    assert split_sentences(text) == [
+        "To restore a snapshot, stop the server and run coralctl restore with the snapshot's date; the current data file is renamed.",
+        "Never deleted!", "- first item of a list", "- second item of it", "| a table | row |",
+    ]
