@@ -168,3 +168,20 @@ def test_the_rag_recipe_reads_data_sources(tmp_path, encoder):
     index = RagIndex.load(tmp_path / "ckpt", encoder=encoder)
     assert "guide/volcano.md" in index.documents and index.documents["bread.txt"]["metadata"]["source"] == "bread.txt"
     index.close()
+
+
+def test_one_changed_row_of_a_jsonl_file_re_embeds_only_that_row(tmp_path, encoder, count_encoded):
+    """The file's hash and mtime are in every row's metadata but not in its document hash."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rows = docs / "rows.jsonl"
+    rows.write_text('{"id": "a", "text": "Glaciers are slow rivers of ice carving valleys."}\n'
+                    '{"id": "b", "text": "A comet has an icy nucleus and a tail pointing away from the sun."}\n')
+    index_dir = tmp_path / "index"
+    ingest([docs], index_dir, config=small_config(), encoder=encoder)
+    count_encoded.clear()
+    rows.write_text('{"id": "a", "text": "Glaciers are slow rivers of ice carving valleys."}\n'
+                    '{"id": "b", "text": "A comet is a ball of ice whose tail points away from the sun."}\n')
+    report = ingest([docs], index_dir, config=small_config(), encoder=encoder)
+    assert (report.added, report.updated, report.deleted, report.unchanged) == (0, 1, 0, 1)
+    assert count_encoded == ["A comet is a ball of ice whose tail points away from the sun."]
