@@ -145,14 +145,15 @@ def tokenizer_from_files(files: dict[str, Any], source: str = "<checkpoint>"):
             raise CheckpointError(f"{source}: cannot rebuild the tokenizer it holds: {str(err).splitlines()[0][:200]}") from None
 
 
-def add_adapter(model: nn.Module, adapter_cfg, base_model: str) -> nn.Module:
+def add_adapter(model: nn.Module, adapter_cfg, base_model: str, seed: int | None = None) -> nn.Module:
     """A LoRA adapter (``model.adapter``) on the encoder of ``model``, in place: the encoder is
-    frozen, the classification head (every module beside the encoder) trains fully."""
+    frozen, the classification head (every module beside the encoder) trains fully; ``seed``: see
+    :func:`src.training.adapters.apply_adapter`."""
     from src.training.adapters import apply_adapter
 
     heads = [name for name, module in model.named_children()
              if name != model.base_model_prefix and any(True for _ in module.parameters())]
-    return apply_adapter(model, adapter_cfg, "model.adapter", base={"pretrained": base_model}, also_trained=heads)
+    return apply_adapter(model, adapter_cfg, "model.adapter", base={"pretrained": base_model}, also_trained=heads, seed=seed)
 
 
 def model_from_config(

@@ -46,7 +46,7 @@ def build_task(cfg: TransferConfig) -> tuple[TrainTask, dict]:
     seed_everything(cfg.system.seed)
     model, tokenizer = build_model_and_tokenizer(cfg.model, label_names)
     if cfg.model.adapter is not None:
-        add_adapter(model, cfg.model.adapter, cfg.model.base_model)
+        add_adapter(model, cfg.model.adapter, cfg.model.base_model, seed=cfg.system.seed)
     train_set = build_dataset(tokenizer, splits["train"], cfg.model)
     val_set = build_dataset(tokenizer, splits["val"], cfg.model) if "val" in splits else None
     cross_entropy = nn.CrossEntropyLoss(reduction="sum")

@@ -137,7 +137,7 @@ def build_task(cfg: MambaTrainConfig, resume: bool = False) -> tuple[TrainTask, 
     adapter = None
     if cfg.model.adapter is not None:
         base = {"pretrained": str(pretrained.folder.resolve()), "layout": pretrained.layout}
-        adapter = adapter_info(apply_adapter(model, cfg.model.adapter, "model.adapter", REFUSED_TARGETS, base))
+        adapter = adapter_info(apply_adapter(model, cfg.model.adapter, "model.adapter", REFUSED_TARGETS, base, seed=cfg.system.seed))
     fingerprint = tokenizer.fingerprint()
 
     def check_resume(checkpoint_extra: dict) -> None:

@@ -132,8 +132,9 @@ def apply_adapter(
     zero, so the adapted model computes what the base does); freeze every other parameter.
     ``base`` records where the frozen base comes from (kept in checkpoints, see :func:`adapter_info`);
     ``also_trained``: modules (full names) trained fully beside the adapter, e.g. a new classification head.
-    ``seed``: LoRA's A matrices are initialised from this seed alone (the global RNG is left as it
-    was), so two runs with the same seed start from the same adapter even in one process.
+    ``seed`` (every training entry passes ``system.seed``): LoRA's A matrices are initialised from
+    this seed alone and the global RNG is left as it was, so two runs with the same seed start
+    from the same adapter even in one process; None draws them from the global RNG.
 
     Returns ``model``. The adapted modules and the parameter counts are logged; an entry of
     ``cfg.target_modules`` that matches nothing is a ``ConfigError`` (see :func:`resolve_targets`)."""
@@ -144,7 +145,7 @@ def apply_adapter(
     modules = resolve_targets(model, cfg, what, refused)
     model.requires_grad_(False)
     # PEFT's LoRA tuner (what get_peft_model builds) injects the layers into the model itself.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         LoraModel(model, lora_config(cfg, modules), ADAPTER_NAME)

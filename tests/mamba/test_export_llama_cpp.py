@@ -70,6 +70,7 @@ def test_llama_cpp_runs_a_lora_fine_tune_exported_merged(folders, corpus, tmp_pa
     from src.mamba import load_mamba
     from src.pipelines.export import export_model
     from src.training import orchestrator
+    from src.training.adapters import unload_adapter
 
     hf_dir = folders[0]
     adapter = "model.adapter={r: 8, alpha: 16, target_modules: [in_proj, out_proj]}"
@@ -77,10 +78,7 @@ def test_llama_cpp_runs_a_lora_fine_tune_exported_merged(folders, corpus, tmp_pa
                                                          "training.learning_rate=0.03")])
     model, tokenizer = load_mamba(tmp_path / "ckpt")
     assert model.has_adapter()
-    base, _ = load_mamba(tmp_path / "ckpt")
-    from src.training.adapters import unload_adapter
-
-    base = unload_adapter(base)  # the pretrained folder's weights, without the adapter
+    base = unload_adapter(load_mamba(tmp_path / "ckpt")[0])  # the pretrained folder's weights, without the adapter
     gguf = export_model("mamba", "gguf", tmp_path / "lora.gguf", tmp_path / "ckpt")["outputs"]["gguf"]
     llm = _llama(gguf)
     differs = 0

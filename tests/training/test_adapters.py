@@ -72,6 +72,20 @@ def test_a_target_that_matches_nothing_or_cannot_be_adapted_is_one_line(adapter,
     assert not model.has_adapter() and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_seeded_adapter_depends_on_its_seed_alone_and_leaves_the_global_rng_alone():
+    def adapter_weights(seed, draws_before):
+        model = _model()
+        torch.rand(draws_before)  # the global RNG somewhere else, as in a second run in one process
+        before = torch.random.get_rng_state()
+        apply_adapter(model, AdapterConfig(r=4, target_modules=["in_proj"]), seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return {k: v.clone() for k, v in model.state_dict().items() if ".lora_A." in k}
+
+    first, second, other = adapter_weights(3, 1), adapter_weights(3, 17), adapter_weights(4, 1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_a_bad_regex_is_a_config_error():
     with pytest.raises(ValueError, match="not a valid regular expression"):
         AdapterConfig(target_modules=["in_proj("])
