@@ -19,9 +19,11 @@ Scheduling, as embedding servers (TEI, Infinity) do it:
   first, which keeps the mean wait lowest), so a 256-text request does not hold back the
   small ones queued after it; one passed over ``MAX_SKIPS`` times goes first once, so a
   large request is never starved.
-* With several replicas, at most ``replicas - 1`` run full bulk sub-batches at once; the
-  last worker is kept for the interactive lane and helps with bulk work only while no
-  interactive request waits, in sub-batches of a quarter of ``max_cost``.
+* With several replicas, the first ``replicas - 1`` workers take bulk work first (full
+  sub-batches) and interactive work when no bulk waits; the last worker is kept for the
+  interactive lane and helps with bulk work only while no interactive request waits, in
+  sub-batches of a quarter of ``max_cost``. ``nice``: the niceness of each worker's thread
+  (:mod:`src.api.priority`), e.g. the bulk workers behind the kept one.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
 from src.api.generation import ServerBusyError
+from src.api.priority import lower_thread_priority
 from src.core.logging import get_logger
 
 Item = TypeVar("Item")
@@ -73,8 +76,12 @@ class MicroBatcher(Generic[Item, Result]):
         cost: Callable[[Item], int] | None = None,
         max_cost: int | None = None,
         interactive_weight: int = 3,
+        nice: int | Sequence[int] = 0,
     ) -> None:
         self.batch_fns = list(batch_fn) if isinstance(batch_fn, (list, tuple)) else [batch_fn]
+        self.nice = list(nice) if isinstance(nice, (list, tuple)) else [nice] * len(self.batch_fns)
+        if len(self.nice) != len(self.batch_fns):
+            raise ValueError(f"nice: one value per replica ({len(self.batch_fns)}), not {len(self.nice)}")
         self.name = name
         self.max_items = max_items
         self.max_pending = max_pending
@@ -84,7 +91,6 @@ class MicroBatcher(Generic[Item, Result]):
         self._lanes: dict[str, collections.deque[_Request]] = {lane: collections.deque() for lane in LANES}
         self._waiting = 0  # requests not fully handed out yet
         self._submitted = 0
-        self._bulk_running = 0
         self._interactive_turns = 0  # interactive sub-batches since the last bulk one
         self._cond = threading.Condition()
         self._closed = False
@@ -92,7 +98,7 @@ class MicroBatcher(Generic[Item, Result]):
         self.items = 0
         self.lane_batches = {lane: 0 for lane in LANES}
         self._threads = [
-            threading.Thread(target=self._run, args=(fn,), name=f"batch-{name}-{i}", daemon=True)
+            threading.Thread(target=self._run, args=(i, fn), name=f"batch-{name}-{i}", daemon=True)
             for i, fn in enumerate(self.batch_fns)
         ]
         for thread in self._threads:
@@ -150,18 +156,23 @@ class MicroBatcher(Generic[Item, Result]):
             self._waiting = 0
 
     # ------------------------------------------------------------------ scheduling
-    def _pick_lane(self) -> tuple[str, int | None] | None:
-        """The lane of the next sub-batch and its token budget, or None: nothing to run on
-        this worker now (called under the lock)."""
+    def _pick_lane(self, worker: int) -> tuple[str, int | None] | None:
+        """The lane of worker ``worker``'s next sub-batch and its token budget, or None: nothing
+        to run on this worker now (called under the lock)."""
         interactive, bulk = self._lanes["interactive"], self._lanes["bulk"]
-        bulk_allowed = bool(bulk) and (len(self.batch_fns) == 1 or self._bulk_running < len(self.batch_fns) - 1)
-        if interactive and not (bulk_allowed and self._interactive_turns >= self.interactive_weight):
+        if len(self.batch_fns) == 1:  # one worker: the lanes take turns, interactive_weight to 1
+            if interactive and not (bulk and self._interactive_turns >= self.interactive_weight):
+                return "interactive", self.max_cost
+            return ("bulk", self.max_cost) if bulk else None
+        if worker < len(self.batch_fns) - 1:  # a bulk worker
+            if bulk:
+                return "bulk", self.max_cost
+            return ("interactive", self.max_cost) if interactive else None
+        if interactive:  # the worker kept for interactive work
             return "interactive", self.max_cost
-        if bulk_allowed:
-            return "bulk", self.max_cost
-        if bulk and not interactive and self.max_cost is not None:
-            # The worker kept for interactive work helps with bulk work while no query waits,
-            # in small sub-batches, so a query that comes waits for a small one at most.
+        if bulk and self.max_cost is not None:
+            # It helps with bulk work while no query waits, in small sub-batches, so a query
+            # that comes waits for a small one at most.
             return "bulk", max(1, self.max_cost // SMALL_SUB_BATCH)
         return None
 
@@ -206,10 +217,11 @@ class MicroBatcher(Generic[Item, Result]):
                 request.skipped += 1
         return parts
 
-    def _run(self, batch_fn: Callable[[list[Item]], Sequence[Result]]) -> None:
+    def _run(self, worker: int, batch_fn: Callable[[list[Item]], Sequence[Result]]) -> None:
+        lower_thread_priority(self.nice[worker])
         while True:
             with self._cond:
-                while not self._closed and (picked := self._pick_lane()) is None:
+                while not self._closed and (picked := self._pick_lane(worker)) is None:
                     self._cond.wait()
                 if self._closed:
                     return
@@ -219,9 +231,6 @@ class MicroBatcher(Generic[Item, Result]):
                     self._cond.notify()  # another worker may take what is left
                 if not parts:
                     continue
-                # A full bulk sub-batch takes a bulk worker's place; the kept worker's small ones do not.
-                full_bulk = lane == "bulk" and max_cost == self.max_cost
-                self._bulk_running += full_bulk
                 self._interactive_turns = 0 if lane == "bulk" else self._interactive_turns + 1
             try:
                 results = list(batch_fn([item for request, start, end in parts for item in request.items[start:end]]))
@@ -230,7 +239,6 @@ class MicroBatcher(Generic[Item, Result]):
                 log.exception("%s batch failed", self.name)
                 error = err
             with self._cond:
-                self._bulk_running -= full_bulk
                 self.batches += 1
                 self.lane_batches[lane] += 1
                 self.items += sum(end - start for _, start, end in parts)

@@ -286,8 +286,10 @@ class GenerationWorker:
         max_pending: int = 256,
         decoder: str = "eager",
         request_timeout_s: float | None = None,
+        nice: int = 0,
     ) -> None:
         self.model = model.eval()
+        self.nice = nice  # the worker thread's niceness (src.api.priority)
         # The decoding step updates the batch's state in place (``decoder``: a Decoder
         # backend); compiled, it is compiled once on this worker's thread before the first
         # request is served.
@@ -518,6 +520,9 @@ class GenerationWorker:
         return admitted
 
     def _run(self) -> None:
+        from src.api.priority import lower_thread_priority
+
+        lower_thread_priority(self.nice)
         if self.decoder.compiled:
             seconds = self.decoder.warmup((1, 2))
             log.info("compiled the %s decoding step in %.1f s", self.name, seconds)

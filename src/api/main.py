@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-request-bytes", type=int, default=1_000_000)
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds a generation request may wait and run before it fails with 504 (0: no limit)")
+    parser.add_argument("--background-nice", type=int, default=10,
+                        help="niceness of the workers off the retrieval path (classifier, reward model, language models "
+                        "other than /query's), so searches and /query get the CPU first; 0: all equal")
     parser.add_argument("--keep-alive", type=int, default=30, help="seconds an idle client connection stays open")
     parser.add_argument("--no-preload", action="store_true", help="load each model on its first request instead of at startup")
     parser.add_argument(
@@ -65,6 +68,8 @@ def settings_from_args(args: argparse.Namespace):
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.embedding_workers < 0:
         raise ConfigError(f"--embedding-workers must be 0 (one per core, at most 2) or more (got {args.embedding_workers})")
+    if not 0 <= args.background_nice <= 19:
+        raise ConfigError(f"--background-nice must be 0 (all workers equal) to 19 (got {args.background_nice})")
     if args.request_timeout < 0:
         raise ConfigError(f"--request-timeout must be 0 (no limit) or more seconds (got {args.request_timeout})")
     if args.export_dir is not None and not args.export_dir.is_dir():
@@ -80,6 +85,7 @@ def settings_from_args(args: argparse.Namespace):
         max_pending=args.max_pending,
         embedding_workers=args.embedding_workers,
         embedding_batch_tokens=args.embedding_batch_tokens,
+        background_nice=args.background_nice,
         preload=not args.no_preload,
         request_timeout_s=args.request_timeout or None,
         decoder="compile" if args.compile_decoder else args.decoder,

@@ -50,6 +50,18 @@ class LoadedModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def trained_prompt_limit(name: str, path: Path) -> dict[str, Any]:
+    """``{"max_prompt_tokens": N}`` for an RLHF model: the prompt length it was trained on
+    (longer prompts were cut to ``<|bos|>`` and their last tokens), which the server's grounded
+    prompts keep to, as training and the RLHF evaluation did; ``{}`` for other models."""
+    if name != "rlhf":
+        return {}
+    from src.rlhf.load import read_rlhf_metadata
+
+    limit = ((read_rlhf_metadata(path).get("config") or {}).get("model") or {}).get("max_prompt_tokens")
+    return {"max_prompt_tokens": int(limit)} if limit else {}
+
+
 def describe(name: str, model: Any, tokenizer: Any) -> dict[str, Any]:
     """A few facts about a loaded model for ``GET /models``."""
     if name in LANGUAGE_MODELS:
@@ -135,7 +147,7 @@ class ModelRegistry:
                 trained_at=_iso(stamp_file.stat().st_mtime),
                 loaded_at=_iso(time.time()),
                 load_seconds=round(seconds, 3),
-                details=describe(name, model, tokenizer),
+                details=describe(name, model, tokenizer) | trained_prompt_limit(name, path),
             )
             self._loaded[name] = loaded
             self._errors.pop(name, None)

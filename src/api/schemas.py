@@ -126,6 +126,7 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     uptime_s: float
+    ready: bool = Field(description="every trained model loaded and warmed up (always true without preloading)")
     models: dict[str, str] = Field(description="model name -> loaded | available | not_trained | error")
 
 

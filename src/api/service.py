@@ -6,10 +6,16 @@ a :class:`GenerationWorker` per language model (continuous batching), a
 event loop only awaits them; model loading runs in a thread, so a first request that
 loads a model does not stall the others.
 
-Embeddings have two lanes (see :mod:`src.api.batching`): search queries (``/rag-search``,
-``/query``) are ``interactive``; ``/v1/embeddings`` and ``/query``'s evidence sentences are
-``bulk``, so a one-line query waits for at most one bounded sub-batch of bulk work, never for
-a whole bulk request or for other queries' evidence.
+Embeddings have two lanes (see :mod:`src.api.batching`): what someone is waiting on
+(``/rag-search`` and ``/query``'s query, ``/query``'s evidence sentences) is ``interactive``,
+where the shortest request goes first, so a one-line query waits for at most one bounded
+sub-batch of other work; ``/v1/embeddings`` is ``bulk``, served by its own worker. Evidence
+sentences' vectors are cached and computed once even when many queries want them at once.
+
+Priorities (:mod:`src.api.priority`): the retrieval path (the embedding workers, search, the
+language model ``/query`` answers with, the event loop) runs at normal priority; the
+classifier, the reward model and the other language models run at ``background_nice``, so on
+a saturated machine a search does not wait for their share of the CPU.
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ class ServerSettings:
     # The language models' decoding step (src.mamba.generate.Decoder): auto = MARK's native
     # CPU kernel where the model allows it, else eager; compile = torch.compile at start-up.
     decoder: str = "auto"
+    # The niceness of the workers off the retrieval path (src.api.priority): the classifier, the
+    # reward model and the language models other than the one /query answers with. 0: every
+    # worker at normal priority.
+    background_nice: int = 10
     board: bool = False  # also serve the MARK Board (web UI) at /board
 
 MAX_EVIDENCE_CANDIDATES = 64
@@ -145,6 +155,9 @@ class ModelService:
         self._workers: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._sentence_vectors: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        # Sentences being embedded now -> (the task embedding them, their position in its batch):
+        # concurrent /query requests over the same passages wait for one embedding, not one each.
+        self._sentences_in_flight: dict[str, tuple[asyncio.Future, int]] = {}
 
     # ------------------------------------------------------------------ workers (created once)
     def _worker(self, key: str, build):
@@ -171,6 +184,7 @@ class ModelService:
             lambda: GenerationWorker(
                 loaded.model, loaded.tokenizer, name, s.max_batch_size, s.max_pending,
                 decoder=s.decoder, request_timeout_s=s.request_timeout_s,
+                nice=0 if name == self.registry.answer_model() else s.background_nice,
             ),
         )
 
@@ -196,6 +210,10 @@ class ModelService:
         def build() -> MicroBatcher:
             workers = s.embedding_workers or min(2, os.cpu_count() or 1)
             replicas = [encoder] + [encoder_replica(encoder) for _ in range(workers - 1)]
+            # The last worker is kept for queries, the others take bulk work first. All run at
+            # normal priority: when no bulk work waits, the bulk workers take queries' evidence
+            # sentences too (measured on the demo models under 64 clients: /query p99 7.2 s with
+            # the bulk worker at background_nice, 3.8 s without).
             return MicroBatcher(
                 [embedding_fn(e) for e in replicas], "embedding", 64, s.max_pending,
                 cost=estimated_tokens, max_cost=s.embedding_batch_tokens,
@@ -206,7 +224,8 @@ class ModelService:
     def classifier(self) -> MicroBatcher:
         """Texts -> ``{"label", "probabilities"}`` with the fine-tuned classifier."""
         model = self.registry.get("transformer").model
-        return self._worker("classify", lambda: MicroBatcher(model.predict, "classification", 64, self.settings.max_pending))
+        s = self.settings
+        return self._worker("classify", lambda: MicroBatcher(model.predict, "classification", 64, s.max_pending, nice=s.background_nice))
 
     def reward_source(self) -> Path:
         """The reward model file: ``reward_model.pt`` next to the RLHF model (in the
@@ -227,6 +246,7 @@ class ModelService:
             scorer = load_reward_scorer(self.reward_source(), str(resolve_device(self.settings.device)))
             return MicroBatcher(
                 lambda pairs: scorer.score([p for p, _ in pairs], [r for _, r in pairs]), "score", 64, self.settings.max_pending,
+                nice=self.settings.background_nice,
             )
 
         return self._worker("score", build)
@@ -248,6 +268,17 @@ class ModelService:
         """``prompt`` as the model reads it; longer than ``max_prompt_tokens`` is ``PromptTooLongError``."""
         ids = worker.encode_prompt(prompt)
         self.check_prompt_length(ids)
+        return ids
+
+    def grounded_prompt_ids(self, model: str, worker: GenerationWorker, prompt: str) -> list[int]:
+        """A grounded prompt as language model ``model`` reads it: an RLHF model trained on
+        prompts of at most ``max_prompt_tokens`` reads ``<|bos|>`` and the prompt's last tokens
+        (the question and the end of the context), as in its training and evaluation; the base
+        model reads it whole."""
+        ids = self.prompt_ids(worker, prompt)
+        limit = self.registry.get(model).details.get("max_prompt_tokens")
+        if limit and len(ids) > limit:
+            ids = ids[:1] + ids[len(ids) - (limit - 1):]
         return ids
 
     def check_prompt_length(self, ids: list[int]) -> None:
@@ -314,7 +345,7 @@ class ModelService:
         prompt = grounded_prompt(query, used)
         params = replace(params, stop=tuple(params.stop) + ANSWER_STOP)
         result, evidence = await asyncio.gather(
-            worker.agenerate(self.prompt_ids(worker, prompt), params),
+            worker.agenerate(self.grounded_prompt_ids(model, worker, prompt), params),
             self.evidence(query, hits, evidence_k, vector),
         )
         return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence, mode=mode, strategy=strategy)
@@ -334,24 +365,75 @@ class ModelService:
         if k <= 0 or not candidates:
             return []
         embedder = await self.aembedder()
-        # The index's chunks are fixed, so their sentences' vectors are kept (LRU) across queries.
-        missing = [sentence for _, sentence in candidates if sentence not in self._sentence_vectors]
         if query_vector is None:
             query_vector = await self.embed_query(query)
-        # Many texts: the bulk lane, so that one-line search queries do not wait for them.
-        rows = await embedder.arun(missing, "bulk") if missing else []
-        with self._lock:
-            for sentence, (vector, _) in zip(missing, rows):
-                self._sentence_vectors[sentence] = np.asarray(vector, dtype=np.float32)
-            vectors = []
-            for _, sentence in candidates:
-                self._sentence_vectors.move_to_end(sentence)
-                vectors.append(self._sentence_vectors[sentence])
-            while len(self._sentence_vectors) > SENTENCE_CACHE_SIZE:
-                self._sentence_vectors.popitem(last=False)
+        vectors = await self._sentence_vectors_of([sentence for _, sentence in candidates], embedder)
         scores = np.stack(vectors) @ np.asarray(query_vector, dtype=np.float32)
         order = np.argsort(-scores, kind="stable")[:k]
         return [Evidence(candidates[i][0], candidates[i][1], round(float(scores[i]), 6)) for i in order]
+
+    async def _sentence_vectors_of(self, sentences: list[str], embedder: MicroBatcher) -> list[np.ndarray]:
+        """The RAG encoder's vectors of ``sentences``. The index's chunks are fixed, so their
+        sentences' vectors are kept (LRU) across queries, and a sentence another request is
+        embedding right now is waited for, not embedded again (concurrent queries over the same
+        passages would otherwise each embed all of them). Many texts: the bulk lane, so that
+        one-line search queries do not wait for them."""
+        with self._lock:  # what is known now (a later eviction does not take it from this request)
+            known = {s: self._sentence_vectors[s] for s in sentences if s in self._sentence_vectors}
+            for sentence in known:
+                self._sentence_vectors.move_to_end(sentence)
+        missing = list(dict.fromkeys(s for s in sentences if s not in known and s not in self._sentences_in_flight))
+        if missing:
+            task = asyncio.ensure_future(embedder.arun(missing, "interactive"))
+            for position, sentence in enumerate(missing):
+                self._sentences_in_flight[sentence] = (task, position)
+
+            def settled(done: asyncio.Future, sentences: list[str] = missing) -> None:
+                failed = done.cancelled() or done.exception() is not None
+                with self._lock:
+                    for position, sentence in enumerate(sentences):
+                        self._sentences_in_flight.pop(sentence, None)
+                        if not failed:
+                            self._sentence_vectors[sentence] = np.asarray(done.result()[position][0], dtype=np.float32)
+                    while len(self._sentence_vectors) > SENTENCE_CACHE_SIZE:
+                        self._sentence_vectors.popitem(last=False)
+
+            task.add_done_callback(settled)
+        waits = {s: self._sentences_in_flight[s] for s in sentences if s not in known}
+        for task in {id(t): t for t, _ in waits.values()}.values():
+            await asyncio.shield(task)  # one request's cancellation does not cancel the others' embedding
+        for sentence, (task, position) in waits.items():
+            known[sentence] = np.asarray(task.result()[position][0], dtype=np.float32)
+        vectors = [known[sentence] for sentence in sentences]
+        return vectors
+
+    def warm_up(self) -> float:
+        """One small request through each started worker (every embedding replica, a search
+        in each keyword/dense/hybrid mode, each language model, the classifier, the reward
+        model when there is one): the one-time costs of first calls (lazy initialisation,
+        first allocations, cold pages of the index) are paid here, not by the first users.
+        Returns the seconds it took."""
+        import time
+
+        from src.api.batching import LANES
+
+        started = time.perf_counter()
+        if self.registry.is_loaded("rlhf") and self.reward_source().is_file():
+            self.scorer()
+        for key, worker in self.workers().items():
+            if isinstance(worker, GenerationWorker):
+                worker.generate("Warm up", GenerationParams(max_new_tokens=2, temperature=0.0))
+            elif key == "embed":  # one per lane: both kinds of worker
+                vectors = [f.result() for f in [worker.submit(["warm up"], lane) for lane in LANES]]
+                retriever = self.retriever()
+                vector = np.asarray(vectors[0][0][0], dtype=np.float32)
+                for mode in ("bm25", "dense", "hybrid"):
+                    retriever.search("warm up", 1, mode, vector)
+            elif key == "classify":
+                worker.run(["warm up"])
+            elif key == "score":
+                worker.run([("warm up", "warm up")])
+        return time.perf_counter() - started
 
     def generation_stats(self) -> dict[str, dict[str, Any]]:
         stats = {}

@@ -179,7 +179,7 @@ class RunningServer:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
                 health = httpx.get(f"{self.url}/health", timeout=2).json()
-                if all(health["models"].get(m) == "loaded" for m in models):
+                if all(health["models"].get(m) == "loaded" for m in models) and (not models or health["ready"]):
                     return
             except httpx.HTTPError:
                 pass

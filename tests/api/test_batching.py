@@ -214,24 +214,57 @@ def test_batched_results_equal_encoding_one_text_at_a_time(tiny_checkpoints):
 
 def test_the_worker_kept_for_queries_helps_with_bulk_work_in_small_sub_batches():
     gate, held = threading.Event(), threading.Event()
-    sizes: list[int] = []
+    sizes: dict[str, list[int]] = {"bulk": [], "kept": []}
 
-    def model(items):  # the first sub-batch holds one worker until the gate opens
-        if not held.is_set():
+    def model(items):  # the bulk worker (the first) is held until the gate opens
+        bulk_worker = threading.current_thread().name.endswith("-0")
+        if bulk_worker and not held.is_set():
             held.set()
             gate.wait(5)
-        sizes.append(sum(map(len, items)))
+        sizes["bulk" if bulk_worker else "kept"].append(sum(map(len, items)))
         return items
 
     batcher = MicroBatcher([model, model], "embedding", max_items=64, cost=len, max_cost=40)
     try:
         bulk = batcher.submit(["xxxx"] * 40, "bulk")  # 160 tokens: 4 full sub-batches
         assert held.wait(5)
-        time.sleep(0.1)  # the other worker goes on with quarter sub-batches (10 tokens)
-        assert sizes and max(sizes) <= 10
+        deadline = time.monotonic() + 5
+        while sum(sizes["kept"]) < 120 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the kept worker goes on with quarter sub-batches (10 tokens)
+        assert sum(sizes["kept"]) == 120 and max(sizes["kept"]) <= 10
         gate.set()
         assert bulk.result(5) == ["xxxx"] * 40
-        assert max(sizes) == 40
+        assert sizes["bulk"] == [40]
     finally:
         gate.set()
         batcher.close()
+
+
+def test_each_worker_runs_at_its_niceness():
+    import os
+
+    seen: dict[str, int] = {}
+    gate, held = threading.Event(), threading.Event()
+
+    def model(items):
+        name = threading.current_thread().name
+        seen[name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        if name.endswith("-0"):  # the bulk worker waits until the query is served
+            held.set()
+            gate.wait(5)
+        return items
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    batcher = MicroBatcher([model, model], "embedding", max_items=1, nice=[7, 0])
+    try:
+        bulk = batcher.submit(["b"], "bulk")  # bulk work goes to the bulk worker
+        assert held.wait(5)
+        assert batcher.run(["q"], "interactive") == ["q"]  # the kept worker serves the query
+        gate.set()
+        assert bulk.result(5) == ["b"]
+        assert seen == {"batch-embedding-0": max(base, 7), "batch-embedding-1": base}  # 0: left as it was
+    finally:
+        gate.set()
+        batcher.close()
+    with pytest.raises(ValueError, match="one value per replica"):
+        MicroBatcher([model, model], "embedding", nice=[1, 2, 3])

@@ -106,6 +106,7 @@ async def health(request: Request) -> HealthResponse:
     registry = service_of(request).registry
     return HealthResponse(
         uptime_s=round(time.time() - request.app.state.started, 1),
+        ready=request.app.state.ready,
         models={name: registry.status(name)["status"] for name in SERVED_MODELS},
     )
 
