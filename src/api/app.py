@@ -9,9 +9,9 @@ message names the command that trains it) or a full queue, and 500 only for a bu
 from __future__ import annotations
 
 import copy
+import gc
 import hmac
 import json
-import gc
 import threading
 import time
 from contextlib import asynccontextmanager

@@ -32,6 +32,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
+from src.api.priority import lower_thread_priority
 from src.core.logging import get_logger
 from src.mamba.generate import Decoder
 from src.mamba.model import MambaCache, MambaLM
@@ -520,8 +521,6 @@ class GenerationWorker:
         return admitted
 
     def _run(self) -> None:
-        from src.api.priority import lower_thread_priority
-
         lower_thread_priority(self.nice)
         if self.decoder.compiled:
             seconds = self.decoder.warmup((1, 2))

@@ -50,28 +50,19 @@ class LoadedModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def trained_prompt_limit(name: str, path: Path) -> dict[str, Any]:
-    """``{"max_prompt_tokens": N}`` for an RLHF model: the prompt length it was trained on
-    (longer prompts were cut to ``<|bos|>`` and their last tokens), which the server's grounded
-    prompts keep to, as training and the RLHF evaluation did; ``{}`` for other models."""
-    if name != "rlhf":
-        return {}
-    from src.rlhf.load import read_rlhf_metadata
-
-    limit = ((read_rlhf_metadata(path).get("config") or {}).get("model") or {}).get("max_prompt_tokens")
-    return {"max_prompt_tokens": int(limit)} if limit else {}
-
-
 def describe(name: str, model: Any, tokenizer: Any) -> dict[str, Any]:
     """A few facts about a loaded model for ``GET /models``."""
     if name in LANGUAGE_MODELS:
         args = model.args
-        return {
+        facts = {
             "parameters": model.num_parameters(),
             "vocab_size": tokenizer.vocab_size,
             "d_model": args.d_model,
             "n_layers": args.n_layers,
         }
+        if getattr(model, "trained_prompt_tokens", None):  # an RLHF model: the prompt length it was trained on
+            facts["max_prompt_tokens"] = model.trained_prompt_tokens
+        return facts
     if name == "transformer":
         return {"labels": list(model.label_names), "max_length": model.max_length}
     if name == "rag":
@@ -147,7 +138,7 @@ class ModelRegistry:
                 trained_at=_iso(stamp_file.stat().st_mtime),
                 loaded_at=_iso(time.time()),
                 load_seconds=round(seconds, 3),
-                details=describe(name, model, tokenizer) | trained_prompt_limit(name, path),
+                details=describe(name, model, tokenizer),
             )
             self._loaded[name] = loaded
             self._errors.pop(name, None)

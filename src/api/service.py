@@ -26,6 +26,7 @@ import copy
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,7 +34,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from src.api.batching import MicroBatcher
+from src.api.batching import LANES, MicroBatcher
 from src.api.generation import GenerationParams, GenerationResult, GenerationWorker
 from src.data.prompts import ANSWER_STOP, Passage, grounded_prompt, select_passages
 from src.api.registry import LANGUAGE_MODELS, ModelRegistry
@@ -270,15 +271,18 @@ class ModelService:
         self.check_prompt_length(ids)
         return ids
 
-    def grounded_prompt_ids(self, model: str, worker: GenerationWorker, prompt: str) -> list[int]:
-        """A grounded prompt as language model ``model`` reads it: an RLHF model trained on
-        prompts of at most ``max_prompt_tokens`` reads ``<|bos|>`` and the prompt's last tokens
-        (the question and the end of the context), as in its training and evaluation; the base
-        model reads it whole."""
-        ids = self.prompt_ids(worker, prompt)
-        limit = self.registry.get(model).details.get("max_prompt_tokens")
-        if limit and len(ids) > limit:
-            ids = ids[:1] + ids[len(ids) - (limit - 1):]
+    def grounded_prompt_ids(self, worker: GenerationWorker, prompt: str) -> list[int]:
+        """A grounded prompt as ``worker``'s model reads it: an RLHF model trained on prompts of
+        at most ``max_prompt_tokens`` reads them through the same :class:`PromptFormat` as its
+        training and evaluation (``<|bos|>`` and the prompt's last tokens: the question and the
+        end of the context); the base model reads it whole."""
+        limit = getattr(worker.model, "trained_prompt_tokens", None)
+        if not limit:
+            return self.prompt_ids(worker, prompt)
+        from src.rlhf.data import PromptFormat
+
+        ids = PromptFormat(worker.tokenizer, max_prompt_tokens=limit).prompt_ids(prompt)
+        self.check_prompt_length(ids)
         return ids
 
     def check_prompt_length(self, ids: list[int]) -> None:
@@ -345,7 +349,7 @@ class ModelService:
         prompt = grounded_prompt(query, used)
         params = replace(params, stop=tuple(params.stop) + ANSWER_STOP)
         result, evidence = await asyncio.gather(
-            worker.agenerate(self.grounded_prompt_ids(model, worker, prompt), params),
+            worker.agenerate(self.grounded_prompt_ids(worker, prompt), params),
             self.evidence(query, hits, evidence_k, vector),
         )
         return Answer(result=result, prompt=prompt, hits=hits, used=used, model=model, evidence=evidence, mode=mode, strategy=strategy)
@@ -376,8 +380,8 @@ class ModelService:
         """The RAG encoder's vectors of ``sentences``. The index's chunks are fixed, so their
         sentences' vectors are kept (LRU) across queries, and a sentence another request is
         embedding right now is waited for, not embedded again (concurrent queries over the same
-        passages would otherwise each embed all of them). Many texts: the bulk lane, so that
-        one-line search queries do not wait for them."""
+        passages would otherwise each embed all of them). They are someone's wait, so they go in
+        the interactive lane, where shortest-first keeps one-line search queries ahead of them."""
         with self._lock:  # what is known now (a later eviction does not take it from this request)
             known = {s: self._sentence_vectors[s] for s in sentences if s in self._sentence_vectors}
             for sentence in known:
@@ -404,8 +408,7 @@ class ModelService:
             await asyncio.shield(task)  # one request's cancellation does not cancel the others' embedding
         for sentence, (task, position) in waits.items():
             known[sentence] = np.asarray(task.result()[position][0], dtype=np.float32)
-        vectors = [known[sentence] for sentence in sentences]
-        return vectors
+        return [known[sentence] for sentence in sentences]
 
     def warm_up(self) -> float:
         """One small request through each started worker (every embedding replica, a search
@@ -413,20 +416,16 @@ class ModelService:
         model when there is one): the one-time costs of first calls (lazy initialisation,
         first allocations, cold pages of the index) are paid here, not by the first users.
         Returns the seconds it took."""
-        import time
-
-        from src.api.batching import LANES
-
         started = time.perf_counter()
         if self.registry.is_loaded("rlhf") and self.reward_source().is_file():
             self.scorer()
         for key, worker in self.workers().items():
             if isinstance(worker, GenerationWorker):
                 worker.generate("Warm up", GenerationParams(max_new_tokens=2, temperature=0.0))
-            elif key == "embed":  # one per lane: both kinds of worker
-                vectors = [f.result() for f in [worker.submit(["warm up"], lane) for lane in LANES]]
+            elif key == "embed":  # bulk first: the bulk worker takes it, the kept worker the query
+                rows = {lane: f.result() for lane, f in [(lane, worker.submit(["warm up"], lane)) for lane in reversed(LANES)]}
                 retriever = self.retriever()
-                vector = np.asarray(vectors[0][0][0], dtype=np.float32)
+                vector = np.asarray(rows["interactive"][0][0], dtype=np.float32)
                 for mode in ("bm25", "dense", "hybrid"):
                     retriever.search("warm up", 1, mode, vector)
             elif key == "classify":

@@ -37,7 +37,13 @@ def load_rlhf_model(
     as on the base model.
     """
     path = resolve_final_model(path_or_dir)
-    return lm_from_state(load_checkpoint(path, map_location="cpu", kind=KIND), path, "RLHF model", device)
+    state = load_checkpoint(path, map_location="cpu", kind=KIND)
+    model, tokenizer = lm_from_state(state, path, "RLHF model", device)
+    # The prompt length it was trained on (longer prompts were cut to <|bos|> and their last
+    # tokens): what the server cuts its grounded prompts to (src.api.service.grounded_prompt_ids).
+    limit = ((state.get("config") or {}).get("model") or {}).get("max_prompt_tokens")
+    model.trained_prompt_tokens = int(limit) if limit else None
+    return model, tokenizer
 
 
 def read_rlhf_metadata(path_or_dir: str | Path = "checkpoints/rlhf") -> dict[str, Any]:

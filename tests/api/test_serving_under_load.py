@@ -65,12 +65,12 @@ def test_grounded_prompts_are_cut_as_the_rlhf_model_was_trained(full_checkpoints
         prompt = "Context:\n[a.md] " + "the reader opens the file and returns its lines " * 40 + "\n\nQuestion: what opens?\nAnswer:"
         whole = service.prompt_ids(worker, prompt)
         assert len(whole) > trained
-        cut = service.grounded_prompt_ids("rlhf", worker, prompt)
+        cut = service.grounded_prompt_ids(worker, prompt)
         assert len(cut) == trained and cut[0] == worker.tokenizer.bos_id and cut[1:] == whole[-(trained - 1):]
-        assert service.grounded_prompt_ids("mamba", service.generator("mamba"), prompt) == service.prompt_ids(service.generator("mamba"), prompt)
+        assert service.grounded_prompt_ids(service.generator("mamba"), prompt) == service.prompt_ids(service.generator("mamba"), prompt)
         short = "Question: what?\nAnswer:"
         assert len(service.prompt_ids(worker, short)) <= trained
-        assert service.grounded_prompt_ids("rlhf", worker, short) == service.prompt_ids(worker, short)
+        assert service.grounded_prompt_ids(worker, short) == service.prompt_ids(worker, short)
     finally:
         service.close()
 
