@@ -105,7 +105,7 @@ def p50_ms(times: list[float]) -> float:
 
 
 # ------------------------------------------------------------------ workers (run in fresh processes)
-def build_new(folder: Path, n: int) -> dict:
+def build_new(folder: Path, n: int, index_type: str = "flat") -> dict:
     from tqdm.auto import tqdm
 
     from src.rag.store import ChunkRecord, ChunkStore, DocumentRecord
@@ -113,7 +113,8 @@ def build_new(folder: Path, n: int) -> dict:
     vocab, p = corpus_words()
     settings = {
         "embedding_model": MODEL, "embedding_dim": DIM, "max_seq_length": 256, "seed": 42,
-        "chunking": {"unit": "word-pieces", "chunk_size": 200, "chunk_overlap": 32}, "index": {"type": "flat"},
+        "chunking": {"unit": "word-pieces", "chunk_size": 200, "chunk_overlap": 32},
+        "index": {"type": index_type, "pq_m": None, "refine_k_factor": 20},
     }
     start = time.perf_counter()
     store = ChunkStore.create(folder, settings)
@@ -178,6 +179,18 @@ def measure(folder: Path, store: str, num_queries: int) -> dict:
         retriever.search(q, top_k=5, mode="hybrid", query_vector=v)
         hybrid.append(time.perf_counter() - t)
     query_rss = peak_rss_mb()
+    agreement = None
+    if store == "new" and index.store.settings["index"]["type"] != "flat":  # against an exact scan of the same vectors
+        import numpy as np
+
+        from src.rag.store import _stored_vectors
+
+        labels, stored = _stored_vectors(index.store.base)
+        shares = []
+        for v in qv:
+            exact = labels[np.argpartition(-(stored @ v), 50)[:50]]
+            shares.append(len(set(exact.tolist()) & set(index.store.search_vectors(v[None], 50)[1][0].tolist())) / 50)
+        agreement = round(float(np.mean(shares)), 4)
     num_chunks = index.num_chunks
     text = " ".join(vocab[i] for i in range(100, 220))
     if store == "new":
@@ -198,6 +211,7 @@ def measure(folder: Path, store: str, num_queries: int) -> dict:
     return {
         "open_s": round(open_s, 3), "first_keyword_query_s": round(first_keyword_s, 3),
         "keyword_p50_ms": p50_ms(keyword), "hybrid_p50_ms": p50_ms(hybrid), "keyword_hits_per_query": round(hits / num_queries, 2),
+        "dense_top50_agreement": agreement,
         "add_one_doc_s": round(add_s, 3), "open_writable_s": round(reopen_writable_s, 3),
         "query_peak_rss_mb": query_rss, "peak_rss_mb": peak_rss_mb(), "disk_mb": folder_mb(folder),
         "vectors_mb": round(num_chunks * DIM * 4 / 2**20, 1), "first_hits": len(first),
@@ -205,11 +219,11 @@ def measure(folder: Path, store: str, num_queries: int) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-def run_worker(role: str, store: str, folder: Path, n: int, num_queries: int, old_src: Path | None) -> dict:
+def run_worker(role: str, store: str, folder: Path, n: int, num_queries: int, old_src: Path | None, index_type: str = "flat") -> dict:
     env = {**os.environ, "PYTHONPATH": str(old_src if store == "old" else REPO_ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--store", store, "--folder", str(folder), "--n", str(n),
-           "--queries", str(num_queries)]
+           "--queries", str(num_queries), "--index-type", index_type]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{role} {store} {n}: failed\n{out.stderr[-3000:]}")
@@ -224,7 +238,7 @@ def extract_old_source(ref: str) -> Path:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [("store", "store"), ("chunks", "chunks"), ("build_s", "build s"), ("open_s", "open s"), ("first_keyword_query_s", "1st kw s"),
+    cols = [("store", "store"), ("index", "index"), ("chunks", "chunks"), ("build_s", "build s"), ("open_s", "open s"), ("first_keyword_query_s", "1st kw s"),
             ("keyword_p50_ms", "kw p50 ms"), ("hybrid_p50_ms", "hyb p50 ms"), ("add_one_doc_s", "add 1 doc s"),
             ("peak_rss_mb", "peak RSS MB"), ("vectors_mb", "vectors MB"), ("disk_mb", "disk MB")]
     print(" | ".join(h for _, h in cols))
@@ -237,19 +251,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", type=int, nargs="+", default=[30_000, 150_000, 1_000_000])
     parser.add_argument("--old-sizes", type=int, nargs="*", default=[30_000, 150_000])
     parser.add_argument("--queries", type=int, default=50)
-    parser.add_argument("--old-ref", default="main")
+    parser.add_argument("--old-ref", default="eaedfa1", help="the commit of the previous store (metadata.json + bm25s)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the indexes are built (default: a temp folder, removed)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "rag_store.json")
     parser.add_argument("--worker", choices=["build", "measure"], help=argparse.SUPPRESS)
     parser.add_argument("--store", choices=["new", "old"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--index-type", default="flat", help=argparse.SUPPRESS)
+    parser.add_argument("--index-types", nargs="+", default=["flat"], choices=["flat", "pq-refine"],
+                        help="FAISS index types of the new store (pq-refine: exhaustive 4-bit PQ scan, exact re-scoring)")
     args = parser.parse_args(argv)
 
     if args.worker:
         sys.path.insert(0, os.environ["PYTHONPATH"])
         if args.worker == "build":
-            result = (build_new if args.store == "new" else build_old)(args.folder, args.n)
+            result = build_new(args.folder, args.n, args.index_type) if args.store == "new" else build_old(args.folder, args.n)
         else:
             result = measure(args.folder, args.store, args.queries)
         print(json.dumps(result))
@@ -262,15 +279,15 @@ def main(argv=None) -> dict:
     rows = []
     try:
         for n in sorted(set(args.sizes) | set(args.old_sizes)):
-            for store in ("old", "new"):
+            for store, index_type in [("old", "flat")] + [("new", t) for t in args.index_types]:
                 if (store == "new" and n not in args.sizes) or (store == "old" and n not in args.old_sizes):
                     continue
-                folder = work / f"{store}_{n}"
+                folder = work / f"{store}_{n}_{index_type}"
                 shutil.rmtree(folder, ignore_errors=True)
-                print(f"{store} store, {n} chunks: building ...", flush=True)
-                built = run_worker("build", store, folder, n, args.queries, old_src)
-                measured = run_worker("measure", store, folder, n, args.queries, old_src)
-                row = {"store": store, "chunks": n, "build_s": built.get("build_s", built.get("save_s")), **built, **measured}
+                print(f"{store} store ({index_type}), {n} chunks: building ...", flush=True)
+                built = run_worker("build", store, folder, n, args.queries, old_src, index_type)
+                measured = run_worker("measure", store, folder, n, args.queries, old_src, index_type)
+                row = {"store": store, "index": index_type, "chunks": n, "build_s": built.get("build_s", built.get("save_s")), **built, **measured}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -283,7 +300,8 @@ def main(argv=None) -> dict:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg(), "note": "2-core box shared with other sessions: timings are noisy"},
         "setup": {"dim": DIM, "words_per_doc": WORDS_PER_DOC, "vocab": VOCAB, "zipf": 1.1, "queries": args.queries,
-                  "query": "3 words of Zipf rank 50-5000", "hybrid": "RRF of dense (flat, exact) and BM25, 50 candidates each"},
+                  "query": "3 words of Zipf rank 50-5000", "hybrid": "RRF of dense (the row's index) and BM25, 50 candidates each",
+                  "dense_agreement": "share of the dense top-50 equal to an exact flat scan's (pq-refine rows)"},
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,13 @@ class RagModelConfig(StrictModel):
 
 
 class RagIndexConfig(StrictModel):
-    type: Literal["flat", "ivf", "hnsw"] = Field("flat", description="flat: exact inner product; ivf / hnsw: approximate")
+    type: Literal["flat", "pq-refine", "ivf", "hnsw"] = Field(
+        "flat",
+        description="flat: exact inner product; pq-refine: every vector scored from 4-bit PQ codes, the best "
+        "k * refine_k_factor re-scored exactly (a large flat corpus at a tenth of the scan time); ivf / hnsw: approximate",
+    )
+    pq_m: int | None = Field(None, gt=0, description="pq-refine: PQ sub-vectors (must divide the dimension; default dimension / 2)")
+    refine_k_factor: int = Field(20, gt=0, description="pq-refine: candidates re-scored with the float vectors, per result asked for")
     ivf_nlist: int = Field(100, gt=0, description="IVF cells (needs at least this many chunks to train)")
     ivf_nprobe: int = Field(10, gt=0, description="IVF cells visited per query")
     hnsw_m: int = Field(32, gt=1, description="HNSW neighbours per node")

@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 import pytest
 
-from src.core.errors import CheckpointError, DataError, NotTrainedError
+from src.core.errors import CheckpointError, ConfigError, DataError, NotTrainedError
 from src.rag.store import (
     INDEX_FILE, METADATA_FILE, SEGMENT_IDS_FILE, SEGMENT_VECTORS_FILE, ChunkRecord, ChunkStore, DocumentRecord,
     StoreLockedError, build_ivf_on_disk, is_on_disk, keyword_terms,
@@ -74,6 +74,76 @@ def test_keyword_search_reads_postings_and_scores_like_bm25s(store):
     store.delete(["d1"])  # its postings go with it
     assert 1 not in {cid for cid, _, _ in store.keyword_search("cat", None, 1.5, 0.75)}
     assert keyword_terms("The Cat's ok_id X") == ["cat", "ok_id"]
+
+
+def test_keyword_limit_lengths_blob_and_a_reader_sees_later_chunks(store, tmp_path):
+    rng = np.random.default_rng(5)
+    words = ["alpha", "beta", "gamma", "delta", "omega"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 12)))) for _ in range(40)]
+    store.add([doc(f"d{i}", t) for i, t in enumerate(texts[:30])], unit(rng, 30))
+    store.compact()  # the lengths blob covers chunks 0..29
+    (upto,) = store._one("SELECT upto FROM chunk_lengths")
+    assert upto == 30
+    reader = ChunkStore.open(tmp_path / "idx")
+    full = reader.keyword_search("alpha omega omega", None, 1.5, 0.75)
+    # the limit best are the head of the full ranking (ties broken by chunk id), as exact scores
+    assert reader.keyword_search("alpha omega omega", 7, 1.5, 0.75) == full[:7]
+    assert [s for _, _, s in full] == sorted((s for _, _, s in full), reverse=True)
+    by_doc = reader.keyword_search("alpha omega omega", None, 1.5, 0.75, doc_ids=["d3", "d4"])
+    assert by_doc == [r for r in full if r[1] in ("d3", "d4")]  # scored from the text: same numbers
+    store.add([doc(f"d{i}", t) for i, t in enumerate(texts[30:], start=30)], unit(rng, 10))  # after the blob
+    lengths = reader.chunk_lengths(39)
+    assert lengths.tolist() == [len(keyword_terms(t)) for t in texts]
+    assert {c for c, _, _ in reader.keyword_search("alpha", None, 1.5, 0.75)} == {i for i, t in enumerate(texts) if "alpha" in t}
+    reader.close()
+
+
+def test_reader_memory_maps_vectors_and_survives_a_compaction(store, tmp_path):
+    rng = np.random.default_rng(6)
+    vectors = unit(rng, 40)
+    store.add([doc(f"d{i}", f"text {i}") for i in range(40)], vectors)
+    store.compact()
+    reader = ChunkStore.open(tmp_path / "idx")
+    before = reader.search_vectors(vectors[:3], 5)
+    store.delete([f"d{i}" for i in range(20)])
+    store.compact()  # a new faiss.index is renamed into place; the reader's mapping is the old file
+    after = reader.search_vectors(vectors[:3], 5)
+    assert np.array_equal(before[1], after[1]) and np.allclose(reader.vectors([0, 39]), vectors[[0, 39]])
+    reader.close()
+    fresh = ChunkStore.open(tmp_path / "idx")
+    assert fresh.base.ntotal == 20 and set(fresh.search_vectors(vectors[:1], 40)[1][0]) == set(range(20, 40))
+    fresh.close()
+
+
+def test_pq_refine_index_finds_the_exact_top_k_and_reconstructs_exactly(tmp_path):
+    dim = 32
+    settings = {**SETTINGS, "embedding_dim": dim, "index": {"type": "pq-refine", "pq_m": None, "refine_k_factor": 20}}
+    rng = np.random.default_rng(7)
+    v = rng.standard_normal((600, dim)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    store = ChunkStore.create(tmp_path / "pq", settings)
+    store.add([doc(f"d{i}", f"t{i}") for i in range(400)], v[:400])
+    store.compact()  # codebooks trained on the live vectors
+    store.add([doc(f"d{i}", f"t{i}") for i in range(400, 600)], v[400:])
+    store.delete(["d0", "d1"])
+    store.compact()
+    store.close()
+    reader = ChunkStore.open(tmp_path / "pq")
+    inner = faiss.downcast_index(reader.base.index)
+    assert isinstance(inner, faiss.IndexRefine) and isinstance(faiss.downcast_index(inner.base_index), faiss.IndexPQFastScan)
+    assert reader.base.ntotal == 598
+    queries = v[:25]
+    sims = queries @ v[2:].T
+    exact = np.argsort(-sims, axis=1)[:, :10] + 2
+    _, got = reader.search_vectors(queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)]) == 1.0
+    assert np.array_equal(reader.vectors([5, 599]), v[[5, 599]])  # re-scoring uses the float32 vectors
+    reader.close()
+    with pytest.raises(ConfigError, match="index.pq_m: 5 does not divide the embedding dimension 32"):
+        ChunkStore.in_memory({**settings, "index": {"type": "pq-refine", "pq_m": 5}})
+    tiny = ChunkStore.in_memory(settings)
+    with pytest.raises(ConfigError, match="at least 16 chunks"):
+        tiny.add([doc("x", "t")], v[:1])
 
 
 def test_segment_then_compaction_and_reopen(store, tmp_path):
