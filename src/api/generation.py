@@ -322,6 +322,18 @@ class GenerationWorker:
         """The token ids a prompt is read as: the start of a document (``<|bos|>`` first)."""
         return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
 
+    def encode_grounded(self, prompt: str) -> list[int]:
+        """A retrieval-grounded prompt as this model reads it: an RLHF model trained on prompts
+        of at most ``max_prompt_tokens`` reads them through the same :class:`PromptFormat` as
+        its training and evaluation (``<|bos|>`` and the prompt's last tokens: the question and
+        the end of the context); any other model reads it whole (:meth:`encode_prompt`)."""
+        limit = getattr(self.model, "trained_prompt_tokens", None)
+        if not limit:
+            return self.encode_prompt(prompt)
+        from src.rlhf.data import PromptFormat
+
+        return PromptFormat(self.tokenizer, max_prompt_tokens=limit).prompt_ids(prompt)
+
     def submit(self, prompt_ids: list[int], params: GenerationParams, on_event: EventCallback, pieces: bool = True) -> GenerationJob:
         """Queue a job; ``on_event`` is called from the worker thread with its events
         (``pieces=False``: no ``("text", piece)`` events, only the result)."""
@@ -346,10 +358,12 @@ class GenerationWorker:
             ) from None
         return job
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield the text of ``prompt``'s continuation piece by piece (blocking)."""
+    def stream(self, prompt: str | list[int], params: GenerationParams) -> Iterator[str]:
+        """Yield the text of ``prompt``'s continuation piece by piece (blocking); ``prompt``:
+        text (read through :meth:`encode_prompt`) or token ids."""
         events: queue.Queue = queue.Queue()
-        job = self.submit(self.encode_prompt(prompt), params, lambda kind, payload: events.put((kind, payload)))
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+        job = self.submit(ids, params, lambda kind, payload: events.put((kind, payload)))
         try:
             while True:
                 kind, payload = self._next_event(events, job)

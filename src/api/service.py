@@ -39,6 +39,7 @@ from src.api.generation import GenerationParams, GenerationResult, GenerationWor
 from src.data.prompts import ANSWER_STOP, Passage, grounded_prompt, select_passages
 from src.api.registry import LANGUAGE_MODELS, ModelRegistry
 from src.core.errors import NotTrainedError
+from src.rag.store import keyword_terms
 
 
 class PromptTooLongError(ValueError):
@@ -76,6 +77,10 @@ class ServerSettings:
     board: bool = False  # also serve the MARK Board (web UI) at /board
 
 MAX_EVIDENCE_CANDIDATES = 64
+# Sentences embedded per /query: of the candidates, those sharing the most words with the
+# query (a first, lexical stage, as rerankers run after a cheap retriever). Embedding every
+# candidate made a fresh server's first /queries wait seconds on each other (~60 each).
+EVIDENCE_EMBEDDED = 16
 SENTENCE_CACHE_SIZE = 20_000
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # A line that starts a block of its own: a Markdown heading, a list item or a table row.
@@ -105,6 +110,18 @@ class Answer:
     evidence: list[Evidence] = field(default_factory=list)
     mode: str | None = None  # the search mode used
     strategy: str | None = None  # mode auto: the retrieval policy's mode@k
+
+
+def lexical_shortlist(query: str, candidates: list[tuple[str, str]], size: int) -> list[tuple[str, str]]:
+    """The ``size`` ``(doc_id, sentence)`` candidates sharing the most distinct keyword terms
+    with ``query`` (the keyword index's tokenisation, stopwords dropped), ties kept in their
+    order (retrieval rank, then position); all of them, in order, when there are no more."""
+    if len(candidates) <= size:
+        return candidates
+    words = set(keyword_terms(query))
+    shared = [len(words.intersection(keyword_terms(sentence))) for _, sentence in candidates]
+    keep = sorted(sorted(range(len(candidates)), key=lambda i: -shared[i])[:size])
+    return [candidates[i] for i in keep]
 
 
 def split_sentences(text: str, min_chars: int = 12) -> list[str]:
@@ -272,16 +289,9 @@ class ModelService:
         return ids
 
     def grounded_prompt_ids(self, worker: GenerationWorker, prompt: str) -> list[int]:
-        """A grounded prompt as ``worker``'s model reads it: an RLHF model trained on prompts of
-        at most ``max_prompt_tokens`` reads them through the same :class:`PromptFormat` as its
-        training and evaluation (``<|bos|>`` and the prompt's last tokens: the question and the
-        end of the context); the base model reads it whole."""
-        limit = getattr(worker.model, "trained_prompt_tokens", None)
-        if not limit:
-            return self.prompt_ids(worker, prompt)
-        from src.rlhf.data import PromptFormat
-
-        ids = PromptFormat(worker.tokenizer, max_prompt_tokens=limit).prompt_ids(prompt)
+        """A grounded prompt as ``worker``'s model reads it (:meth:`GenerationWorker.encode_grounded`:
+        an RLHF model reads the last tokens it was trained on); too long is ``PromptTooLongError``."""
+        ids = worker.encode_grounded(prompt)
         self.check_prompt_length(ids)
         return ids
 
@@ -368,6 +378,7 @@ class ModelService:
                     candidates.append((hit.doc_id, sentence))
         if k <= 0 or not candidates:
             return []
+        candidates = lexical_shortlist(query, candidates, EVIDENCE_EMBEDDED)
         embedder = await self.aembedder()
         if query_vector is None:
             query_vector = await self.embed_query(query)

@@ -104,7 +104,7 @@ class MARKLangChainGraph:
             self._worker = GenerationWorker(lm.model, lm.tokenizer, llm_model)
             self.llm = MARKLLM(
                 worker=self._worker, model_name=llm_model, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, seed=seed,
+                temperature=temperature, top_p=top_p, seed=seed, grounded=True,  # as /query reads them
             )
         self.memory = InMemorySaver()
         self._threads: set[str] = set()

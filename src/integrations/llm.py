@@ -26,6 +26,7 @@ class MARKLLM(LLM):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Optional[int] = None
+    grounded: bool = Field(False, description="prompts are retrieval-grounded: read as the model was trained on them (GenerationWorker.encode_grounded)")
 
     @property
     def _llm_type(self) -> str:
@@ -51,7 +52,8 @@ class MARKLLM(LLM):
         self, prompt: str, stop: Optional[list[str]] = None, run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any
     ) -> Iterator[GenerationChunk]:
         worker: GenerationWorker = self.worker
-        for piece in worker.stream(prompt, self._params(stop, kwargs)):
+        prompt_ids = worker.encode_grounded(prompt) if self.grounded else worker.encode_prompt(prompt)
+        for piece in worker.stream(prompt_ids, self._params(stop, kwargs)):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)

@@ -40,7 +40,7 @@ def load_rlhf_model(
     state = load_checkpoint(path, map_location="cpu", kind=KIND)
     model, tokenizer = lm_from_state(state, path, "RLHF model", device)
     # The prompt length it was trained on (longer prompts were cut to <|bos|> and their last
-    # tokens): what the server cuts its grounded prompts to (src.api.service.grounded_prompt_ids).
+    # tokens): what the server cuts its grounded prompts to (src.api.generation.GenerationWorker.encode_grounded).
     limit = ((state.get("config") or {}).get("model") or {}).get("max_prompt_tokens")
     model.trained_prompt_tokens = int(limit) if limit else None
     return model, tokenizer

@@ -111,3 +111,16 @@ def test_evidence_sentences_follow_the_text_not_its_line_breaks():
         "To restore a snapshot, stop the server and run coralctl restore with the snapshot's date; the current data file is renamed.",
         "Never deleted!", "- first item of a list", "- second item of it", "| a table | row |",
     ]
+
+
+def test_evidence_shortlist_keeps_the_sentences_sharing_most_query_words_in_order():
+    from src.api.service import lexical_shortlist
+
+    candidates = [("a", "Nothing in common here."), ("a", "Restore the snapshot."), ("b", "The snapshot date."),
+                  ("b", "Restore a snapshot by date."), ("c", "Unrelated words again.")]
+    # shared terms with "restore snapshot date": 0, 2, 2, 3, 0 -> the best three, in their order
+    assert lexical_shortlist("How to restore a snapshot by date?", candidates, 3) == candidates[1:4]
+    assert lexical_shortlist("How to restore a snapshot by date?", candidates, 1) == [candidates[3]]
+    # ties keep retrieval order; a short list is kept whole
+    assert lexical_shortlist("zebra", candidates, 2) == candidates[:2]
+    assert lexical_shortlist("zebra", candidates[:2], 5) == candidates[:2]

@@ -14,7 +14,7 @@ import numpy as np
 
 from src.api.generation import GenerationParams
 from src.api.main import build_parser, settings_from_args
-from src.api.service import ModelService, split_sentences
+from src.api.service import EVIDENCE_EMBEDDED, ModelService, split_sentences
 
 
 def service_on(checkpoints, *args: str) -> ModelService:
@@ -36,15 +36,17 @@ def test_concurrent_queries_embed_each_evidence_sentence_once(tiny_checkpoints):
 
         results = asyncio.run(many())
         embedder = service.embedder()
-        # 8 query vectors + each sentence once (not 8 times)
-        assert embedder.items == 8 + len(sentences)
+        # 8 query vectors + each shortlisted sentence once (not 8 times)
+        shortlisted = min(len(sentences), EVIDENCE_EMBEDDED)
+        assert embedder.items == 8 + shortlisted
         # Batched with other texts, a vector may differ in the last bits: same sentences, same order.
         assert all([(e.doc_id, e.sentence) for e in r] == [(e.doc_id, e.sentence) for e in results[0]] for r in results)
         # The same evidence as one request alone on a fresh service, and the cache is filled.
         alone = asyncio.run(fresh.evidence(query, hits, 3))
         assert [(e.doc_id, e.sentence) for e in alone] == [(e.doc_id, e.sentence) for e in results[0]]
         np.testing.assert_allclose([e.score for e in alone], [e.score for e in results[0]], atol=1e-5)
-        assert not service._sentences_in_flight and sentences <= set(service._sentence_vectors)
+        assert not service._sentences_in_flight and set(service._sentence_vectors) <= sentences
+        assert len(service._sentence_vectors) == shortlisted
         before = embedder.items
         asyncio.run(service.evidence(query, hits, 3))
         assert embedder.items == before + 1  # only the query
@@ -71,6 +73,12 @@ def test_grounded_prompts_are_cut_as_the_rlhf_model_was_trained(full_checkpoints
         short = "Question: what?\nAnswer:"
         assert len(service.prompt_ids(worker, short)) <= trained
         assert service.grounded_prompt_ids(worker, short) == service.prompt_ids(worker, short)
+        # the LangGraph graph reads its grounded prompts the same way
+        from src.integrations.graph import MARKLangChainGraph
+
+        graph = MARKLangChainGraph(llm_model="rlhf", registry=service.registry)
+        assert graph.llm.grounded and graph._worker.encode_grounded(prompt) == cut
+        graph.close()
     finally:
         service.close()
 
