@@ -79,7 +79,8 @@ class ServerSettings:
 MAX_EVIDENCE_CANDIDATES = 64
 # Sentences embedded per /query: of the candidates, those sharing the most words with the
 # query (a first, lexical stage, as rerankers run after a cheap retriever). Embedding every
-# candidate made a fresh server's first /queries wait seconds on each other (~60 each).
+# candidate (22.5 on average on the sample questions, up to 64) made a fresh server's first
+# /queries wait on each other. The top sentence stays the same for 96% of the sample questions.
 EVIDENCE_EMBEDDED = 16
 SENTENCE_CACHE_SIZE = 20_000
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
