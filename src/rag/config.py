@@ -69,11 +69,24 @@ class RagRetrievalConfig(StrictModel):
     bm25_b: float = Field(0.75, ge=0, le=1)
     eval_modes: list[SearchMode] = Field(default_factory=lambda: ["dense", "bm25", "hybrid"], min_length=1)
     eval_top_k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+    eval_val_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of the eval queries held out as a val split (drawn with system.seed): every mode is scored on "
+        "both splits, the hybrid fusion is chosen on val, and the reported numbers are the test split's (0: no split)",
+    )
+    hybrid_fusions: list[SearchMode] = Field(
+        default_factory=lambda: ["hybrid"],
+        description="with eval_val_fraction: the fusions (hybrid = RRF, convex-<w>) the hybrid row is chosen from, by "
+        "recall at the largest eval_top_k on val (then nDCG)",
+    )
 
     @model_validator(mode="after")
     def _positive_cutoffs(self) -> "RagRetrievalConfig":
         if any(k <= 0 for k in self.eval_top_k):
             raise ValueError(f"eval_top_k values must be positive (got {self.eval_top_k})")
+        single = [m for m in self.hybrid_fusions if m in ("dense", "bm25", "convex-0", "convex-1")]
+        if single:
+            raise ValueError(f"hybrid_fusions: {single[0]} ranks by one score only (a fusion is hybrid or convex-<w>, 0 < w < 1)")
         return self
 
 

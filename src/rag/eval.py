@@ -74,6 +74,19 @@ def read_eval_queries(path: str | Path, split: str = "test") -> list[EvalQuery]:
     ]
 
 
+def split_eval_queries(queries: Sequence[EvalQuery], val_fraction: float, seed: int) -> tuple[list[EvalQuery], list[EvalQuery]]:
+    """``(val, test)``: ``round(val_fraction * n)`` queries drawn for val by a seeded hash of
+    each query (the same split for the same queries and seed, whatever their order), the rest
+    test, both in file order."""
+    import hashlib
+
+    def key(q: EvalQuery) -> str:
+        return hashlib.sha256(f"{seed}\t{q.query_id}\t{q.query}".encode("utf-8")).hexdigest()
+
+    chosen = {id(q) for q in sorted(queries, key=key)[: round(val_fraction * len(queries))]}
+    return [q for q in queries if id(q) in chosen], [q for q in queries if id(q) not in chosen]
+
+
 def retrieval_metrics(ranked_doc_ids: Sequence[str], relevance: dict[str, int], top_k_values: Sequence[int]) -> dict[str, float]:
     """The metrics of one query's ranking (best first) against ``{doc_id: grade}``."""
     relevant = {d for d, g in relevance.items() if g > 0}
@@ -103,6 +116,7 @@ def evaluate_rag_pipeline(
     mode: str | None = None,
     split: str = "test",
     show_progress: bool = False,
+    queries: Sequence[EvalQuery] | None = None,
 ) -> dict[str, float]:
     """Retrieve for every eval query and average the metrics.
 
@@ -110,7 +124,7 @@ def evaluate_rag_pipeline(
     :class:`~src.rag.indexer.RagIndex`, which gets the default retriever); ``mode`` is
     ``dense`` | ``bm25`` | ``hybrid`` (default: the retriever's). Returns
     ``{"recall@k", "precision@k", "hit_rate@k", "mrr@k", "ndcg@k" for each k, "mrr",
-    "num_queries"}``.
+    "num_queries"}``. ``queries``: score these (a split of the file's) instead of reading ``eval_file``.
     """
     from src.rag.indexer import RagIndex
     from src.rag.retriever import Retriever
@@ -119,7 +133,7 @@ def evaluate_rag_pipeline(
     top_k_values = sorted({int(k) for k in top_k_values})
     if not top_k_values or top_k_values[0] <= 0:
         raise ValueError(f"top_k_values must be positive integers (got {top_k_values})")
-    queries = read_eval_queries(eval_file, split)
+    queries = list(queries) if queries is not None else read_eval_queries(eval_file, split)
 
     indexed = getattr(getattr(retriever, "index", None), "documents", None)
     if indexed is not None:
@@ -156,27 +170,52 @@ def format_metrics_table(metrics_by_mode: dict[str, dict[str, float]], top_k_val
     return "\n".join(lines)
 
 
-def evaluate_modes(cfg: RagConfig, retriever: Retriever, log) -> dict[str, dict[str, float]]:
+def evaluate_modes(cfg: RagConfig, retriever: Retriever, log) -> dict[str, Any]:
     """Score every mode of ``cfg.retrieval.eval_modes`` on ``cfg.data.eval_file``; prints the table.
 
-    Returns ``{mode: {metric@k: value, "mrr", "num_queries", "seconds"}}``.
+    Returns ``{"modes": {mode: {metric@k: value, "mrr", "num_queries", "seconds"}}}``. With
+    ``retrieval.eval_val_fraction`` > 0 the queries are split (:func:`split_eval_queries`,
+    ``system.seed``): ``modes`` holds the test split's numbers, ``val_modes`` the val split's,
+    the ``hybrid_fusions`` are scored too, and ``hybrid_selected`` is the one with the best
+    recall at the largest cut-off on val (then nDCG, then the listed order).
     """
     if cfg.data.eval_file is None:
         raise ConfigError("data.eval_file: --evaluate needs an eval file (JSONL {query, relevant_docs} or a BEIR folder)")
     if not Path(cfg.data.eval_file).exists():
         raise DataError(f"{cfg.data.eval_file}: eval file not found (the sample data is made by `python -m src.data.prepare`)")
-    results = {}
-    for mode in dict.fromkeys(cfg.retrieval.eval_modes):
-        start = time.perf_counter()
-        results[mode] = evaluate_rag_pipeline(
-            retriever, cfg.data.eval_file, cfg.retrieval.eval_top_k, mode=mode, split=cfg.data.beir_split
-        )
-        results[mode]["seconds"] = round(time.perf_counter() - start, 3)
-    table = format_metrics_table(results, cfg.retrieval.eval_top_k)
-    queries = next(iter(results.values()))["num_queries"]
-    print(f"\nRetrieval on {cfg.data.eval_file} ({queries} queries, {len(retriever.index.documents)} documents)\n{table}\n")
-    log.info("retrieval metrics:\n%s", table)
-    return results
+    rc = cfg.retrieval
+    queries = read_eval_queries(cfg.data.eval_file, cfg.data.beir_split)
+    splits = {"test": queries}
+    modes = list(dict.fromkeys(rc.eval_modes))
+    if rc.eval_val_fraction > 0:
+        val, test = split_eval_queries(queries, rc.eval_val_fraction, cfg.system.seed)
+        if not val or not test:
+            raise ConfigError(f"retrieval.eval_val_fraction: {rc.eval_val_fraction} of {len(queries)} queries leaves an empty split")
+        splits = {"val": val, "test": test}
+        modes = list(dict.fromkeys(modes + list(rc.hybrid_fusions)))
+    by_split: dict[str, dict[str, dict[str, float]]] = {}
+    for split, subset in splits.items():
+        by_split[split] = {}
+        for mode in modes:
+            start = time.perf_counter()
+            by_split[split][mode] = evaluate_rag_pipeline(retriever, cfg.data.eval_file, rc.eval_top_k, mode=mode, queries=subset)
+            by_split[split][mode]["seconds"] = round(time.perf_counter() - start, 3)
+    out: dict[str, Any] = {"modes": by_split["test"]}
+    label = f"{len(queries)} queries"
+    if "val" in by_split:
+        k = max(rc.eval_top_k)
+        fusions = list(dict.fromkeys(rc.hybrid_fusions))
+        selected = max(fusions, key=lambda m: (by_split["val"][m][f"recall@{k}"], by_split["val"][m][f"ndcg@{k}"], -fusions.index(m)))
+        out.update(val_modes=by_split["val"], hybrid_selected=selected,
+                   split={"val_queries": len(splits["val"]), "test_queries": len(splits["test"]), "seed": cfg.system.seed,
+                          "val_fraction": rc.eval_val_fraction, "selected_by": f"recall@{k} on val, then ndcg@{k}"})
+        label = f"test split: {len(splits['test'])} of {len(queries)} queries; hybrid fusion chosen on val: {selected}"
+        val_table = format_metrics_table(by_split["val"], rc.eval_top_k)
+        print(f"\nRetrieval on {cfg.data.eval_file}, val split ({len(splits['val'])} queries)\n{val_table}\n")
+    table = format_metrics_table(by_split["test"], rc.eval_top_k)
+    print(f"\nRetrieval on {cfg.data.eval_file} ({label}, {len(retriever.index.documents)} documents)\n{table}\n")
+    log.info("retrieval metrics (%s):\n%s", label, table)
+    return out
 
 
 def plot_retrieval_metrics(metrics_by_mode: dict[str, dict[str, float]], top_k_values: list[int], path: Path) -> Path:

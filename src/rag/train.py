@@ -96,14 +96,15 @@ def run(cfg: RagConfig, resume: bool = False, evaluate: bool = False) -> dict:
         for stale in (EVAL_METRICS_FILE, EVAL_PLOT_FILE):
             (checkpoint_dir / stale).unlink(missing_ok=True)
     if evaluate:
-        eval_metrics = evaluate_modes(cfg, Retriever(index, cfg.retrieval), log)
+        evaluated = evaluate_modes(cfg, Retriever(index, cfg.retrieval), log)
+        eval_metrics = evaluated["modes"]
         report = {
             "eval_file": str(cfg.data.eval_file),
             "top_k_values": cfg.retrieval.eval_top_k,
             "corpus_checksum": index.corpus_checksum,
             "embedding_model": encoder.name,
             "index_type": cfg.index.type,
-            "modes": eval_metrics,
+            **evaluated,
         }
         outputs["eval_metrics"] = atomic_write_json(checkpoint_dir / EVAL_METRICS_FILE, report)
         outputs["eval_plot"] = plot_retrieval_metrics(eval_metrics, cfg.retrieval.eval_top_k, checkpoint_dir / EVAL_PLOT_FILE)
@@ -114,6 +115,10 @@ def run(cfg: RagConfig, resume: bool = False, evaluate: bool = False) -> dict:
         for mode, metrics in eval_metrics.items():
             if mode != primary:
                 summary_metrics.update({f"{mode}/{name}": value for name, value in metrics.items()})
+        if "hybrid_selected" in evaluated:  # test numbers of the fusion chosen on val
+            summary_metrics["hybrid_selected"] = evaluated["hybrid_selected"]
+            summary_metrics["test_queries"] = evaluated["split"]["test_queries"]
+            summary_metrics.update({f"hybrid_selected/{name}": value for name, value in eval_metrics[evaluated["hybrid_selected"]].items()})
     metrics_logger.close()
     return {"metrics": summary_metrics, "outputs": {name: str(path) for name, path in outputs.items()}}
 

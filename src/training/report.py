@@ -249,6 +249,10 @@ def retrieval_tables(report: dict[str, Any]) -> str:
     first = next(iter(modes.values()), {})
     head = (f"{first.get('num_queries', '?')} queries ({report.get('eval_file', '')}), embedding model "
             f"{report.get('embedding_model', '?')}, {report.get('index_type', '?')} index.")
+    if report.get("hybrid_selected"):
+        split = report.get("split") or {}
+        head += (f" Test split ({split.get('test_queries')} queries); the hybrid fusion was chosen on the val split "
+                 f"({split.get('val_queries')} queries, {split.get('selected_by')}): {report['hybrid_selected']}.")
     return head + "\n\n" + markdown_table(["mode", *columns], [[mode, *(m.get(c) for c in columns)] for mode, m in modes.items()])
 
 

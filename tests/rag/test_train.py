@@ -64,16 +64,25 @@ def test_build_and_evaluate_writes_index_metrics_and_logs(built, sample_subset_d
     num_docs = sum(1 for line in (sample_subset_dir / "documents.jsonl").read_text().splitlines() if line.strip())
     assert metrics["num_documents"] == num_docs and metrics["num_chunks"] > num_docs
     report = json.loads((ckpt / "eval_metrics.json").read_text())
-    assert set(report["modes"]) == {"dense", "bm25", "hybrid"}
+    fusions = ["hybrid", "convex-0.25", "convex-0.5", "convex-0.75"]
+    assert set(report["modes"]) == set(report["val_modes"]) == {"dense", "bm25", *fusions}
     dense = report["modes"]["dense"]
-    assert dense["num_queries"] == sum(1 for line in (sample_subset_dir / "rag_eval.jsonl").read_text().splitlines() if line)
+    total = sum(1 for line in (sample_subset_dir / "rag_eval.jsonl").read_text().splitlines() if line)
+    split = report["split"]
+    assert dense["num_queries"] == split["test_queries"] and split["val_queries"] + split["test_queries"] == total
+    assert split["val_queries"] == round(0.5 * total) and report["val_modes"]["dense"]["num_queries"] == split["val_queries"]
+    # the hybrid fusion is chosen on val (recall@5, then nDCG@5), and reported with its test numbers
+    val = report["val_modes"]
+    best = max(fusions, key=lambda m: (val[m]["recall@5"], val[m]["ndcg@5"], -fusions.index(m)))
+    assert report["hybrid_selected"] == best == metrics["hybrid_selected"]
+    assert metrics["hybrid_selected/recall@5"] == report["modes"][best]["recall@5"]
     assert metrics["recall@5"] == dense["recall@5"] and metrics["bm25/mrr"] == report["modes"]["bm25"]["mrr"]
     # Each query has one relevant document out of 16: chance would give recall@5 = 5/16.
     assert dense["recall@5"] > 0.6 and dense["recall@1"] <= dense["recall@3"] <= dense["recall@5"]
     assert dense["hit_rate@5"] == dense["recall@5"]
 
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["build", "eval", "eval", "eval"]
+    assert [r["kind"] for r in records] == ["build"] + ["eval"] * 6
     assert records[0]["num_chunks"] == metrics["num_chunks"]
     assert "retrieval metrics" in (out / "logs" / "train.log").read_text()
 
@@ -108,3 +117,23 @@ def test_cli_bad_key_exits_2_with_one_line(sample_subset_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {CONFIG}: index.kind: unknown key"]
+
+
+def test_eval_split_is_seeded_disjoint_and_independent_of_order():
+    from src.rag.eval import EvalQuery, split_eval_queries
+
+    queries = [EvalQuery(str(i), f"question {i}", {f"d{i}": 1}) for i in range(41)]
+    val, test = split_eval_queries(queries, 0.5, seed=42)
+    assert len(val) == 20 and len(test) == 21 and not {q.query_id for q in val} & {q.query_id for q in test}
+    assert [q.query_id for q in val] == sorted((q.query_id for q in val), key=int)  # file order kept
+    again, _ = split_eval_queries(list(reversed(queries)), 0.5, seed=42)
+    assert {q.query_id for q in again} == {q.query_id for q in val}
+    other, _ = split_eval_queries(queries, 0.5, seed=1)
+    assert {q.query_id for q in other} != {q.query_id for q in val}
+
+
+def test_hybrid_fusions_must_fuse(sample_subset_dir, tmp_path, capsys):
+    argv = ["--config", CONFIG, *_overrides(sample_subset_dir, tmp_path, "retrieval.hybrid_fusions=[hybrid,convex-1]")]
+    assert run_cli(train_rag_indexer.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "hybrid_fusions: convex-1 ranks by one score only" in err[-1]
