@@ -117,6 +117,7 @@ def evaluate_rag_pipeline(
     split: str = "test",
     show_progress: bool = False,
     queries: Sequence[EvalQuery] | None = None,
+    query_vectors: Any = None,
 ) -> dict[str, float]:
     """Retrieve for every eval query and average the metrics.
 
@@ -124,7 +125,8 @@ def evaluate_rag_pipeline(
     :class:`~src.rag.indexer.RagIndex`, which gets the default retriever); ``mode`` is
     ``dense`` | ``bm25`` | ``hybrid`` (default: the retriever's). Returns
     ``{"recall@k", "precision@k", "hit_rate@k", "mrr@k", "ndcg@k" for each k, "mrr",
-    "num_queries"}``. ``queries``: score these (a split of the file's) instead of reading ``eval_file``.
+    "num_queries"}``. ``queries``: score these (a split of the file's) instead of reading ``eval_file``;
+    ``query_vectors``: their embeddings, when already made (a :class:`Retriever` only).
     """
     from src.rag.indexer import RagIndex
     from src.rag.retriever import Retriever
@@ -142,7 +144,9 @@ def evaluate_rag_pipeline(
             log.warning("%s: %d relevant document id(s) are not in the index, e.g. %s", eval_file, len(unknown), sorted(unknown)[0])
 
     texts, depth = [q.query for q in queries], max(top_k_values)
-    if hasattr(retriever, "search_batch"):
+    if query_vectors is not None:
+        rankings = retriever.search_batch(texts, top_k=depth, mode=mode, query_vectors=query_vectors)
+    elif hasattr(retriever, "search_batch"):
         rankings = retriever.search_batch(texts, top_k=depth, mode=mode)
     else:  # any object with search(query, top_k, mode) -> results with .doc_id
         rankings = [retriever.search(text, top_k=depth, mode=mode) for text in texts]
@@ -196,9 +200,12 @@ def evaluate_modes(cfg: RagConfig, retriever: Retriever, log) -> dict[str, Any]:
     by_split: dict[str, dict[str, dict[str, float]]] = {}
     for split, subset in splits.items():
         by_split[split] = {}
+        vectors = retriever.embed_queries([q.query for q in subset]) if any(m != "bm25" for m in modes) else None  # once for every mode
         for mode in modes:
             start = time.perf_counter()
-            by_split[split][mode] = evaluate_rag_pipeline(retriever, cfg.data.eval_file, rc.eval_top_k, mode=mode, queries=subset)
+            by_split[split][mode] = evaluate_rag_pipeline(
+                retriever, cfg.data.eval_file, rc.eval_top_k, mode=mode, queries=subset, query_vectors=vectors
+            )
             by_split[split][mode]["seconds"] = round(time.perf_counter() - start, 3)
     out: dict[str, Any] = {"modes": by_split["test"]}
     label = f"{len(queries)} queries"

@@ -105,14 +105,16 @@ class Retriever:
     def dense_scores(self, query_vector: np.ndarray, doc_ids: list[str]) -> dict[str, DocScore]:
         """Exact best-chunk cosine of the query with each of ``doc_ids`` (from stored vectors)."""
         query_vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+        chunks_of = self.index.store.chunk_ids_of(list(doc_ids))
+        all_ids = [c for d in doc_ids if d in chunks_of for c in chunks_of[d]]
+        sims_of = dict(zip(all_ids, (self.index.chunk_vectors(all_ids) @ query_vector).tolist())) if all_ids else {}
         out: dict[str, DocScore] = {}
         for doc_id in doc_ids:
-            chunk_ids = self.index.doc_chunk_ids(doc_id)
+            chunk_ids = chunks_of.get(doc_id)
             if not chunk_ids:
                 continue
-            sims = self.index.chunk_vectors(chunk_ids) @ query_vector
-            best = int(np.argmax(sims))
-            out[doc_id] = DocScore(doc_id, float(sims[best]), chunk_ids[best])
+            best = max(chunk_ids, key=lambda c: (sims_of[c], -chunk_ids.index(c)))  # the first of equals, as argmax
+            out[doc_id] = DocScore(doc_id, float(sims_of[best]), best)
         return out
 
     # ----------------------------------------------------------------- keywords (BM25)
@@ -238,9 +240,13 @@ class Retriever:
         return results
 
     def search_batch(
-        self, queries: list[str], top_k: int | None = None, mode: SearchMode | None = None, all_scores: bool = False
+        self, queries: list[str], top_k: int | None = None, mode: SearchMode | None = None, all_scores: bool = False,
+        query_vectors: np.ndarray | None = None,
     ) -> list[list[SearchResult]]:
-        """:meth:`search` for many queries, embedding them in one batch."""
+        """:meth:`search` for many queries, embedding them in one batch (``query_vectors``: already embedded)."""
         mode = mode or self.config.mode
-        vectors = self.embed_queries(queries) if (mode != "bm25" or all_scores) else [None] * len(queries)
+        if query_vectors is not None:
+            vectors = query_vectors
+        else:
+            vectors = self.embed_queries(queries) if (mode != "bm25" or all_scores) else [None] * len(queries)
         return [self.search(q, top_k, mode, v, all_scores) for q, v in zip(queries, vectors)]
