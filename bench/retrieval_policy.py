@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from src.core.config import load_config  # noqa: E402
+from src.core.errors import DataError  # noqa: E402
 from src.data.man_pages import build_man_page_corpus, write_corpus  # noqa: E402
 from src.rl import train as rl_train  # noqa: E402
 from src.rl.config import RLConfig  # noqa: E402
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--queries", nargs="+", default=["labeled", "synthetic"], choices=["labeled", "synthetic", "both"])
     parser.add_argument("--sweep-synthetic", action="store_true", help="compare synthetic-query settings on the val split")
+    parser.add_argument("--sweep-grid", nargs="+", default=["sentence:0.3", "sentence:0.5", "sentence:0.7", "sentence:1.0", "title:1.0"],
+                        metavar="SOURCE:KEEP", help="the (env.synthetic.source, keep_shared) settings --sweep-synthetic compares")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RL config override for every run")
     parser.add_argument("--out", default=None, help="result JSON (default: bench/results/retrieval_policy.json)")
     args = parser.parse_args(argv)
@@ -185,13 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 def sweep_synthetic(args, overrides: dict) -> dict:
     """Synthetic-only policies with each (source, keep_shared), judged on the labeled val split."""
-    grid = [("sentence", 0.3), ("sentence", 0.5), ("sentence", 0.7), ("sentence", 1.0), ("title", 1.0)]
+    grid = [(g.split(":")[0], float(g.split(":")[1])) for g in args.sweep_grid]
     results: dict = {"grid": [], "seeds": args.seeds}
     for source, keep in grid:
         row = {"source": source, "keep_shared": keep, "sets": {}}
         for name in args.sets:
-            runs = [run_policy(name, seed, "synthetic", {**overrides, "env.synthetic.source": source, "env.synthetic.keep_shared": keep},
-                               tag=f"-{source}-{keep}") for seed in args.seeds]
+            try:
+                runs = [run_policy(name, seed, "synthetic", {**overrides, "env.synthetic.source": source, "env.synthetic.keep_shared": keep},
+                                   tag=f"-{source}-{keep}") for seed in args.seeds]
+            except DataError as err:  # this source gives no queries on this corpus: recorded, the sweep goes on
+                row["sets"][name] = {"error": str(err)}
+                print(f"{source:8} keep {keep:.1f} {name:14} {err}", flush=True)
+                continue
             row["sets"][name] = {"val_trained": float(np.mean([r["val_trained"] for r in runs])),
                                  "val_best_fixed": float(np.mean([r["val_best_fixed"] for r in runs]))}
             print(f"{source:8} keep {keep:.1f} {name:14} val policy {row['sets'][name]['val_trained']:.3f} "

@@ -60,7 +60,7 @@ from src.core.checkpoint import (
     write_latest_pointer,
 )
 from src.core.config import config_to_dict, save_config
-from src.core.errors import CheckpointError, ConfigError
+from src.core.errors import CheckpointError, ConfigError, DataError
 from src.core.logging import MetricsLogger, get_logger, setup_logging
 from src.core.runtime import capture_rng_state, resolve_device, restore_rng_state, seed_everything
 from src.rl.config import RLConfig
@@ -77,7 +77,7 @@ from src.rl.retrieval_env import (
     split_queries,
     split_test_queries,
 )
-from src.rl.synthetic import synthetic_queries
+from src.rl.synthetic import MAX_SENTENCE_WORDS, MIN_SENTENCE_WORDS, synthetic_queries
 
 CHECKPOINT_KIND = "rl"
 FINAL_MODEL_FILE = "final_model.pt"
@@ -156,6 +156,11 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
         syn = env_cfg.synthetic
         synthetic = synthetic_queries(read_documents(synthetic_documents_file(cfg)), syn.source, syn.keep_shared,
                                       syn.per_document, cfg.system.seed if syn.seed is None else syn.seed, syn.max_queries)
+        if not synthetic:
+            raise DataError(
+                f"env.synthetic.source={syn.source}: no document of {synthetic_documents_file(cfg)} gives a query of 2 or more "
+                f"words ({'its title or first line' if syn.source == 'title' else f'sentences of {MIN_SENTENCE_WORDS} to {MAX_SENTENCE_WORDS} words'}); try another source"
+            )
     table = load_or_build_retrieval_table(
         cfg.data.rag_index_dir,
         cfg.data.eval_file,

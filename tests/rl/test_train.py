@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from src.core.checkpoint import load_checkpoint, write_latest_pointer
-from src.core.errors import CheckpointError, ConfigError
+from src.core.errors import CheckpointError, ConfigError, DataError
 from src.rl.load import load_rl_policy
 from src.rl.model import RLPolicy, choose_retrieval_action, retrieval_actions, retrieval_observation
 from src.rl.retrieval_env import TABLE_FILE, QueryObservation, split_queries, split_test_queries
@@ -194,3 +194,11 @@ def test_cli_without_a_rag_index_is_one_line_and_exit_2(tmp_path, rl_data_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "train_rag_indexer" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_synthetic_source_that_gives_no_query_is_one_line(rl_table, tmp_path):
+    docs = tmp_path / "one_word_titles.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Title{i}\n\nSome body text of document {i} goes here."}) + "\n" for i in range(4)))
+    args = rl_run_args(tmp_path, "no_synthetic", **{"env.queries": "synthetic", "env.synthetic.source": "title", "data.documents_file": docs})
+    with pytest.raises(DataError, match=r"env.synthetic.source=title: no document of .*one_word_titles.jsonl gives a query of 2 or more words"):
+        train_rl.main(args)
