@@ -113,7 +113,7 @@ class Retriever:
             chunk_ids = chunks_of.get(doc_id)
             if not chunk_ids:
                 continue
-            best = max(chunk_ids, key=lambda c: (sims_of[c], -chunk_ids.index(c)))  # the first of equals, as argmax
+            best = chunk_ids[int(np.argmax([sims_of[c] for c in chunk_ids]))]
             out[doc_id] = DocScore(doc_id, float(sims_of[best]), best)
         return out
 

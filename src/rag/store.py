@@ -689,14 +689,14 @@ class ChunkStore:
             index = new_base_index(self.dim, self.settings["index"])
         old_base, self.base = self.base, index
         try:
+            keep_b = np.isin(base_ids, live) & ~np.isin(base_ids, seg_ids)
+            keep_s = np.isin(seg_ids, live)
             if not index.is_trained and _ivf_of(index) is None:  # pq-refine: codebooks from a sample of the live vectors
-                keep_b = np.isin(base_ids, live) & ~np.isin(base_ids, seg_ids)
-                sample = np.concatenate([base_vectors[keep_b][:: max(1, int(keep_b.sum()) // PQ_TRAIN_SAMPLE)], seg_vectors[np.isin(seg_ids, live)]])
+                rows = np.flatnonzero(keep_b)  # positions, so the 1.5 GB of a 1M-vector base is not copied whole
+                sample = np.concatenate([base_vectors[rows[:: max(1, len(rows) // PQ_TRAIN_SAMPLE)]], seg_vectors[keep_s]])
                 if len(sample):
                     self._train_pq(index, sample)
             if _ivf_of(index) is not None and not index.is_trained:  # IVF trains on everything at once
-                keep_b = np.isin(base_ids, live) & ~np.isin(base_ids, seg_ids)
-                keep_s = np.isin(seg_ids, live)
                 ids = np.concatenate([base_ids[keep_b], seg_ids[keep_s]])
                 if len(ids):
                     self._add_to_base(ids, np.concatenate([base_vectors[keep_b], seg_vectors[keep_s]]))
@@ -908,22 +908,20 @@ class ChunkStore:
         repeats = Counter(t for t in terms if t in df)  # a repeated query term counts again, as in bm25s
         doc_of: dict[int, str] | None = None
         if doc_ids is not None:
-            wanted = list(dict.fromkeys(doc_ids))
-            doc_of = {}
-            for first in range(0, len(wanted), 500):
-                part = wanted[first : first + 500]
-                doc_of.update(self._sql(f"SELECT id, doc_id FROM chunks WHERE doc_id IN ({','.join('?' * len(part))})", part))
+            doc_of = {c: d for d, chunk_ids in self.chunk_ids_of(doc_ids).items() for c in chunk_ids}
             if not doc_of:
                 return []
+            allowed = np.fromiter(doc_of, dtype=np.int64, count=len(doc_of))
         id_parts, score_parts = [], []
         for term, times in repeats.items():
-            # one string instead of a Python row per occurrence (3x faster at 1M chunks)
+            # One string instead of a Python row per occurrence (1M chunks, 50 queries: p50 5.2
+            # against 9.6 ms, p90 ~18 against 43 ms for the fetch).
             (joined,) = self._one("SELECT group_concat(doc, ',') FROM chunks_terms WHERE term = ?", (term,))
             if not joined:
                 continue
             ids, tf = np.unique(np.fromstring(joined, dtype=np.int64, sep=","), return_counts=True)
             if doc_of is not None:
-                keep = np.isin(ids, np.fromiter(doc_of, dtype=np.int64, count=len(doc_of)))
+                keep = np.isin(ids, allowed)
                 ids, tf = ids[keep], tf[keep]
                 if not len(ids):
                     continue
