@@ -50,7 +50,17 @@ class RLTrainingConfig(StrictModel):
     save_freq: int = Field(2500, gt=0, description="timesteps between checkpoint_step_N.pt (at rollout boundaries)")
     save_total_limit: int = Field(2, ge=1, description="step checkpoints kept")
     eval_episodes: int = Field(20, gt=0, description="evaluation episodes of a Gymnasium env (the retrieval env uses every held-out query)")
+    eval_freq: int = Field(0, ge=0, description="timesteps between evaluations of the policy on the val split (at rollout "
+                                                "boundaries; 0: none). The best one is best_model.pt")
+    final_policy: Literal["last", "best_val"] = Field(
+        "last", description="final_model.pt: the policy after the last update, or the one with the best val reward (needs eval_freq)")
     show_progress: bool = True
+
+    @model_validator(mode="after")
+    def _best_needs_evaluations(self) -> "RLTrainingConfig":
+        if self.final_policy == "best_val" and not self.eval_freq:
+            raise ValueError("final_policy: best_val needs eval_freq > 0 (timesteps between val evaluations)")
+        return self
 
 
 class SyntheticQueriesConfig(StrictModel):

@@ -21,11 +21,17 @@ def load_rl_policy(path: str | Path = "checkpoints/rl/final_model.pt", device: s
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") not in (POLICY_KIND, "rl"):
         raise CheckpointError(f"{path}: checkpoint is for '{state.get('kind')}', expected an RL policy")
-    try:  # step checkpoints carry the same policy entries as final_model.pt, plus training state
+    return policy_from_state(state, path).to(device)
+
+
+def policy_from_state(state: dict, path: str | Path = "<memory>") -> RLPolicy:
+    """The :class:`RLPolicy` (eval mode) of a policy state: ``final_model.pt``'s contents, or a
+    step checkpoint's (the same policy entries plus training state)."""
+    try:
         policy = RLPolicy(state["architecture"], state.get("obs_normalization"), state.get("env_info"))
         weights = state["policy"]
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: malformed RL policy checkpoint (missing {err})") from None
     load_state_dict_checked(policy, weights, path)
     policy.timesteps = int(state.get("timesteps", 0))
-    return policy.to(device).eval()
+    return policy.eval()

@@ -64,8 +64,8 @@ from src.core.errors import CheckpointError, ConfigError, DataError
 from src.core.logging import MetricsLogger, get_logger, setup_logging
 from src.core.runtime import capture_rng_state, resolve_device, restore_rng_state, seed_everything
 from src.rl.config import RLConfig
-from src.rl.evaluate import evaluate_strategies, format_strategy_table, plot_strategy_comparison, retrieval_split_summary, summarize
-from src.rl.load import POLICY_KIND, load_rl_policy
+from src.rl.evaluate import evaluate_strategies, format_strategy_table, plot_strategy_comparison, retrieval_split_summary, run_episodes, summarize
+from src.rl.load import POLICY_KIND, load_rl_policy, policy_from_state
 from src.data.readers import read_documents
 from src.rl.retrieval_env import (
     SIGNAL_NAMES,
@@ -81,6 +81,7 @@ from src.rl.synthetic import MAX_SENTENCE_WORDS, MIN_SENTENCE_WORDS, synthetic_q
 
 CHECKPOINT_KIND = "rl"
 FINAL_MODEL_FILE = "final_model.pt"
+BEST_MODEL_FILE = "best_model.pt"  # training.eval_freq: the policy with the best val reward
 STEP_CHECKPOINT_PATTERN = "checkpoint_step_*.pt"
 EVAL_METRICS_FILE = "eval_metrics.json"
 EVAL_PLOT_FILE = "eval_metrics.png"
@@ -355,9 +356,10 @@ def step_checkpoint_path(checkpoint_dir: Path, timesteps: int) -> Path:
     return Path(checkpoint_dir) / f"checkpoint_step_{timesteps}.pt"
 
 
-def save_training_checkpoint(cfg: RLConfig, model: PPO, venv: VecEnv, env_info: dict) -> Path:
-    """Write ``checkpoint_step_<timesteps>.pt`` (everything needed to resume exactly), point
-    ``latest.json`` at it and keep the newest ``training.save_total_limit`` of them."""
+def save_training_checkpoint(cfg: RLConfig, model: PPO, venv: VecEnv, env_info: dict, best: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoint_step_<timesteps>.pt`` (everything needed to resume exactly, with the
+    best policy on val so far), point ``latest.json`` at it and keep the newest
+    ``training.save_total_limit`` of them."""
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
     state = policy_state(cfg, model, venv, env_info)
     inner = venv.venv if isinstance(venv, VecNormalize) else venv
@@ -371,6 +373,7 @@ def save_training_checkpoint(cfg: RLConfig, model: PPO, venv: VecEnv, env_info: 
         "last_episode_starts": torch.from_numpy(np.asarray(model._last_episode_starts, dtype=bool)),
         "env_states": inner.env_method("get_state") if cfg.is_retrieval_env else None,
         "rng": capture_rng_state(),
+        "best_on_val": best,
     })
     path = save_checkpoint(state, step_checkpoint_path(checkpoint_dir, model.num_timesteps))
     write_latest_pointer(checkpoint_dir, path, model.num_timesteps)
@@ -451,13 +454,16 @@ class TrainingMonitor(BaseCallback):
     the last update always gets one.
     """
 
-    def __init__(self, cfg: RLConfig, venv: VecEnv, env_info: dict, metrics_logger: MetricsLogger, total_timesteps: int) -> None:
+    def __init__(self, cfg: RLConfig, venv: VecEnv, env_info: dict, metrics_logger: MetricsLogger, total_timesteps: int,
+                 setup: EnvSetup | None = None, best: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.venv = venv
         self.env_info = env_info
         self.metrics_logger = metrics_logger
         self.total_timesteps = total_timesteps
+        self.setup = setup
+        self.best = best  # {"val_mean_reward", "timesteps", "state"} of the best policy on val (training.eval_freq)
         self.stats = _RolloutStats()
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
@@ -466,6 +472,7 @@ class TrainingMonitor(BaseCallback):
         self._updates_seen = self.model._n_updates
         self._updates_logged = 0
         self._saved_at = self.model.num_timesteps
+        self._evaluated_at = self.model.num_timesteps
         self._started = time.perf_counter()
         self._start_steps = self.model.num_timesteps
         rollout = self.cfg.training.n_steps * self.cfg.training.n_envs
@@ -500,10 +507,34 @@ class TrainingMonitor(BaseCallback):
             self._updates_seen = self.model._n_updates
             self._updates_logged += 1
             self._log_update(steps, final)
+        eval_freq = self.cfg.training.eval_freq
+        if eval_freq and self.setup is not None and steps > self._evaluated_at and (final or steps // eval_freq > self._evaluated_at // eval_freq):
+            self._evaluate_on_val(steps)
+            self._evaluated_at = steps
         save_freq = self.cfg.training.save_freq
         if steps > self._saved_at and (final or steps // save_freq > self._saved_at // save_freq):
-            self.last_checkpoint = save_training_checkpoint(self.cfg, self.model, self.venv, self.env_info)
+            self.last_checkpoint = save_training_checkpoint(self.cfg, self.model, self.venv, self.env_info, self.best)
             self._saved_at = steps
+
+    def _evaluate_on_val(self, steps: int) -> None:
+        """The current policy, played deterministically on the val split (every held-out query of
+        the retrieval env; ``eval_episodes`` seeded episodes of a Gymnasium env); the best so far
+        is kept for ``best_model.pt``."""
+        rng = capture_rng_state()  # building the policy draws initial weights: training must not see that
+        state = policy_state(self.cfg, self.model, self.venv, self.env_info)
+        policy = policy_from_state(state)
+        setup = self.setup
+        with torch.no_grad():
+            result = run_episodes(setup.make_eval_env, lambda env, obs: policy.act(obs), setup.eval_episodes,
+                                  self.cfg.system.seed + 1_000_000, reseed=not self.cfg.is_retrieval_env)
+        restore_rng_state(rng)
+        reward = result["mean_reward"]
+        improved = self.best is None or reward > self.best["val_mean_reward"]
+        if improved:
+            self.best = {"val_mean_reward": reward, "timesteps": steps, "state": state}
+        self.metrics_logger.log_metrics({"val_mean_reward": reward, "best_val_mean_reward": self.best["val_mean_reward"]},
+                                        step=steps, kind="eval")
+        log.debug("timesteps %d: val mean reward %.4f%s", steps, reward, " (best so far)" if improved else "")
 
     def _log_update(self, steps: int, final: bool) -> None:
         s, values = self.stats, self.model.logger.name_to_value
@@ -554,7 +585,7 @@ def run(cfg: RLConfig, resume: bool = False, evaluate: bool = False) -> dict:
 
     # 2. PPO, restored from the latest step checkpoint with --resume
     model = build_ppo(cfg, venv)
-    resumed_from = None
+    resumed_from, resumed_best = None, None
     if resume:
         resumed_from = find_latest_checkpoint(checkpoint_dir, STEP_CHECKPOINT_PATTERN)
         if resumed_from is None:
@@ -562,6 +593,7 @@ def run(cfg: RLConfig, resume: bool = False, evaluate: bool = False) -> dict:
         else:
             state = load_checkpoint(resumed_from, kind=CHECKPOINT_KIND)
             restore_training_checkpoint(state, resumed_from, cfg, model, venv, setup.env_info)
+            resumed_best = state.get("best_on_val")
             log.info("resumed from %s at timestep %d", resumed_from, model.num_timesteps)
     save_config(cfg, checkpoint_dir / "config.yaml")
 
@@ -570,14 +602,22 @@ def run(cfg: RLConfig, resume: bool = False, evaluate: bool = False) -> dict:
     log.info("PPO on %s: %d timesteps, %d envs x %d steps per rollout, policy MLP %d x %d (%s), device %s",
              cfg.env.id, total, cfg.training.n_envs, cfg.training.n_steps, cfg.model.n_layers, cfg.model.hidden_dim,
              cfg.model.activation, model.device)
-    monitor = TrainingMonitor(cfg, venv, setup.env_info, metrics_logger, total)
+    monitor = TrainingMonitor(cfg, venv, setup.env_info, metrics_logger, total, setup, resumed_best)
     started = time.perf_counter()
     with single_torch_thread():
         model.learn(total_timesteps=max(0, total - model.num_timesteps), callback=monitor, log_interval=1,
                     reset_num_timesteps=resumed_from is None)
     train_seconds = time.perf_counter() - started
-    final_path = save_checkpoint(policy_state(cfg, model, venv, setup.env_info), checkpoint_dir / FINAL_MODEL_FILE)
-    log.info("trained to timestep %d in %.1fs -> %s", model.num_timesteps, train_seconds, final_path)
+    final_state = policy_state(cfg, model, venv, setup.env_info)
+    best = monitor.best
+    if best is not None:
+        best_path = save_checkpoint(best["state"], checkpoint_dir / BEST_MODEL_FILE)
+        log.info("best policy on val: timestep %d, val mean reward %.4f -> %s", best["timesteps"], best["val_mean_reward"], best_path)
+        if cfg.training.final_policy == "best_val":
+            final_state = best["state"]
+    final_path = save_checkpoint(final_state, checkpoint_dir / FINAL_MODEL_FILE)
+    log.info("trained to timestep %d in %.1fs -> %s (the policy of timestep %d)", model.num_timesteps, train_seconds, final_path,
+             final_state["timesteps"])
     venv.close()
 
     # 4. evaluate the saved policy, loaded on its own as the API would
@@ -590,7 +630,10 @@ def run(cfg: RLConfig, resume: bool = False, evaluate: bool = False) -> dict:
     table = format_strategy_table(results)
     print(f"\nPPO policy vs baselines on {cfg.env.id} ({where}, after {model.num_timesteps} timesteps)\n{table}\n")
     log.info("evaluation on %s:\n%s", where, table)
-    report = {"env": cfg.env.id, "timesteps": int(model.num_timesteps), "evaluated_on": where, "strategies": results, "summary": summary}
+    report = {"env": cfg.env.id, "timesteps": int(model.num_timesteps), "evaluated_on": where, "strategies": results, "summary": summary,
+              "final_policy": cfg.training.final_policy, "policy_timesteps": int(final_state["timesteps"])}
+    if best is not None:
+        report["best_on_val"] = {"timesteps": int(best["timesteps"]), "val_mean_reward": best["val_mean_reward"]}
     if cfg.is_retrieval_env:
         report["train_split"] = retrieval_split_summary(policy, setup.table, setup.train_query_ids,
                                                         cfg.env.cost_per_extra_doc, setup.observation)

@@ -202,3 +202,67 @@ def test_synthetic_source_that_gives_no_query_is_one_line(rl_table, tmp_path):
     args = rl_run_args(tmp_path, "no_synthetic", **{"env.queries": "synthetic", "env.synthetic.source": "title", "data.documents_file": docs})
     with pytest.raises(DataError, match=r"env.synthetic.source=title: no document of .*one_word_titles.jsonl gives a query of 2 or more words"):
         train_rl.main(args)
+
+
+def test_val_evaluations_do_not_change_training_and_best_val_picks_the_best_one(trained_run, tmp_path):
+    """``training.eval_freq`` plays the policy on the val split at rollout boundaries without
+    touching training (the same weights as a run without it, bit for bit); ``best_model.pt`` is
+    the evaluated policy with the highest val reward, and ``final_policy: best_val`` serves it."""
+    run_dir, args, _ = trained_run
+    runs = {}
+    for final in ("last", "best_val"):
+        base = [a for a in args if not a.startswith("paths.")]
+        out = tmp_path / final
+        runs[final] = train_rl.main(base + [f"paths.checkpoint_dir={out / 'ckpt'}", f"paths.log_dir={out / 'logs'}",
+                                            "training.eval_freq=500", f"training.final_policy={final}"])
+    reference = load_checkpoint(run_dir / "ckpt" / "final_model.pt")["policy"]
+    last = load_checkpoint(tmp_path / "last" / "ckpt" / "final_model.pt")
+    assert all(torch.equal(t, last["policy"][n]) for n, t in reference.items())
+    assert last["timesteps"] == 2000
+
+    evals = [r for r in _records(tmp_path / "best_val" / "logs") if r["kind"] == "eval" and "val_mean_reward" in r]
+    assert [r["step"] for r in evals] == [500, 1000, 1500, 2000]
+    best_reward = max(r["val_mean_reward"] for r in evals)  # metrics.jsonl rounds to 6 digits
+    best_step = next(r["step"] for r in evals if r["val_mean_reward"] == best_reward)  # the first of equals
+    report = json.loads((tmp_path / "best_val" / "ckpt" / "eval_metrics.json").read_text())
+    assert report["best_on_val"]["timesteps"] == best_step
+    assert report["best_on_val"]["val_mean_reward"] == pytest.approx(best_reward, abs=1e-6)
+    assert report["final_policy"] == "best_val" and report["policy_timesteps"] == best_step
+    # The served policy is the best one: the final evaluation on val reproduces its reward.
+    assert report["summary"]["trained_mean_reward"] == pytest.approx(report["best_on_val"]["val_mean_reward"], abs=1e-9)
+    final = load_checkpoint(tmp_path / "best_val" / "ckpt" / "final_model.pt")
+    best = load_checkpoint(tmp_path / "best_val" / "ckpt" / "best_model.pt")
+    assert final["timesteps"] == best["timesteps"] == best_step
+    assert all(torch.equal(t, final["policy"][n]) for n, t in best["policy"].items())
+    step_state = load_checkpoint(run_dir / "ckpt" / f"checkpoint_step_{best_step}.pt", kind="rl")
+    assert all(torch.equal(t, step_state["policy"][n]) for n, t in best["policy"].items())
+
+
+def test_resume_keeps_the_best_policy_on_val(trained_run, tmp_path):
+    run_dir, args, _ = trained_run
+    base = [a for a in args if not a.startswith("paths.")] + ["training.eval_freq=500", "training.final_policy=best_val"]
+    full = train_rl.main(base + [f"paths.checkpoint_dir={tmp_path / 'full'}", f"paths.log_dir={tmp_path / 'full_logs'}",
+                                 "training.save_total_limit=10"])
+    ckpt = tmp_path / "resumed"
+    ckpt.mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint_step_1500.pt", ckpt)
+    shutil.copy(tmp_path / "full" / TABLE_FILE, ckpt)
+    write_latest_pointer(ckpt, ckpt / "checkpoint_step_1500.pt", 1500)
+    train_rl.main(base + [f"paths.checkpoint_dir={ckpt}", f"paths.log_dir={tmp_path / 'resumed_logs'}", "--resume"])
+    assert full["metrics"]["timesteps"] == 2000
+    a = json.loads((tmp_path / "full" / "eval_metrics.json").read_text())["best_on_val"]
+    b = json.loads((ckpt / "eval_metrics.json").read_text())["best_on_val"]
+    assert a == b
+    reference = load_checkpoint(tmp_path / "full" / "final_model.pt")["policy"]
+    assert all(torch.equal(t, load_checkpoint(ckpt / "final_model.pt")["policy"][n]) for n, t in reference.items())
+
+
+def test_best_val_without_evaluations_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.scripts.train_rl", "--config", "configs/rl_train.yaml", "training.final_policy=best_val",
+         f"paths.checkpoint_dir={tmp_path / 'c'}", f"paths.log_dir={tmp_path / 'l'}"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "final_policy" in last and "eval_freq" in last
