@@ -454,15 +454,15 @@ class TrainingMonitor(BaseCallback):
     the last update always gets one.
     """
 
-    def __init__(self, cfg: RLConfig, venv: VecEnv, env_info: dict, metrics_logger: MetricsLogger, total_timesteps: int,
-                 setup: EnvSetup | None = None, best: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: RLConfig, venv: VecEnv, setup: EnvSetup, metrics_logger: MetricsLogger, total_timesteps: int,
+                 best: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.venv = venv
-        self.env_info = env_info
+        self.setup = setup
+        self.env_info = setup.env_info
         self.metrics_logger = metrics_logger
         self.total_timesteps = total_timesteps
-        self.setup = setup
         self.best = best  # {"val_mean_reward", "timesteps", "state"} of the best policy on val (training.eval_freq)
         self.stats = _RolloutStats()
         self.history: list[dict[str, Any]] = []
@@ -508,7 +508,7 @@ class TrainingMonitor(BaseCallback):
             self._updates_logged += 1
             self._log_update(steps, final)
         eval_freq = self.cfg.training.eval_freq
-        if eval_freq and self.setup is not None and steps > self._evaluated_at and (final or steps // eval_freq > self._evaluated_at // eval_freq):
+        if eval_freq and steps > self._evaluated_at and (final or steps // eval_freq > self._evaluated_at // eval_freq):
             self._evaluate_on_val(steps)
             self._evaluated_at = steps
         save_freq = self.cfg.training.save_freq
@@ -602,7 +602,7 @@ def run(cfg: RLConfig, resume: bool = False, evaluate: bool = False) -> dict:
     log.info("PPO on %s: %d timesteps, %d envs x %d steps per rollout, policy MLP %d x %d (%s), device %s",
              cfg.env.id, total, cfg.training.n_envs, cfg.training.n_steps, cfg.model.n_layers, cfg.model.hidden_dim,
              cfg.model.activation, model.device)
-    monitor = TrainingMonitor(cfg, venv, setup.env_info, metrics_logger, total, setup, resumed_best)
+    monitor = TrainingMonitor(cfg, venv, setup, metrics_logger, total, resumed_best)
     started = time.perf_counter()
     with single_torch_thread():
         model.learn(total_timesteps=max(0, total - model.num_timesteps), callback=monitor, log_interval=1,
