@@ -65,7 +65,9 @@ def test_retriever_convex_modes_match_fusion_of_its_own_scores(tiny_index):
         got = [(r.doc_id, r.score) for r in retriever.search(query, top_k=5, mode=mode, query_vector=vector)]
         want = convex_fusion(dense, keyword, convex_weight(mode))
         assert [d for d, _ in got] == [d for d, _ in want]
-        assert [s for _, s in got] == pytest.approx([s for _, s in want])
+        # float32 cosines from FAISS and from numpy sum in different orders (and CPUs round differently);
+        # min-max normalisation divides that difference by the score range: 1e-6 relative is too tight
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-5, abs=1e-6)
     dense_order = [r.doc_id for r in retriever.search(query, top_k=5, mode="dense", query_vector=vector)]
     assert [r.doc_id for r in retriever.search(query, 5, "convex-1", vector)] == dense_order
     assert [r.doc_id for r in retriever.search(query, 2, "convex-0", vector)] == [h.doc_id for h in retriever.keyword_ranking(query, 2)]
