@@ -30,11 +30,14 @@ from sklearn.ensemble import HistGradientBoostingRegressor  # noqa: E402
 from sklearn.linear_model import Ridge  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+from retrieval_policy import SETS, WORK, gap_closed  # noqa: E402  (bench/retrieval_policy.py, beside this file)
+
 from src.core.checkpoint import atomic_write_json  # noqa: E402
+from src.core.config import load_config  # noqa: E402
+from src.rl.config import RLConfig  # noqa: E402
 from src.rl.retrieval_env import RetrievalTable  # noqa: E402
 from src.rl.train import split_retrieval_queries  # noqa: E402
 
-SETS = ("sample-hard", "man-commands", "man-system")
 MODELS = {
     "ridge alpha 1": lambda seed: Ridge(alpha=1.0),
     "ridge alpha 10": lambda seed: Ridge(alpha=10.0),
@@ -42,18 +45,15 @@ MODELS = {
     "boosted trees x50": lambda seed: HistGradientBoostingRegressor(max_depth=2, max_iter=50, learning_rate=0.05, random_state=seed),
     "boosted trees x100": lambda seed: HistGradientBoostingRegressor(max_depth=2, max_iter=100, learning_rate=0.05, random_state=seed),
 }
-COST_PER_EXTRA_DOC = 0.02  # configs/rl_train.yaml
-
-
-def gap_closed(trained: float, fixed: float, oracle: float) -> float:
-    return (trained - fixed) / (oracle - fixed) if oracle > fixed else 0.0
+# The reward and the splits of the config bench/retrieval_policy.py trains with.
+ENV = load_config(REPO / "configs" / "rl_train.yaml", RLConfig).env
 
 
 def run_set(table: RetrievalTable, make_model, seeds: list[int]) -> dict:
-    rewards = table.rewards(COST_PER_EXTRA_DOC)
+    rewards = table.rewards(ENV.cost_per_extra_doc)
     val_gaps, test_gaps = [], []
     for seed in seeds:
-        train, val, test = split_retrieval_queries(table, "labeled", 0.2, 0.2, seed)
+        train, val, test = split_retrieval_queries(table, "labeled", ENV.heldout_fraction, ENV.test_fraction, seed)
         scaler = StandardScaler().fit(table.signals[train])
         features = scaler.transform(table.signals)
         predicted = np.stack([make_model(seed).fit(features[train], rewards[train, a]).predict(features)
@@ -75,7 +75,7 @@ def main() -> None:
     results: dict = {"seeds": args.seeds, "sets": {}}
     print(f"{'set':14} {'model':20} {'val gap':>8} {'test gap':>9}")
     for name in SETS:
-        path = REPO / "checkpoints" / "bench_retrieval_policy" / name / "labeled_table.pt"
+        path = WORK / name / "labeled_table.pt"
         if not path.is_file():
             raise SystemExit(f"{path} is missing: run `python bench/retrieval_policy.py --queries labeled` first")
         table = RetrievalTable.from_state(torch.load(path, weights_only=False))
