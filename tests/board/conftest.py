@@ -15,18 +15,18 @@ from tests.api.fixtures import tiny_checkpoints  # noqa: F401  (the session fixt
 from src.board.workspace import BoardSettings, Workspace
 
 
-def tiny_mamba_overrides(work: Path, max_steps: int = 400) -> dict:
+def tiny_mamba_overrides(work: Path, max_steps: int = 400, num_epochs: int = 1) -> dict:
     """A Mamba config small enough to train a step in a few milliseconds on one thread."""
     return {
         "model": {"vocab_size": 300, "d_model": 32, "n_heads": 2, "n_layers": 1, "state_size": 16, "max_length": 64, "chunk_size": 16},
-        "training": {"max_steps": max_steps, "batch_size": 4, "log_steps": 2, "eval_steps": 10, "eval_batch_size": 8,
+        "training": {"max_steps": max_steps, "num_epochs": num_epochs, "batch_size": 4, "log_steps": 2, "eval_steps": 10, "eval_batch_size": 8,
                      "mixed_precision": False, "torch_threads": 1, "warmup_steps": 0, "learning_rate": 0.005},
         "paths": {"checkpoint_dir": str(work / "checkpoints" / "tiny_mamba"), "log_dir": str(work / "logs" / "tiny_mamba")},
         "system": {"device": "cpu", "seed": 0},
     }
 
 
-def write_tiny_mamba_config(work: Path, sample_data_dir: Path, max_steps: int = 400) -> Path:
+def write_tiny_mamba_config(work: Path, sample_data_dir: Path, max_steps: int = 400, num_epochs: int = 1) -> Path:
     """``work/tiny_mamba.yaml``: the tiny model on 8 short documents of the sample corpus."""
     import json
 
@@ -35,7 +35,7 @@ def write_tiny_mamba_config(work: Path, sample_data_dir: Path, max_steps: int = 
     data.mkdir(parents=True, exist_ok=True)
     (data / "lm_train.jsonl").write_text("".join(json.dumps({**d, "text": d["text"][:4000]}) + "\n" for d in docs[:8]))
     (data / "lm_val.jsonl").write_text("".join(json.dumps({**d, "text": d["text"][:1500]}) + "\n" for d in docs[8:]))
-    config = tiny_mamba_overrides(work, max_steps)
+    config = tiny_mamba_overrides(work, max_steps, num_epochs)
     config["data"] = {"train_file": str(data / "lm_train.jsonl"), "val_file": str(data / "lm_val.jsonl")}
     path = work / "tiny_mamba.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

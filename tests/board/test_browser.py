@@ -46,7 +46,7 @@ def project(tmp_path_factory, tiny_checkpoints: Path, sample_data_dir: Path) -> 
         (checkpoints / "mamba").symlink_to(tiny_checkpoints / "mamba", target_is_directory=True)
         shutil.copytree(tiny_checkpoints / "rag", checkpoints / "rag")
     logs = checkpoints.parent / "logs" if demo else root / "logs"  # the demo's runs (read only) in the Runs tab
-    return {"root": root, "checkpoints": checkpoints, "config": write_tiny_mamba_config(root, sample_data_dir, max_steps=3000),
+    return {"root": root, "checkpoints": checkpoints, "config": write_tiny_mamba_config(root, sample_data_dir, max_steps=200_000, num_epochs=1000),
             "preferences": root / "prefs" / "preferences.jsonl", "model": "rlhf" if demo else "mamba", "logs": logs,
             "demo_run": "logs/transfer" if demo else None}
 
@@ -189,6 +189,8 @@ def test_every_tab_in_chromium(browser, board_url: str, project: dict) -> None:
     _wait(browser, lambda d: d.find_elements("css selector", "#train-plot img, #train-plot canvas, #train-plot svg"), what="the plot")
     _shot(browser, "train")
     _click(browser, "train-stop")
+    _wait(browser, lambda d: "SIGTERM sent" in _text(d, "train-message") or "error" in _text(d, "train-message"), what="the stop")
+    assert "SIGTERM sent" in _text(browser, "train-message"), _text(browser, "train-message")  # not "already ended"
     _wait(browser, lambda d: "**stopped**" in d.page_source or "stopped" in _text(d, "train-status").split("·")[0], timeout=90,
           what="the run to stop")
 

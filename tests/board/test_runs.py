@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from src.board.paths import PathGuard
-from src.board.runs import RunManager, error_lines, parse_progress
+from src.board.runs import OUTPUT_FILE, RunManager, error_lines, parse_progress
 from src.core.checkpoint import load_checkpoint
 from src.core.errors import ConfigError, MarkError
 from tests.board.conftest import write_tiny_mamba_config
@@ -32,7 +32,7 @@ def _start_and_watch(manager: RunManager, config: Path) -> tuple[object, dict]:
     # Progress: step/total, tokens/s and curves appear as metrics.jsonl grows.
     status = _wait(manager, run.id, lambda s: s["state"] != "running" or (s["step"] or 0) >= 8 and "eval: val_loss" in s["curves"])
     assert status["state"] == "running", status["output_tail"]
-    assert status["total"] == 600 and status["tokens_per_s"] > 0 and status["eta_s"] is not None
+    assert status["total"] == 5000 and status["tokens_per_s"] > 0 and status["eta_s"] is not None
     assert len(status["curves"]["train: loss"]) >= 4
     return run, status
 
@@ -49,7 +49,7 @@ def _stop(manager: RunManager, run_id: str, checkpoints: Path) -> int:
 
 
 def test_start_watch_stop_and_a_failing_run(tmp_path: Path, sample_data_dir: Path) -> None:
-    config = write_tiny_mamba_config(tmp_path, sample_data_dir, max_steps=600)
+    config = write_tiny_mamba_config(tmp_path, sample_data_dir, max_steps=5000, num_epochs=1000)
     manager = RunManager(tmp_path / "runs", PathGuard([tmp_path]))
     # A run that fails in the subprocess (a malformed data line is only found when reading it).
     bad = tmp_path / "data" / "bad_train.jsonl"
@@ -73,7 +73,7 @@ def test_start_watch_stop_and_a_failing_run(tmp_path: Path, sample_data_dir: Pat
 
 @pytest.mark.slow
 def test_resume_continues_from_the_stop_checkpoint(tmp_path: Path, sample_data_dir: Path) -> None:
-    config = write_tiny_mamba_config(tmp_path, sample_data_dir, max_steps=600)
+    config = write_tiny_mamba_config(tmp_path, sample_data_dir, max_steps=5000, num_epochs=1000)
     manager = RunManager(tmp_path / "runs", PathGuard([tmp_path]))
     run, _ = _start_and_watch(manager, config)
     stopped_at = _stop(manager, run.id, tmp_path / "checkpoints" / "tiny_mamba")
@@ -82,7 +82,8 @@ def test_resume_continues_from_the_stop_checkpoint(tmp_path: Path, sample_data_d
     assert resumed.history[0]["exit_code"] == 143
     status = _wait(manager, run.id, lambda s: s["state"] != "running" or (s["step"] or 0) >= stopped_at + 4)
     assert status["state"] == "running", status["output_tail"]
-    assert f"at epoch 1, step {stopped_at}" in status["output_tail"]  # the engine's "resumed from ... at epoch, step"
+    output = (manager.runs_dir / run.id / OUTPUT_FILE).read_text()  # the whole console output: the tail moves on fast
+    assert f"at epoch 1, step {stopped_at}" in output  # the engine's "resumed from ... at epoch, step"
     # The curve continues the first attempt's: no step is logged twice.
     steps = [step for step, _ in status["curves"]["train: loss"]]
     assert steps == sorted(set(steps)) and steps[-1] > stopped_at
