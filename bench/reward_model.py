@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "L3_1epoch": {"encoder_layers": 3, "frozen_layers": 0, "max_length": 128, "num_epochs": 1},
     "L3_len96_1epoch": {"encoder_layers": 3, "frozen_layers": 0, "max_length": 96, "num_epochs": 1},
     "L3_len64": {"encoder_layers": 3, "frozen_layers": 0, "max_length": 64, "num_epochs": 2},
+    "L3_len64_bf16": {"encoder_layers": 3, "frozen_layers": 0, "max_length": 64, "num_epochs": 2, "mixed_precision": "bf16"},
     "L6_frozen4": {"encoder_layers": None, "frozen_layers": 4, "max_length": 128, "num_epochs": 2},
     "L3_frozen2": {"encoder_layers": 3, "frozen_layers": 2, "max_length": 128, "num_epochs": 2},
     "L2_1epoch": {"encoder_layers": 2, "frozen_layers": 0, "max_length": 128, "num_epochs": 1},

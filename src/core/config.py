@@ -56,7 +56,7 @@ class TrainingConfig(StrictModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     gradient_accumulation_steps: int = Field(1, gt=0)
-    mixed_precision: Union[bool, Literal["no", "bf16", "fp16"]] = False
+    mixed_precision: Union[bool, Literal["no", "auto", "bf16", "fp16"]] = False
     eval_steps: int = Field(0, ge=0, description="validate every N optimizer steps (0: only at epoch end)")
     save_steps: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: only at epoch end)")
     save_total_limit: int = Field(2, ge=1, description="step checkpoints kept")

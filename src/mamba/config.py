@@ -75,7 +75,7 @@ class MambaTrainingConfig(TrainingConfig):
     batch_size: int = Field(8, gt=0)
     num_epochs: int = Field(10, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
-    mixed_precision: Union[bool, Literal["no", "bf16", "fp16"]] = True
+    mixed_precision: Union[bool, Literal["no", "auto", "bf16", "fp16"]] = True
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0: leave torch's default)")
 
 

@@ -61,6 +61,7 @@ def index_settings(encoder: Encoder, index_config: RagIndexConfig, chunk_size: i
     return {
         "embedding_model": encoder.name,
         "embedding_dim": encoder.dim,
+        "embedding_precision": encoder.precision,
         "max_seq_length": encoder.max_seq_length,
         "chunking": {"unit": "word-pieces of the embedding model's tokenizer", "chunk_size": chunk_size, "chunk_overlap": chunk_overlap},
         "index": params,
@@ -199,10 +200,10 @@ class RagIndex:
             return 0
         records, texts = self.prepare_documents(docs, embedded)
         if not embedded:
-            vectors = self.encoder.encode(texts, self.batch_size, self.show_progress)
+            vectors = self.encoder.encode(texts, self.batch_size, self.show_progress, documents=True)
         else:  # encode only what was not embedded elsewhere, keep the documents' order
             missing = [c.text for doc, r in zip(docs, records) if doc.id not in embedded for c in r.chunks]
-            encoded, used, parts = self.encoder.encode(missing, self.batch_size, self.show_progress), 0, []
+            encoded, used, parts = self.encoder.encode(missing, self.batch_size, self.show_progress, documents=True), 0, []
             for doc, r in zip(docs, records):
                 if doc.id in embedded:
                     parts.append(embedded[doc.id][1])
@@ -327,10 +328,18 @@ class RagIndex:
                 )
             if embedding_dim is not None and embedding_dim != built_dim:
                 raise CheckpointError(f"{checkpoint_dir}: index has embedding dimension {built_dim}, not {embedding_dim}: rebuild the index")
+            built_precision = settings.get("embedding_precision", "fp32")  # stores written before the key: fp32
             if encoder is None:
-                encoder = Encoder(built_model, device)
+                encoder = Encoder(built_model, device, precision=built_precision)
             elif resolve_pretrained(encoder.name) != resolve_pretrained(built_model):
                 raise CheckpointError(f"{checkpoint_dir}: index was built with '{built_model}', the encoder is '{encoder.name}'")
+            elif encoder.precision != built_precision and encoder.requested_precision == "auto":
+                encoder = encoder.with_precision(built_precision)  # an existing index keeps the precision it was built with
+            elif encoder.precision != built_precision:
+                raise CheckpointError(
+                    f"{checkpoint_dir}: index was built with embedding_precision={built_precision}, the encoder runs "
+                    f"{encoder.precision}: set model.embedding_precision: {built_precision}, or rebuild the index"
+                )
             if encoder.dim != built_dim:
                 raise CheckpointError(f"{checkpoint_dir}: embedding model '{built_model}' now outputs dimension {encoder.dim}, the index has {built_dim}")
             try:

@@ -143,7 +143,7 @@ def ingest(
     if (index_dir / STORE_FILE).exists():  # a second writer hears so now, not after loading the model
         ChunkStore.open(index_dir, writable=True).close()
     if encoder is None:
-        encoder = Encoder(model_cfg.embedding_model, device)
+        encoder = Encoder(model_cfg.embedding_model, device, precision=model_cfg.embedding_precision)
     index = open_index(index_dir, encoder, model_cfg, index_cfg, training_cfg, seed)
     try:
         store = index.store
@@ -229,7 +229,8 @@ def _run_ray(sources, stored_files, model: RagModelConfig, training: RagTraining
 
     changed = [s for s in sources if stored_files.get(s.rel_id) != _file_sha256(s.path)]
     results = process_sources_with_ray(
-        changed, model.embedding_model, model.chunk_size, model.chunk_overlap, batch_size=training.batch_size, ray_address=ray_address
+        changed, model.embedding_model, model.chunk_size, model.chunk_overlap, batch_size=training.batch_size,
+        precision=model.embedding_precision, ray_address=ray_address
     )
     return {result.source.rel_id: result for result in results}
 

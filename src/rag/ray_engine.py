@@ -86,19 +86,19 @@ class EmbedChunks:
     """Ray Data stage 2, one encoder per actor: adds ``vectors`` (float32 bytes) to each row,
     encoding the chunks of the whole batch of files in one call."""
 
-    def __init__(self, embedding_model: str, device: str, batch_size: int, threads: int) -> None:
+    def __init__(self, embedding_model: str, device: str, batch_size: int, threads: int, precision: str = "fp32") -> None:
         import torch
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.encoder = Encoder(embedding_model, device)
+        self.encoder = Encoder(embedding_model, device, precision=precision)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         texts_per_row = [
             [c["text"] for cs in json.loads(payload)["chunks"] for c in cs] if payload else [] for payload in batch["payload"]
         ]
-        vectors = self.encoder.encode([t for texts in texts_per_row for t in texts], self.batch_size)
+        vectors = self.encoder.encode([t for texts in texts_per_row for t in texts], self.batch_size, documents=True)
         out = {"i": [int(i) for i in batch["i"]], "error": list(batch["error"]), "payload": list(batch["payload"]), "vectors": []}
         start = 0
         for texts in texts_per_row:
@@ -148,6 +148,7 @@ def process_sources_with_ray(
     *,
     options: ReaderOptions | None = None,
     batch_size: int = 32,
+    precision: str = "fp32",
     files_per_batch: int = 8,
     concurrency: int | None = None,
     num_cpus: int | None = None,
@@ -196,6 +197,7 @@ def process_sources_with_ray(
                 "embedding_model": embedding_model,
                 "device": "cuda" if gpus else "cpu",
                 "batch_size": batch_size,
+                "precision": precision,
                 "threads": max(1, round(cpus_per_encoder)),
             },
             batch_size=files_per_batch,

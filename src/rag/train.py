@@ -55,12 +55,13 @@ def run(cfg: RagConfig, resume: bool = False, evaluate: bool = False) -> dict:
         from_files, skipped = read_sources(cfg.data.sources)
         log.info("data.sources: %d documents (%d file(s) skipped)", len(from_files), len(skipped))
         documents += from_files
-    encoder = Encoder(cfg.model.embedding_model, cfg.system.device)
+    encoder = Encoder(cfg.model.embedding_model, cfg.system.device, precision=cfg.model.embedding_precision)
     if encoder.dim != cfg.model.embedding_dim:
         raise ConfigError(
             f"model.embedding_dim: {cfg.model.embedding_dim}, but '{cfg.model.embedding_model}' outputs {encoder.dim}"
         )
-    log.info("embedding model %s (dim %d, max %d word-pieces) on %s", encoder.name, encoder.dim, encoder.max_seq_length, encoder.device)
+    log.info("embedding model %s (dim %d, max %d word-pieces, %s) on %s", encoder.name, encoder.dim, encoder.max_seq_length,
+             encoder.precision, encoder.device)
 
     start = time.perf_counter()
     index = _open_or_create_index(cfg, encoder, resume, log)
@@ -103,6 +104,7 @@ def run(cfg: RagConfig, resume: bool = False, evaluate: bool = False) -> dict:
             "top_k_values": cfg.retrieval.eval_top_k,
             "corpus_checksum": index.corpus_checksum,
             "embedding_model": encoder.name,
+            "embedding_precision": encoder.precision,
             "index_type": cfg.index.type,
             **evaluated,
         }

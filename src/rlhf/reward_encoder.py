@@ -30,7 +30,7 @@ from src.core.config import config_to_dict
 from src.core.errors import ConfigError
 from src.core.hub import hub_error, resolve_pretrained
 from src.core.logging import get_logger
-from src.core.runtime import seed_everything
+from src.core.runtime import resolve_device, resolve_mixed_precision, seed_everything
 from src.data.readers import PreferenceExample
 from src.rlhf.checkpoints import fit_best, same_inputs_check, stage_record
 from src.rlhf.config import RewardConfig, StageConfig
@@ -98,9 +98,10 @@ class EncoderRewardModel(nn.Module):
 
     backbone = BACKBONE
 
-    def __init__(self, encoder: nn.Module, tokenizer, max_length: int = 256, template: str = "{prompt}\n") -> None:
+    def __init__(self, encoder: nn.Module, tokenizer, max_length: int = 256, template: str = "{prompt}\n", precision: str = "fp32") -> None:
         super().__init__()
         self.encoder = encoder
+        self.precision = precision  # bf16: scored under bf16 autocast, as it was validated while training
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.template = template
@@ -148,7 +149,8 @@ class EncoderRewardModel(nn.Module):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = self.encode([texts[i] for i in rows], [responses[i] for i in rows])
-            scores[rows] = self(**{k: v.to(device) for k, v in batch.items()}).cpu()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                scores[rows] = self(**{k: v.to(device) for k, v in batch.items()}).cpu()
         self.train(was_training)
         return scores
 
@@ -228,7 +230,8 @@ def train_encoder_reward_model(
         raise ConfigError(f"training.reward.frozen_layers: {cfg.frozen_layers}, but the encoder has {encoder.config.num_hidden_layers} layers")
     trainable = freeze_lower_layers(encoder, cfg.frozen_layers)
     seed_everything(stage.system.seed)  # the head's initialisation must not depend on how the encoder loaded
-    model = EncoderRewardModel(encoder, tokenizer, cfg.max_length, stage.model.prompt_template)
+    precision = "bf16" if resolve_mixed_precision(cfg.mixed_precision, resolve_device(stage.system.device)) == "bf16" else "fp32"
+    model = EncoderRewardModel(encoder, tokenizer, cfg.max_length, stage.model.prompt_template, precision)
     train_set = TextPreferenceDataset(train_examples[: cfg.max_train_examples], stage.model.prompt_template)
     val_set = TextPreferenceDataset(val_examples[: cfg.max_val_examples], stage.model.prompt_template)
     log.info("reward model: %d train / %d val preference pairs, encoder %s (%d layers, first %d frozen, %d trainable parameters), "
@@ -284,7 +287,7 @@ def train_encoder_reward_model(
 def encoder_extra(model: EncoderRewardModel, encoder_model: str) -> dict[str, Any]:
     """What :func:`load_encoder_reward_model` needs beside the weights."""
     return {"backbone": BACKBONE, "encoder_model": encoder_model, "max_length": model.max_length, "prompt_template": model.template,
-            "encoder_layers": int(model.encoder.config.num_hidden_layers)}
+            "encoder_layers": int(model.encoder.config.num_hidden_layers), "precision": model.precision}
 
 
 def save_encoder_reward_model(path: Path, model: EncoderRewardModel, encoder_model: str, stage: StageConfig, metrics: dict[str, Any]) -> Path:
@@ -306,6 +309,7 @@ def load_encoder_reward_model(state: dict[str, Any], path: str | Path, device: s
     extra = state.get("extra") or {}
     encoder, tokenizer = load_encoder(extra["encoder_model"], key=f"{path}: encoder_model", pretrained=False,
                                       layers=extra.get("encoder_layers"))
-    model = EncoderRewardModel(encoder, tokenizer, int(extra.get("max_length", 256)), extra.get("prompt_template", "{prompt}\n"))
+    model = EncoderRewardModel(encoder, tokenizer, int(extra.get("max_length", 256)), extra.get("prompt_template", "{prompt}\n"),
+                               extra.get("precision", "fp32"))
     load_state_dict_checked(model, state["model"], path)
     return model.to(device).eval()

@@ -28,7 +28,7 @@ def test_fields_come_from_the_config_classes() -> None:
     fields = {f.key: f for f in form_fields(MambaTrainConfig)}
     assert fields["training.learning_rate"].kind == "float" and fields["training.learning_rate"].allowed() == "> 0"
     assert fields["training.lr_scheduler"].choices == ("constant", "linear", "cosine")
-    assert fields["training.mixed_precision"].choices == (True, False, "no", "bf16", "fp16")
+    assert fields["training.mixed_precision"].choices == (True, False, "no", "auto", "bf16", "fp16")
     assert fields["training.max_steps"].nullable and fields["training.max_steps"].allowed() == "> 0, or null"
     assert fields["model.tie_embeddings"].kind == "bool"
     assert fields["data.train_file"].kind == "path"

@@ -56,3 +56,21 @@ def test_tuned_allocator_cuts_the_page_faults_of_a_training_step():
         faults[mode] = int(out.stdout.split()[-1])
     assert faults["default"] > 1000  # glibc's default really does fault pages in every step
     assert faults["tuned"] * 4 < faults["default"], faults
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    """``mixed_precision: auto`` / ``embedding_precision: auto`` on CPU: bf16 with native bf16
+    (AVX512-BF16 / AMX), fp32 without; ``true`` stays a no-op on CPU, an explicit bf16 is kept."""
+    import torch
+
+    from src.core import runtime
+
+    cpu = torch.device("cpu")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert runtime.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native: native)
+        assert runtime.resolve_mixed_precision("auto", cpu) == expected
+        assert runtime.resolve_inference_precision("auto", cpu) == ("bf16" if native else "fp32")
+        assert runtime.resolve_mixed_precision(True, cpu) == "no" and runtime.resolve_mixed_precision("bf16", cpu) == "bf16"
+        assert runtime.resolve_inference_precision("fp32", cpu) == "fp32"

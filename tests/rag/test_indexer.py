@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -160,3 +161,33 @@ def test_an_index_of_the_previous_format_is_refused_with_how_to_rebuild(encoder,
     with pytest.raises(CheckpointError, match="previous format .* rebuild it with `mark ingest") as err:
         RagIndex.load(tmp_path, encoder=encoder)
     _one_line(err)
+
+
+def test_bf16_embedding_precision_is_kept_by_the_index(encoder, tiny_docs, tmp_path):
+    """``model.embedding_precision: bf16``: documents embedded within 1e-3 cosine of fp32, the
+    same rankings, queries still in fp32 (bit for bit), the precision stored with the index and
+    kept after a reload; an encoder asked explicitly for another precision is refused, ``auto``
+    adopts the index's."""
+    bf16 = encoder.with_precision("bf16")
+    assert bf16.model is encoder.model and encoder.precision == "fp32"
+    texts = [d["text"] for d in tiny_docs]
+    as_documents = bf16.encode(texts, documents=True)
+    cosines = (encoder.encode(texts) * as_documents).sum(axis=1)
+    assert cosines.min() > 0.999 and cosines.max() < 1.0 - 1e-7 and as_documents.dtype == np.float32
+    np.testing.assert_array_equal(bf16.encode(texts), encoder.encode(texts))  # queries: fp32
+
+    index = RagIndex(bf16, RagIndexConfig(type="flat"), chunk_size=64, chunk_overlap=8)
+    index.add_documents(tiny_docs)
+    assert index.store.settings["embedding_precision"] == "bf16"
+    index.save(tmp_path / "idx")
+    reloaded = RagIndex.load(tmp_path / "idx", device="cpu")
+    assert reloaded.encoder.precision == "bf16" and json.loads((tmp_path / "idx" / METADATA_FILE).read_text())["embedding_precision"] == "bf16"
+    query = "Which animal purrs and hunts mice?"
+    assert [r.doc_id for r in Retriever(reloaded).search(query, top_k=5)] == [r.doc_id for r in Retriever(index).search(query, top_k=5)]
+    assert Retriever(reloaded).search(query, top_k=1)[0].doc_id == "cats"
+
+    with pytest.raises(CheckpointError, match="embedding_precision=bf16, the encoder runs fp32"):
+        RagIndex.load(tmp_path / "idx", encoder=encoder)
+    auto = copy.copy(encoder)
+    auto.requested_precision = "auto"
+    assert RagIndex.load(tmp_path / "idx", encoder=auto).encoder.precision == "bf16"

@@ -92,3 +92,27 @@ def test_a_shallower_encoder_with_frozen_lower_layers_trains_and_reloads(tiny_en
         train_encoder_reward_model(pairs[:8], pairs[8:12], stage(encoder_layers=5))
     with pytest.raises(ConfigError, match="frozen_layers: 3, but the encoder has 2 layers"):
         train_encoder_reward_model(pairs[:8], pairs[8:12], stage(frozen_layers=3))
+
+
+def test_a_reward_model_trained_in_bf16_is_scored_in_bf16(tiny_encoder_dir, sample_data_dir, tmp_path):
+    """``training.reward.mixed_precision: bf16`` trains under bf16 autocast; the checkpoint
+    remembers it, so PPO, DPO and the evaluation score the way the engine validated: the
+    reloaded model's val accuracy is the engine's, and its scores are within bf16 rounding
+    of the same weights scored in fp32."""
+    pairs = _toy_pairs(sample_data_dir, 96)
+    stage = StageConfig(
+        stage="reward",
+        training=RewardConfig(backbone="encoder", encoder_model=str(tiny_encoder_dir), max_length=48, batch_size=8, num_epochs=2,
+                              learning_rate=0.002, normalization_examples=16, log_steps=4, mixed_precision="bf16"),
+        model=RLHFModelConfig(), paths=PathsConfig(checkpoint_dir=tmp_path / "reward", log_dir=tmp_path / "logs"),
+        system=SystemConfig(device="cpu", seed=0), output_file=tmp_path / "reward_model.pt", inputs={"encoder": "tiny"},
+    )
+    summary = train_encoder_reward_model(pairs[:64], pairs[64:], stage)
+    model, _ = load_reward_model(tmp_path / "reward_model.pt")
+    assert model.precision == "bf16"
+    assert evaluate_text_pairs(model, pairs[64:])["val_accuracy"] == summary["metrics"]["val_accuracy"] == 1.0
+    prompts, answers = [p.prompt for p in pairs[64:]], [p.chosen for p in pairs[64:]]
+    bf16 = model.score_texts(prompts, answers)
+    model.precision = "fp32"
+    fp32 = model.score_texts(prompts, answers)
+    assert not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=0.05 * float(fp32.abs().max()) + 1e-3)
