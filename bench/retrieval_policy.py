@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from src.core.config import load_config  # noqa: E402
 from src.core.errors import DataError  # noqa: E402
+from src.core.runtime import machine_summary  # noqa: E402
 from src.data.man_pages import build_man_page_corpus, write_corpus  # noqa: E402
 from src.rl import train as rl_train  # noqa: E402
 from src.rl.config import RLConfig  # noqa: E402
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", nargs="+", default=["labeled", "synthetic"], choices=["labeled", "synthetic", "both"])
     parser.add_argument("--sweep-synthetic", action="store_true", help="compare synthetic-query settings on the val split")
     parser.add_argument("--sweep-grid", nargs="+", default=["sentence:0.3", "sentence:0.5", "sentence:0.7", "sentence:1.0", "title:1.0"],
-                        metavar="SOURCE:KEEP", help="the (env.synthetic.source, keep_shared) settings --sweep-synthetic compares")
+                        metavar="SOURCE:KEEP[:SUBSTITUTE]",
+                        help="the (env.synthetic.source, keep_shared[, substitute]) settings --sweep-synthetic compares")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RL config override for every run")
     parser.add_argument("--out", default=None, help="result JSON (default: bench/results/retrieval_policy.json)")
     args = parser.parse_args(argv)
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["sets"][name][queries] = {"runs": runs, "mean": summarise(runs)}
             summary[name][queries] = results["sets"][name][queries]["mean"]
     results["seconds"] = round(time.perf_counter() - started, 1)
-    results["machine"] = "2 shared CPU cores (7 other engineers on the box), no GPU"
+    results["machine"] = machine_summary()
     table = format_table(summary)
     print("\nmean reward on the test split (nDCG@k - 0.02 per extra document), means over seeds\n" + table)
     out = Path(args.out) if args.out else RESULTS / "retrieval_policy.json"
@@ -188,21 +190,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 def sweep_synthetic(args, overrides: dict) -> dict:
     """Synthetic-only policies with each (source, keep_shared), judged on the labeled val split."""
-    grid = [(g.split(":")[0], float(g.split(":")[1])) for g in args.sweep_grid]
+    grid = [(g.split(":")[0], float(g.split(":")[1]), float(g.split(":")[2]) if g.count(":") == 2 else 0.0) for g in args.sweep_grid]
     results: dict = {"grid": [], "seeds": args.seeds}
-    for source, keep in grid:
-        row = {"source": source, "keep_shared": keep, "sets": {}}
+    for source, keep, substitute in grid:
+        row = {"source": source, "keep_shared": keep, "substitute": substitute, "sets": {}}
+        settings = {"env.synthetic.source": source, "env.synthetic.keep_shared": keep, "env.synthetic.substitute": substitute}
+        tag = f"-{source}-{keep}" + (f"-sub{substitute}" if substitute else "")
         for name in args.sets:
             try:
-                runs = [run_policy(name, seed, "synthetic", {**overrides, "env.synthetic.source": source, "env.synthetic.keep_shared": keep},
-                                   tag=f"-{source}-{keep}") for seed in args.seeds]
+                runs = [run_policy(name, seed, "synthetic", {**overrides, **settings}, tag=tag) for seed in args.seeds]
             except DataError as err:  # this source gives no queries on this corpus: recorded, the sweep goes on
                 row["sets"][name] = {"error": str(err)}
                 print(f"{source:8} keep {keep:.1f} {name:14} {err}", flush=True)
                 continue
             row["sets"][name] = {"val_trained": float(np.mean([r["val_trained"] for r in runs])),
                                  "val_best_fixed": float(np.mean([r["val_best_fixed"] for r in runs]))}
-            print(f"{source:8} keep {keep:.1f} {name:14} val policy {row['sets'][name]['val_trained']:.3f} "
+            print(f"{source:8} keep {keep:.1f} sub {substitute:.1f} {name:14} val policy {row['sets'][name]['val_trained']:.3f} "
                   f"best fixed {row['sets'][name]['val_best_fixed']:.3f}", flush=True)
         results["grid"].append(row)
     out = Path(args.out) if args.out else RESULTS / "retrieval_policy_synthetic_sweep.json"

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.core.config import PathsConfig  # noqa: E402
 from src.data.readers import read_preferences  # noqa: E402
+from src.core.runtime import machine_summary  # noqa: E402
 from src.rlhf.config import StageConfig, load_rlhf_config  # noqa: E402
 from src.rlhf.reward_encoder import train_encoder_reward_model  # noqa: E402
 
@@ -110,7 +111,7 @@ def main() -> None:
             print(json.dumps(records[-1]), flush=True)
             all_records = [*kept.values(), *records]
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps({"threads": args.threads, "machine": "2-core CPU box, shared with other jobs",
+            args.output.write_text(json.dumps({"threads": args.threads, "machine": machine_summary(),
                                                "records": all_records}, indent=1) + "\n")
     all_records = [*kept.values(), *records]
     base = next((r for r in all_records if r["variant"] == "base"), None)

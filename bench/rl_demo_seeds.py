@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from src.core.runtime import machine_summary  # noqa: E402
 
 
 def run_seed(config: Path, index: Path, seed: int, workdir: Path) -> dict:
@@ -63,7 +66,7 @@ def main() -> None:
               f"{f'{above}/{len(rows)}':>9}{rows[0]['best_fixed_test_reward']:>10.4f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"config": str(args.config), "seeds": args.seeds, "results": results,
-                                       "machine": "2-core AMD EPYC (AVX512-BF16)"}, indent=1) + "\n")
+                                       "machine": machine_summary()}, indent=1) + "\n")
     print(f"wrote {args.output}")
 
 

@@ -71,6 +71,19 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def machine_summary() -> str:
+    """One line for a benchmark's JSON: CPU model, cores, native bf16, the 1-minute load average now."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{model}, {os.cpu_count()} cores, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}{gpu}{load}"
+
+
 def resolve_inference_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on a bf16-capable GPU or a CPU with native bf16, else ``fp32``."""
     if precision != "auto":

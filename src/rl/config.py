@@ -68,6 +68,8 @@ class SyntheticQueriesConfig(StrictModel):
 
     source: Literal["title", "sentence"] = Field("sentence", description="a document's title or random sentences of it")
     keep_shared: float = Field(0.5, gt=0, le=1, description="chance that each content word of the query is kept (thinning)")
+    substitute: float = Field(0.0, ge=0, le=1, description="chance that a word the thinning drops is replaced by a related "
+                              "word (a nearest neighbour in the RAG index's embedding model's word-piece embeddings) instead")
     per_document: int = Field(2, gt=0, description="queries made from each document (sentence source)")
     max_queries: Optional[int] = Field(500, gt=0, description="a seeded random subset of at most this many (null: all)")
     seed: Optional[int] = Field(None, description="seed of the generation (null: system.seed); fix it to share one query set, "

@@ -5,7 +5,11 @@ as its one relevant answer. Taken as is, such a query is trivial for BM25 (every
 the answer), so the policy would only learn "always BM25". Hence *thinning*: each content
 word of the query (not a stopword) is kept with probability ``keep_shared`` (at least
 ``MIN_KEPT_WORDS`` are kept), the way a person remembers a few of a page's words, not its
-exact sentence. Which source and how much thinning work best is measured in
+exact sentence. With ``substitute`` > 0 a content word the thinning drops is, with that
+chance, replaced by a related word instead (:class:`WordNeighbors`: a nearest neighbour in the
+embedding model's word-piece embeddings, "directory" -> "folder"), the way a person asks in their
+own words: the query keeps its meaning for the dense retriever and loses the exact match BM25
+needs. Which source, how much thinning and substitution work best is measured in
 ``bench/retrieval_policy.py`` (README, RL section), not assumed.
 
 Deterministic per seed: every document draws from its own generator seeded with
@@ -20,6 +24,7 @@ import re
 from typing import Literal, Sequence
 
 import numpy as np
+import torch
 
 from src.data.readers import Document
 from src.rag.eval import EvalQuery
@@ -63,17 +68,68 @@ def document_sentences(text: str) -> list[str]:
     return out
 
 
-def thin_words(text: str, keep_shared: float, rng: np.random.Generator) -> str:
+class WordNeighbors:
+    """Related words from an embedding model's input word-piece embeddings: for a word that is
+    one whole word-piece of the vocabulary, its ``top`` nearest whole-word pieces by cosine (3+
+    letters, no stopword, not sharing its first 3 letters, so no inflection of it)."""
+
+    def __init__(self, vocab: dict[str, int], embeddings: torch.Tensor, top: int = 5) -> None:
+        self.top = top
+        self.words = [w for w in vocab if re.fullmatch(r"[a-z]{3,}", w) and w not in STOPWORDS]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.vectors = torch.nn.functional.normalize(embeddings[[vocab[w] for w in self.words]].float(), dim=1)
+        self._cache: dict[str, list[str]] = {}
+
+    @classmethod
+    def from_pretrained(cls, name: str, top: int = 5) -> "WordNeighbors":
+        """From a hub id, a local folder or ``minilm-local`` (the RAG index's embedding model)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        from src.core.hub import resolve_pretrained
+
+        path = resolve_pretrained(name)
+        tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+        return cls(tokenizer.get_vocab(), model.get_input_embeddings().weight.detach(), top)
+
+    def neighbours(self, word: str) -> list[str]:
+        key = word.lower()
+        if key not in self._cache:
+            found: list[str] = []
+            if key in self.index:
+                scores = self.vectors @ self.vectors[self.index[key]]
+                for i in scores.topk(min(len(self.words), 10 * self.top + 1)).indices.tolist():
+                    other = self.words[i]
+                    if other[:3] != key[:3] and key not in other and other not in key:
+                        found.append(other)
+                    if len(found) == self.top:
+                        break
+            self._cache[key] = found
+        return self._cache[key]
+
+
+def thin_words(
+    text: str, keep_shared: float, rng: np.random.Generator, substitute: float = 0.0, neighbours: WordNeighbors | None = None,
+) -> str:
     """``text`` with each content word kept with probability ``keep_shared`` (stopwords always
-    kept; at least ``MIN_KEPT_WORDS`` content words stay, topped up at random if needed)."""
+    kept; at least ``MIN_KEPT_WORDS`` content words stay, topped up at random if needed); a
+    dropped word is replaced by one of its ``neighbours`` with probability ``substitute``
+    (when it has any), else removed. ``substitute == 0`` draws nothing more from ``rng``."""
     words = text.split()
     content = [i for i, w in enumerate(words) if w.lower().strip(".,;:!?()[]\"'") not in STOPWORDS]
     keep = rng.random(len(content)) < keep_shared
     missing = min(MIN_KEPT_WORDS, len(content)) - int(keep.sum())
     if missing > 0:  # top up with randomly chosen dropped words
         keep[rng.permutation(np.flatnonzero(~keep))[:missing]] = True
-    dropped = {i for i, kept in zip(content, keep) if not kept}
-    return " ".join(w for i, w in enumerate(words) if i not in dropped)
+    dropped = [i for i, kept in zip(content, keep) if not kept]
+    replaced: dict[int, str] = {}
+    if substitute > 0 and neighbours is not None:
+        for i in dropped:
+            if rng.random() < substitute:
+                options = neighbours.neighbours(words[i].strip(".,;:!?()[]\"'"))
+                if options:
+                    replaced[i] = options[int(rng.integers(len(options)))]
+    gone = set(dropped) - set(replaced)
+    return " ".join(replaced.get(i, w) for i, w in enumerate(words) if i not in gone)
 
 
 def synthetic_queries(
@@ -83,12 +139,17 @@ def synthetic_queries(
     per_document: int = 1,
     seed: int = 0,
     max_queries: int | None = None,
+    substitute: float = 0.0,
+    neighbours: WordNeighbors | None = None,
 ) -> list[EvalQuery]:
     """Up to ``per_document`` queries per document (``source``: its title or random sentences of
-    it, thinned by :func:`thin_words`), each with the document as its relevant answer;
+    it, thinned by :func:`thin_words`, dropped words replaced by ``neighbours`` with probability
+    ``substitute``), each with the document as its relevant answer;
     ``max_queries`` keeps a seeded random subset. Deterministic per ``seed``."""
     if not 0.0 < keep_shared <= 1.0:
         raise ValueError(f"keep_shared must be in (0, 1] (got {keep_shared})")
+    if substitute > 0 and neighbours is None:
+        raise ValueError("substitute > 0 needs neighbours (WordNeighbors of the embedding model)")
     queries: list[EvalQuery] = []
     for doc in documents:
         rng = np.random.default_rng(_doc_seed(seed, doc.id))
@@ -99,7 +160,7 @@ def synthetic_queries(
             pieces = [sentences[i] for i in sorted(rng.permutation(len(sentences))[:per_document])]
         seen: set[str] = set()
         for piece in pieces:
-            query = thin_words(piece, keep_shared, rng).strip()
+            query = thin_words(piece, keep_shared, rng, substitute, neighbours).strip()
             if len(query.split()) < 2 or query in seen or query.lower() == doc.text.strip().lower():
                 continue
             seen.add(query)

@@ -32,6 +32,7 @@ PPO itself is stable-baselines3's. What MARK adds around it:
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ from src.rl.retrieval_env import (
     split_queries,
     split_test_queries,
 )
-from src.rl.synthetic import MAX_SENTENCE_WORDS, MIN_SENTENCE_WORDS, synthetic_queries
+from src.rag.indexer import METADATA_FILE
+from src.rl.synthetic import MAX_SENTENCE_WORDS, MIN_SENTENCE_WORDS, WordNeighbors, synthetic_queries
 
 CHECKPOINT_KIND = "rl"
 FINAL_MODEL_FILE = "final_model.pt"
@@ -118,6 +120,16 @@ def build_env_setup(cfg: RLConfig) -> EnvSetup:
     return _gym_env_setup(cfg)
 
 
+def index_embedding_model(index_dir: str | Path) -> str:
+    """The embedding model a saved RAG index was built with (its ``metadata.json``)."""
+    metadata = Path(index_dir) / METADATA_FILE
+    try:
+        return str(json.loads(metadata.read_text(encoding="utf-8"))["embedding_model"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"data.rag_index_dir: {metadata} does not name the index's embedding model ({type(err).__name__}); "
+                          f"build the index first") from None
+
+
 def synthetic_documents_file(cfg: RLConfig) -> Path:
     """The documents synthetic queries are made from: ``data.documents_file``, else the
     ``data.documents_file`` the RAG index was built from (its saved ``config.yaml``)."""
@@ -155,8 +167,10 @@ def _retrieval_env_setup(cfg: RLConfig) -> EnvSetup:
     synthetic = []
     if env_cfg.queries != "labeled":
         syn = env_cfg.synthetic
+        neighbours = WordNeighbors.from_pretrained(index_embedding_model(cfg.data.rag_index_dir)) if syn.substitute > 0 else None
         synthetic = synthetic_queries(read_documents(synthetic_documents_file(cfg)), syn.source, syn.keep_shared,
-                                      syn.per_document, cfg.system.seed if syn.seed is None else syn.seed, syn.max_queries)
+                                      syn.per_document, cfg.system.seed if syn.seed is None else syn.seed, syn.max_queries,
+                                      syn.substitute, neighbours)
         if not synthetic:
             raise DataError(
                 f"env.synthetic.source={syn.source}: no document of {synthetic_documents_file(cfg)} gives a query of 2 or more "

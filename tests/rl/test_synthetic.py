@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from src.data.readers import Document
-from src.rl.synthetic import STOPWORDS, document_sentences, synthetic_queries, thin_words
+from src.rl.synthetic import STOPWORDS, WordNeighbors, document_sentences, synthetic_queries, thin_words
 
 DOCS = [
     Document(id=f"doc{i}", text=f"# Title number {i}\n\n" + " ".join(
@@ -52,3 +54,33 @@ def test_thin_words_keeps_stopwords_and_at_least_two_content_words():
 def test_title_source():
     queries = synthetic_queries(DOCS, "title", keep_shared=1.0, seed=0)
     assert {q.query for q in queries} == {f"Title number {i}" for i in range(8)}
+
+
+def test_substitution_replaces_dropped_words_with_related_ones():
+    """``substitute``: a dropped content word becomes one of its embedding neighbours (never an
+    inflection of it); deterministic per seed; ``substitute == 0`` gives the thinning-only
+    queries unchanged, bit for bit."""
+    vocab = {w: i for i, w in enumerate(["folder", "directory", "dirs", "banana", "list", "table", "reads", "the"])}
+    vectors = torch.zeros(len(vocab), 4)
+    vectors[[0, 1, 2], 0] = torch.tensor([1.0, 1.0, 0.9])  # folder ~ directory ~ dirs
+    vectors[[4, 5], 1] = 1.0                                 # list ~ table
+    vectors[3, 2] = vectors[6, 3] = vectors[7, 3] = 1.0
+    vectors += 0.01 * torch.arange(len(vocab)).unsqueeze(1)
+    neighbours = WordNeighbors(vocab, vectors, top=2)
+    assert neighbours.neighbours("directory")[0] == "folder" and len(neighbours.neighbours("directory")) == 2
+    assert neighbours.neighbours("list")[0] == "table" and neighbours.neighbours("the") == []  # stopwords are not in it
+    assert "dirs" not in neighbours.neighbours("directory") and "directory" not in neighbours.neighbours("directory")
+    assert neighbours.neighbours("unknownword") == []
+
+    rng = np.random.default_rng(0)
+    out = thin_words("the directory reads the list", 0.01, rng, substitute=1.0, neighbours=neighbours).split()
+    assert len(out) == 5 and out[0] == out[3] == "the"  # every dropped word had neighbours: none removed
+    assert {"directory", "list", "reads"} - set(out)  # at least one of them was replaced...
+    assert set(out) <= {"the", "directory", "reads", "list", "folder", "table", "banana", "dirs"}  # ...by a vocabulary word
+
+    plain = synthetic_queries(DOCS, "sentence", keep_shared=0.5, per_document=2, seed=3)
+    assert [q.query for q in synthetic_queries(DOCS, "sentence", 0.5, 2, 3, substitute=0.0, neighbours=neighbours)] == [q.query for q in plain]
+    a = synthetic_queries(DOCS, "sentence", 0.5, 2, 3, substitute=0.5, neighbours=neighbours)
+    assert [q.query for q in a] == [q.query for q in synthetic_queries(DOCS, "sentence", 0.5, 2, 3, substitute=0.5, neighbours=neighbours)]
+    with pytest.raises(ValueError, match="needs neighbours"):
+        synthetic_queries(DOCS, substitute=0.5)

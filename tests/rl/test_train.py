@@ -266,3 +266,32 @@ def test_best_val_without_evaluations_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "final_policy" in last and "eval_freq" in last
+
+
+def test_synthetic_queries_are_reworded_with_the_index_embedding_model(rl_table, rl_rag_index, rl_data_dir, tmp_path):  # noqa: F811
+    """The shipped synthetic settings (keep 0.2, substitute 1.0) reword queries with the index's
+    own embedding model: many of a query's content words are not in its document any more
+    (thinning alone leaves none), and a synthetic-only run trains and is judged on labeled val/test."""
+    from src.data.readers import read_documents
+    from src.rl.synthetic import STOPWORDS, WordNeighbors, synthetic_queries
+    from src.rl.train import index_embedding_model
+
+    assert index_embedding_model(rl_rag_index) == "sentence-transformers/all-MiniLM-L6-v2"
+    docs = read_documents(rl_data_dir / "documents.jsonl")
+    texts = {d.id: d.text.lower() for d in docs}
+    neighbours = WordNeighbors.from_pretrained(index_embedding_model(rl_rag_index))
+
+    def foreign_share(queries) -> float:
+        words = [(w.lower().strip(".,;:!?()[]\"'"), next(iter(q.relevance))) for q in queries for w in q.query.split()]
+        content = [(w, d) for w, d in words if w and w not in STOPWORDS]
+        return sum(w not in texts[d] for w, d in content) / len(content)
+
+    assert foreign_share(synthetic_queries(docs, "sentence", 0.2, 2, seed=0)) == 0.0
+    assert foreign_share(synthetic_queries(docs, "sentence", 0.2, 2, seed=0, substitute=1.0, neighbours=neighbours)) > 0.3
+
+    args = rl_run_args(tmp_path, "synthetic", **{"env.queries": "synthetic", "env.synthetic.max_queries": 60,
+                                                 "training.total_timesteps": 500, "training.save_freq": 250})
+    train_rl.main(args)
+    metrics = json.loads((tmp_path / "synthetic" / "ckpt" / "eval_metrics.json").read_text())
+    assert metrics["train_split"]["queries"] == 60  # synthetic only (max_queries); val and test are the labeled splits
+    assert metrics["test_split"]["queries"] > 0 and 0.0 <= metrics["test_split"]["trained_mean_reward"] <= 1.0
