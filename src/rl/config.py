@@ -66,7 +66,8 @@ class RLTrainingConfig(StrictModel):
 class SyntheticQueriesConfig(StrictModel):
     """How training queries are made from the corpus (src/rl/synthetic.py)."""
 
-    source: Literal["title", "sentence"] = Field("sentence", description="a document's title or random sentences of it")
+    source: Literal["title", "sentence", "lead"] = Field(
+        "sentence", description="a document's title, random sentences of it, or its first sentences (lead)")
     keep_shared: float = Field(0.5, gt=0, le=1, description="chance that each content word of the query is kept (thinning)")
     substitute: float = Field(0.0, ge=0, le=1, description="chance that a word the thinning drops is replaced by a related "
                               "word (a nearest neighbour in the RAG index's embedding model's word-piece embeddings) instead")

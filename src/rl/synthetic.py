@@ -29,7 +29,7 @@ import torch
 from src.data.readers import Document
 from src.rag.eval import EvalQuery
 
-SyntheticSource = Literal["title", "sentence"]
+SyntheticSource = Literal["title", "sentence", "lead"]
 MIN_KEPT_WORDS = 2
 MIN_SENTENCE_WORDS = 6
 MAX_SENTENCE_WORDS = 30
@@ -142,8 +142,8 @@ def synthetic_queries(
     substitute: float = 0.0,
     neighbours: WordNeighbors | None = None,
 ) -> list[EvalQuery]:
-    """Up to ``per_document`` queries per document (``source``: its title or random sentences of
-    it, thinned by :func:`thin_words`, dropped words replaced by ``neighbours`` with probability
+    """Up to ``per_document`` queries per document (``source``: its title, random sentences of
+    it or its first sentences (``lead``), thinned by :func:`thin_words`, dropped words replaced by ``neighbours`` with probability
     ``substitute``), each with the document as its relevant answer;
     ``max_queries`` keeps a seeded random subset. Deterministic per ``seed``."""
     if not 0.0 < keep_shared <= 1.0:
@@ -155,6 +155,8 @@ def synthetic_queries(
         rng = np.random.default_rng(_doc_seed(seed, doc.id))
         if source == "title":
             pieces = [document_title(doc)]
+        elif source == "lead":  # the document's first sentences: what it is about, as a summary line says
+            pieces = document_sentences(doc.text)[:per_document]
         else:
             sentences = document_sentences(doc.text)
             pieces = [sentences[i] for i in sorted(rng.permutation(len(sentences))[:per_document])]

@@ -84,3 +84,12 @@ def test_substitution_replaces_dropped_words_with_related_ones():
     assert [q.query for q in a] == [q.query for q in synthetic_queries(DOCS, "sentence", 0.5, 2, 3, substitute=0.5, neighbours=neighbours)]
     with pytest.raises(ValueError, match="needs neighbours"):
         synthetic_queries(DOCS, substitute=0.5)
+
+
+def test_lead_source_takes_the_first_sentences_in_order():
+    queries = synthetic_queries(DOCS[:3], "lead", keep_shared=1.0, per_document=2, seed=5)
+    for i in range(3):
+        first_two = document_sentences(DOCS[i].text)[:2]
+        assert [q.query for q in queries if q.relevance == {f"doc{i}": 1}] == first_two
+    thinned = synthetic_queries(DOCS[:3], "lead", keep_shared=0.3, per_document=1, seed=5)
+    assert all(len(q.query.split()) < len(document_sentences(DOCS[int(q.query_id.split(":")[1][3:])].text)[0].split()) for q in thinned)
