@@ -176,6 +176,9 @@ def _points(status: str) -> int:
 def test_every_tab_in_chromium(browser, board_url: str, project: dict) -> None:
     browser.get(board_url)
     _wait(browser, lambda d: "MARK Board" in d.page_source and d.find_elements("css selector", "#train-form table"), what="the page")
+    # The page's own load event fills the form from the default config (or, in a clean clone without the sample data,
+    # shows why it cannot): wait for it, or its late answer would overwrite the form loaded below.
+    _wait(browser, lambda d: "model." in _text(d, "train-form") or "error" in _text(d, "train-message"), what="the default form")
 
     # Train: the tiny config's form, Start, the curve grows, Stop.
     _type(browser, "train-config", str(project["config"]))
