@@ -34,6 +34,7 @@ MIN_KEPT_WORDS = 2
 MIN_SENTENCE_WORDS = 6
 MAX_SENTENCE_WORDS = 30
 
+_PUNCTUATION = ".,;:!?()[]\"'"  # stripped from a word before it is looked up
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 # Common English function words (the kind BM25 indexes drop): never thinned, never counted.
 STOPWORDS = frozenset("""
@@ -115,7 +116,7 @@ def thin_words(
     dropped word is replaced by one of its ``neighbours`` with probability ``substitute``
     (when it has any), else removed. ``substitute == 0`` draws nothing more from ``rng``."""
     words = text.split()
-    content = [i for i, w in enumerate(words) if w.lower().strip(".,;:!?()[]\"'") not in STOPWORDS]
+    content = [i for i, w in enumerate(words) if w.lower().strip(_PUNCTUATION) not in STOPWORDS]
     keep = rng.random(len(content)) < keep_shared
     missing = min(MIN_KEPT_WORDS, len(content)) - int(keep.sum())
     if missing > 0:  # top up with randomly chosen dropped words
@@ -125,7 +126,7 @@ def thin_words(
     if substitute > 0 and neighbours is not None:
         for i in dropped:
             if rng.random() < substitute:
-                options = neighbours.neighbours(words[i].strip(".,;:!?()[]\"'"))
+                options = neighbours.neighbours(words[i].strip(_PUNCTUATION))
                 if options:
                     replaced[i] = options[int(rng.integers(len(options)))]
     gone = set(dropped) - set(replaced)

@@ -32,7 +32,6 @@ PPO itself is stable-baselines3's. What MARK adds around it:
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ from src.rl.retrieval_env import (
     split_queries,
     split_test_queries,
 )
-from src.rag.indexer import METADATA_FILE
+from src.rag.store import ChunkStore
 from src.rl.synthetic import MAX_SENTENCE_WORDS, MIN_SENTENCE_WORDS, WordNeighbors, synthetic_queries
 
 CHECKPOINT_KIND = "rl"
@@ -121,13 +120,13 @@ def build_env_setup(cfg: RLConfig) -> EnvSetup:
 
 
 def index_embedding_model(index_dir: str | Path) -> str:
-    """The embedding model a saved RAG index was built with (its ``metadata.json``)."""
-    metadata = Path(index_dir) / METADATA_FILE
+    """The embedding model a saved RAG index was built with (its store's settings; a missing or
+    broken index is the store's one-line error)."""
+    store = ChunkStore.open(index_dir)
     try:
-        return str(json.loads(metadata.read_text(encoding="utf-8"))["embedding_model"])
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"data.rag_index_dir: {metadata} does not name the index's embedding model ({type(err).__name__}); "
-                          f"build the index first") from None
+        return str(store.settings["embedding_model"])
+    finally:
+        store.close()
 
 
 def synthetic_documents_file(cfg: RLConfig) -> Path:
